@@ -1,0 +1,386 @@
+//! The packer: decode every source image once, resize it, and write shards in a fixed order.
+//!
+//! Files are processed in chunks: a chunk is decoded in parallel, then written in source order, so
+//! the output bytes do not depend on the thread count and memory stays bounded. After each shard is
+//! renamed into place, a progress file records where the next shard starts; a killed pack that is
+//! run again resumes there and ends with the same bytes as an uninterrupted one.
+
+use crate::decode::{decode_rgb, RgbImage};
+use crate::error::{Error, IoContext, Result};
+use crate::fsutil::{read_json, temp_path, write_atomic, write_json_atomic};
+use crate::manifest::{Failure, Manifest, PackOptions, Part, FORMAT_NAME, MANIFEST_FILE, SOURCES_FILE};
+use crate::resize::{RgbResizer, SizePolicy};
+use crate::shard::{Encoding, Record, Shard, ShardSummary, ShardWriter, NO_LABEL};
+use crate::source::SourceList;
+use rayon::prelude::*;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+/// What to pack, where and how.
+pub struct PackJob<'a> {
+    /// The listed input files.
+    pub sources: &'a SourceList,
+    /// The output folder.
+    pub out: PathBuf,
+    /// How images are resized and stored.
+    pub options: PackOptions,
+    /// `Some` to pack only one part of the files (multi-machine packing).
+    pub part: Option<Part>,
+    /// Worker threads for decoding.
+    pub threads: usize,
+}
+
+/// Progress reported while packing.
+#[derive(Clone, Copy, Debug)]
+pub enum PackProgress {
+    /// Packing starts: `total` files in this job, of which `done` were packed by an earlier run.
+    Start { total: u64, done: u64 },
+    /// `n` more files were processed.
+    Advance(u64),
+}
+
+/// The result of a pack.
+#[derive(Debug)]
+pub struct PackReport {
+    /// The manifest written (for a part: the part's manifest).
+    pub manifest: Manifest,
+    /// Files skipped because an earlier, interrupted run had packed them.
+    pub resumed_files: u64,
+    /// Whether the output was already complete and nothing was done.
+    pub already_complete: bool,
+}
+
+/// State saved after each finished shard, so that a killed pack can resume.
+#[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Progress {
+    options: PackOptions,
+    part: Option<Part>,
+    source_fingerprint: u32,
+    shards: Vec<ShardSummary>,
+    failures: Vec<Failure>,
+    /// Source position where the next shard starts.
+    next: usize,
+}
+
+/// File names of one job's outputs inside the output folder.
+struct Names {
+    prefix: String,
+}
+
+impl Names {
+    fn shard(&self, n: usize) -> String {
+        format!("{}shard-{n:05}.mds", self.prefix)
+    }
+    fn manifest(&self) -> String {
+        format!("{}{MANIFEST_FILE}", self.prefix)
+    }
+    fn progress(&self) -> String {
+        format!("{}progress.json", self.prefix)
+    }
+}
+
+fn check_options(o: &PackOptions) -> Result<()> {
+    if o.short_side == Some(0) || o.max_side == Some(0) {
+        return Err(Error::Invalid("--short-side and --max-side must be at least 1".into()));
+    }
+    if !(1..=100).contains(&o.quality) {
+        return Err(Error::Invalid(format!("--quality must be 1-100, got {}", o.quality)));
+    }
+    if o.shard_size < 1 << 16 {
+        return Err(Error::Invalid(format!("--shard-size must be at least 64 KiB, got {}", o.shard_size)));
+    }
+    Ok(())
+}
+
+/// Packs `job.sources` into shards under `job.out`, resuming an interrupted run of the same job.
+pub fn pack(job: &PackJob, progress: &mut dyn FnMut(PackProgress)) -> Result<PackReport> {
+    check_options(&job.options)?;
+    if let Some(p) = job.part {
+        if p.count == 0 || p.index >= p.count {
+            return Err(Error::Invalid(format!("--part {}/{}: need 0 <= I < N", p.index, p.count)));
+        }
+    }
+    let out = &job.out;
+    fs::create_dir_all(out).at(out)?;
+    let names = Names {
+        prefix: job.part.map(|p| p.prefix()).unwrap_or_default(),
+    };
+    let fingerprint = job.sources.fingerprint();
+    let range = job.part.map_or(0..job.sources.files.len(), |p| p.range(job.sources.files.len()));
+
+    let manifest_file = out.join(names.manifest());
+    if manifest_file.exists() {
+        let m = Manifest::load(&manifest_file)?;
+        if m.options != job.options || m.part != job.part {
+            return Err(Error::Invalid(format!(
+                "{} holds a finished pack made with other options; use a new --out folder or delete it",
+                out.display()
+            )));
+        }
+        return Ok(PackReport {
+            manifest: m,
+            resumed_files: range.len() as u64,
+            already_complete: true,
+        });
+    }
+
+    let state = resume_state(out, &names, job, fingerprint)?;
+    let mut shards = state.as_ref().map_or_else(Vec::new, |s| s.shards.clone());
+    let mut failures = state.as_ref().map_or_else(Vec::new, |s| s.failures.clone());
+    let start = state.as_ref().map_or(range.start, |s| s.next);
+    remove_leftovers(out, &names, shards.len())?;
+    write_sources(out, job.sources, &names)?;
+
+    progress(PackProgress::Start {
+        total: range.len() as u64,
+        done: (start - range.start) as u64,
+    });
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(job.threads.max(1))
+        .build()
+        .map_err(|e| Error::Invalid(format!("cannot start {} threads: {e}", job.threads)))?;
+    let chunk = job.threads.max(1) * 16;
+    let mut writer: Option<ShardWriter> = None;
+    let mut pos = start;
+    while pos < range.end {
+        let end = (pos + chunk).min(range.end);
+        let results: Vec<Result<Record, String>> = pool.install(|| {
+            (pos..end)
+                .into_par_iter()
+                .map_init(RgbResizer::default, |rs, i| prepare(job, i, rs))
+                .collect()
+        });
+        for (i, result) in (pos..end).zip(results) {
+            match result {
+                Err(reason) => failures.push(Failure {
+                    path: job.sources.files[i].rel.clone(),
+                    reason,
+                }),
+                Ok(record) => {
+                    let full = writer.as_ref().is_some_and(|w| {
+                        !w.is_empty() && w.size_with(record.payload.len() as u64) > job.options.shard_size
+                    });
+                    if full {
+                        let done = writer.take().expect("checked above");
+                        shards.push(done.finish()?);
+                        save_progress(out, &names, job, fingerprint, &shards, &failures, i)?;
+                    }
+                    if writer.is_none() {
+                        writer = Some(ShardWriter::create(&out.join(names.shard(shards.len())))?);
+                    }
+                    writer.as_mut().expect("created above").push(&record)?;
+                }
+            }
+        }
+        progress(PackProgress::Advance((end - pos) as u64));
+        pos = end;
+    }
+    if let Some(w) = writer.filter(|w| !w.is_empty()) {
+        shards.push(w.finish()?);
+    }
+
+    let manifest = build_manifest(job, out, shards, failures)?;
+    write_json_atomic(&manifest_file, &manifest)?;
+    let progress_file = out.join(names.progress());
+    if progress_file.exists() {
+        fs::remove_file(&progress_file).at(&progress_file)?;
+    }
+    Ok(PackReport {
+        manifest,
+        resumed_files: (start - range.start) as u64,
+        already_complete: false,
+    })
+}
+
+/// Reads, decodes, resizes and encodes source file `i`; the error is the reason to report.
+fn prepare(job: &PackJob, i: usize, resizer: &mut RgbResizer) -> Result<Record, String> {
+    let path = job.sources.path(i);
+    let bytes = fs::read(&path).map_err(|e| format!("cannot read: {e}"))?;
+    let img = decode_rgb(&bytes, job.options.max_pixels).map_err(|e| e.to_string())?;
+    let o = &job.options;
+    let policy = SizePolicy {
+        short_side: o.short_side,
+        max_side: o.max_side,
+        upscale: o.upscale,
+    };
+    let (w, h) = policy.output_size(img.width, img.height);
+    let img = resizer.resize(img, w, h, o.filter).map_err(|e| e.to_string())?;
+    let payload = match o.encoding {
+        Encoding::Raw => img.pixels,
+        Encoding::Jpeg => encode_jpeg(&img, o.quality)?,
+    };
+    Ok(Record {
+        height: h,
+        width: w,
+        label: job.sources.files[i].label.unwrap_or(NO_LABEL),
+        encoding: o.encoding,
+        source_id: i as u64,
+        payload,
+    })
+}
+
+/// Encodes RGB pixels as a baseline JPEG with 4:2:0 chroma at `quality`.
+pub fn encode_jpeg(img: &RgbImage, quality: u8) -> Result<Vec<u8>, String> {
+    let (w, h) = (u16::try_from(img.width), u16::try_from(img.height));
+    let (Ok(w), Ok(h)) = (w, h) else {
+        return Err(format!("{}x{} is too large for JPEG (65535 max)", img.width, img.height));
+    };
+    let mut out = Vec::new();
+    let mut enc = jpeg_encoder::Encoder::new(&mut out, quality);
+    enc.set_sampling_factor(jpeg_encoder::SamplingFactor::F_2_2);
+    enc.encode(&img.pixels, w, h, jpeg_encoder::ColorType::Rgb)
+        .map_err(|e| format!("cannot encode JPEG: {e}"))?;
+    Ok(out)
+}
+
+fn resume_state(out: &Path, names: &Names, job: &PackJob, fingerprint: u32) -> Result<Option<Progress>> {
+    let file = out.join(names.progress());
+    if !file.exists() {
+        return Ok(None);
+    }
+    let state: Progress = read_json(&file)?;
+    if state.options != job.options || state.part != job.part || state.source_fingerprint != fingerprint {
+        return Err(Error::Invalid(format!(
+            "{} belongs to an interrupted pack with other options or other input files; \
+             rerun with the same ones, or use a new --out folder",
+            file.display()
+        )));
+    }
+    for s in &state.shards {
+        let path = out.join(&s.file);
+        let len = fs::metadata(&path).at(&path)?.len();
+        if len != s.bytes {
+            return Err(Error::corrupt(
+                &path,
+                format!("{len} bytes, but the interrupted pack wrote {}; delete the folder and pack again", s.bytes),
+            ));
+        }
+    }
+    Ok(Some(state))
+}
+
+/// Removes temporary files and shards beyond the last one recorded as complete.
+fn remove_leftovers(out: &Path, names: &Names, complete: usize) -> Result<()> {
+    for n in complete.. {
+        let shard = out.join(names.shard(n));
+        let tmp = temp_path(&shard);
+        let mut found = false;
+        for p in [shard, tmp] {
+            if p.exists() {
+                fs::remove_file(&p).at(&p)?;
+                found = true;
+            }
+        }
+        if !found {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn save_progress(
+    out: &Path,
+    names: &Names,
+    job: &PackJob,
+    fingerprint: u32,
+    shards: &[ShardSummary],
+    failures: &[Failure],
+    next: usize,
+) -> Result<()> {
+    let state = Progress {
+        options: job.options.clone(),
+        part: job.part,
+        source_fingerprint: fingerprint,
+        shards: shards.to_vec(),
+        failures: failures.to_vec(),
+        next,
+    };
+    write_json_atomic(&out.join(names.progress()), &state)
+}
+
+fn write_sources(out: &Path, sources: &SourceList, names: &Names) -> Result<()> {
+    let mut text = String::new();
+    for f in &sources.files {
+        text.push_str(&f.rel);
+        text.push('\n');
+    }
+    // Parts of one dataset write the same list; each goes through its own temporary name.
+    let tmp_name = format!("{}{SOURCES_FILE}", names.prefix);
+    let tmp = out.join(&tmp_name);
+    write_atomic(&tmp, text.as_bytes())?;
+    if !names.prefix.is_empty() {
+        let dst = out.join(SOURCES_FILE);
+        fs::rename(&tmp, &dst).at(&dst)?;
+    }
+    Ok(())
+}
+
+fn build_manifest(job: &PackJob, out: &Path, shards: Vec<ShardSummary>, failures: Vec<Failure>) -> Result<Manifest> {
+    let mut counts = vec![0u64; job.sources.classes.len()];
+    let mut unlabelled = 0;
+    for s in &shards {
+        let shard = Shard::open(&out.join(&s.file))?;
+        for m in shard.metas() {
+            match counts.get_mut(m.label as usize) {
+                Some(c) => *c += 1,
+                None => unlabelled += 1,
+            }
+        }
+    }
+    Ok(Manifest {
+        format: FORMAT_NAME.into(),
+        format_version: crate::shard::FORMAT_VERSION,
+        created_by: concat!("loader ", env!("CARGO_PKG_VERSION")).into(),
+        source: job.sources.root.display().to_string(),
+        options: job.options.clone(),
+        part: job.part,
+        classes: job.sources.classes.clone(),
+        counts_per_class: counts,
+        unlabelled,
+        records: shards.iter().map(|s| s.records).sum(),
+        sources: job.sources.files.len() as u64,
+        shards,
+        failures,
+    })
+}
+
+/// Combines the part manifests of a multi-machine pack in `dir` into one `manifest.json`.
+///
+/// Every part `0..N` must be present and finished, with the same options, classes and sources.
+pub fn merge(dir: &Path) -> Result<Manifest> {
+    let files = crate::manifest::part_manifests(dir)?;
+    let parts: Vec<Manifest> = files.iter().map(|f| Manifest::load(f)).collect::<Result<_>>()?;
+    let first = parts
+        .first()
+        .ok_or_else(|| Error::Invalid(format!("{}: no part manifests (part-*-manifest.json) to merge", dir.display())))?;
+    let count = first.part.map_or(0, |p| p.count);
+    for (i, (m, f)) in parts.iter().zip(&files).enumerate() {
+        let same = m.options == first.options && m.classes == first.classes && m.sources == first.sources;
+        if !same || m.part != Some(Part { index: i as u32, count }) {
+            return Err(Error::Invalid(format!(
+                "{}: not part {i} of {count} of the same pack (every part 0..{count} must be finished, \
+                 with the same options and input)",
+                f.display()
+            )));
+        }
+    }
+    if parts.len() != count as usize {
+        return Err(Error::Invalid(format!(
+            "{}: {} of {count} parts are finished; pack the missing ones first",
+            dir.display(),
+            parts.len()
+        )));
+    }
+    let mut merged = first.clone();
+    merged.part = None;
+    merged.shards = parts.iter().flat_map(|m| m.shards.clone()).collect();
+    merged.failures = parts.iter().flat_map(|m| m.failures.clone()).collect();
+    merged.records = parts.iter().map(|m| m.records).sum();
+    merged.unlabelled = parts.iter().map(|m| m.unlabelled).sum();
+    merged.counts_per_class = (0..first.classes.len())
+        .map(|c| parts.iter().map(|m| m.counts_per_class[c]).sum())
+        .collect();
+    write_json_atomic(&dir.join(MANIFEST_FILE), &merged)?;
+    Ok(merged)
+}
