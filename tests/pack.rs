@@ -1,1 +1,424 @@
+//! End-to-end tests of `loader synth`, `pack`, `merge`, `verify` and `inspect` through the binary.
 
+use e2e::*;
+use shared::dataset::Dataset;
+use shared::decode::decode_rgb;
+use shared::resize::{Filter, RgbResizer, SizePolicy};
+use std::fs;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[test]
+fn synth_is_deterministic_and_pack_does_not_depend_on_threads() {
+    let t = tempfile::tempdir().unwrap();
+    let (a, b) = (t.path().join("a"), t.path().join("b"));
+    synth(&a, 4, 6, 40);
+    synth(&b, 4, 6, 40);
+    for split in ["train", "val"] {
+        for class in fs::read_dir(a.join(split)).unwrap() {
+            let name = class.unwrap().file_name();
+            let (x, y) = (a.join(split).join(&name), b.join(split).join(&name));
+            assert_eq!(folder_bytes(&x), folder_bytes(&y), "synth differs in {x:?}");
+        }
+    }
+    let (p1, p2) = (t.path().join("p1"), t.path().join("p2"));
+    let src = a.join("train");
+    let common = ["--short-side", "32", "--shard-size", "64K", "--json"];
+    let o1 = json(&loader_ok(
+        &[
+            &["pack", p(&src), "--out", p(&p1), "--threads", "1"][..],
+            &common,
+        ]
+        .concat(),
+    ));
+    loader_ok(
+        &[
+            &["pack", p(&src), "--out", p(&p2), "--threads", "2"][..],
+            &common,
+        ]
+        .concat(),
+    );
+    assert_eq!(o1["images"], 24);
+    assert_eq!(o1["failed"], 0);
+    assert!(
+        o1["shards"].as_u64().unwrap() >= 2,
+        "64K shards must split 24 images: {o1}"
+    );
+    assert_eq!(folder_bytes(&p1), folder_bytes(&p2));
+    loader_ok(&["verify", p(&p1)]);
+
+    let ds = Dataset::open(&p1).unwrap();
+    assert_eq!(
+        ds.manifest().classes,
+        vec!["00-disk", "01-square", "02-triangle", "03-star"]
+    );
+    assert_eq!(ds.manifest().counts_per_class, vec![6; 4]);
+    let labels: Vec<u32> = (0..ds.len()).map(|i| ds.meta(i).unwrap().label).collect();
+    assert_eq!(
+        labels,
+        [0, 1, 2, 3]
+            .iter()
+            .flat_map(|&c| [c; 6])
+            .collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn raw_pixels_equal_decode_then_resize_of_real_photos() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    let mut names: Vec<_> = fs::read_dir(photos_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    names.sort();
+    for (i, photo) in names.iter().take(6).enumerate() {
+        let class = src.join(if i % 2 == 0 { "even" } else { "odd" });
+        fs::create_dir_all(&class).unwrap();
+        fs::copy(photo, class.join(photo.file_name().unwrap())).unwrap();
+    }
+    let out = t.path().join("out");
+    loader_ok(&["pack", p(&src), "--out", p(&out), "--short-side", "96"]);
+    let ds = Dataset::open(&out).unwrap();
+    let sources = ds.source_paths().unwrap();
+    assert_eq!(ds.len(), 6);
+    let policy = SizePolicy {
+        short_side: Some(96),
+        max_side: None,
+        upscale: false,
+    };
+    let mut resizer = RgbResizer::default();
+    for i in 0..ds.len() {
+        let meta = ds.meta(i).unwrap();
+        let rel = &sources[meta.source_id as usize];
+        let img = decode_rgb(&fs::read(src.join(rel)).unwrap(), u64::MAX).unwrap();
+        let (w, h) = policy.output_size(img.width, img.height);
+        assert_eq!(w.min(h), 96);
+        let want = resizer.resize(img, w, h, Filter::Bilinear).unwrap();
+        assert_eq!((meta.width, meta.height), (w, h));
+        assert_eq!(
+            ds.payload(i).unwrap(),
+            &want.pixels[..],
+            "record {i} ({rel})"
+        );
+        let class = if rel.starts_with("even/") { 0 } else { 1 };
+        assert_eq!(meta.label, class);
+    }
+
+    // JPEG payloads decode back close to the raw ones.
+    let jpeg = t.path().join("jpeg");
+    loader_ok(&[
+        "pack",
+        p(&src),
+        "--out",
+        p(&jpeg),
+        "--short-side",
+        "96",
+        "--encoding",
+        "jpeg",
+        "--quality",
+        "95",
+    ]);
+    let dj = Dataset::open(&jpeg).unwrap();
+    for i in 0..ds.len() {
+        let (a, b) = (ds.image(i).unwrap(), dj.image(i).unwrap());
+        let mean = a
+            .pixels
+            .iter()
+            .zip(&b.pixels)
+            .map(|(x, y)| x.abs_diff(*y) as f64)
+            .sum::<f64>()
+            / a.pixels.len() as f64;
+        assert!(
+            mean < 4.0,
+            "record {i}: JPEG q95 differs by {mean} on average"
+        );
+    }
+}
+
+#[test]
+fn broken_files_are_reported_and_strict_fails() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    let formats = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/formats");
+    for (split, class) in [("valid", "good"), ("broken", "bad")] {
+        let dir = src.join(class);
+        fs::create_dir_all(&dir).unwrap();
+        for e in fs::read_dir(formats.join(split)).unwrap() {
+            let e = e.unwrap();
+            fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+        }
+    }
+    let out = t.path().join("out");
+    let summary = json(&loader_ok(&["pack", p(&src), "--out", p(&out), "--json"]));
+    let failures = summary["failures"].as_array().unwrap();
+    let failed: Vec<&str> = failures
+        .iter()
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        failed,
+        [
+            "bad/empty.jpg",
+            "bad/header_only.png",
+            "bad/text.jpg",
+            "bad/truncated.jpg",
+            "bad/truncated.png"
+        ]
+    );
+    assert!(failures
+        .iter()
+        .all(|f| !f["reason"].as_str().unwrap().is_empty()));
+    assert_eq!(summary["images"], 16);
+    loader_ok(&["verify", p(&out)]);
+
+    let strict = loader(&[
+        "pack",
+        p(&src),
+        "--out",
+        p(&t.path().join("strict")),
+        "--strict",
+    ]);
+    assert!(!strict.status.success());
+    assert!(String::from_utf8_lossy(&strict.stderr).contains("5 files failed"));
+}
+
+#[test]
+fn missing_source_and_unwritable_output_name_the_path() {
+    let t = tempfile::tempdir().unwrap();
+    let out = loader(&[
+        "pack",
+        p(&t.path().join("nowhere")),
+        "--out",
+        p(&t.path().join("o")),
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nowhere"));
+
+    let src = t.path().join("src");
+    synth(&src, 2, 2, 32);
+    let file = t.path().join("a-file");
+    fs::write(&file, b"x").unwrap();
+    let out = loader(&["pack", p(&src.join("train")), "--out", p(&file.join("sub"))]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("a-file"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn validation_layout_with_label_files() {
+    let t = tempfile::tempdir().unwrap();
+    let syn = t.path().join("syn");
+    synth(&syn, 3, 2, 32);
+    let train = t.path().join("train");
+    loader_ok(&["pack", p(&syn.join("train")), "--out", p(&train)]);
+    // Flatten val/ into one folder with ImageNet-style names and a LOC_val_solution.csv.
+    let flat = t.path().join("flat");
+    fs::create_dir_all(&flat).unwrap();
+    let mut loc = String::from("ImageId,PredictionString\n");
+    let mut plain = String::from("path,class\n");
+    let mut n = 0;
+    for class in ["02-triangle", "00-disk"] {
+        for e in fs::read_dir(syn.join("val").join(class)).unwrap() {
+            n += 1;
+            let id = format!("ILSVRC2012_val_{n:08}");
+            fs::copy(e.unwrap().path(), flat.join(format!("{id}.JPEG"))).unwrap();
+            loc.push_str(&format!("{id},{class} 1 2 3 4\n"));
+            plain.push_str(&format!("{id}.JPEG,{class}\n"));
+        }
+    }
+    for (name, text) in [("LOC_val_solution.csv", &loc), ("labels.csv", &plain)] {
+        let labels = t.path().join(name);
+        fs::write(&labels, text).unwrap();
+        let out = t.path().join(format!("val-{name}"));
+        loader_ok(&[
+            "pack",
+            p(&flat),
+            "--out",
+            p(&out),
+            "--labels",
+            p(&labels),
+            "--classes-from",
+            p(&train),
+            "--strict",
+        ]);
+        let ds = Dataset::open(&out).unwrap();
+        assert_eq!(
+            ds.manifest().classes,
+            vec!["00-disk", "01-square", "02-triangle"]
+        );
+        assert_eq!(ds.manifest().counts_per_class, vec![3, 0, 3], "{name}");
+    }
+}
+
+#[test]
+fn tampered_and_truncated_shards_are_detected() {
+    let t = tempfile::tempdir().unwrap();
+    let syn = t.path().join("syn");
+    synth(&syn, 2, 5, 32);
+    let out = t.path().join("out");
+    loader_ok(&["pack", p(&syn.join("train")), "--out", p(&out)]);
+    let shard = out.join("shard-00000.mds");
+    let clean = fs::read(&shard).unwrap();
+    let ds = Dataset::open(&out).unwrap();
+    let record3 = *ds.meta(3).unwrap();
+    drop(ds);
+
+    // A flipped byte inside record 3's payload: named by shard and record.
+    let mut bytes = clean.clone();
+    bytes[record3.offset as usize + 7] ^= 1;
+    fs::write(&shard, &bytes).unwrap();
+    let v = loader(&["verify", p(&out)]);
+    let err = String::from_utf8_lossy(&v.stderr);
+    assert!(!v.status.success());
+    assert!(err.contains("shard-00000.mds: record 3:"), "{err}");
+
+    // A flipped byte in padding, index and header: still found.
+    for at in [record3.offset as usize - 1, clean.len() - 10, 20] {
+        let mut bytes = clean.clone();
+        bytes[at] ^= 0x80;
+        fs::write(&shard, &bytes).unwrap();
+        let v = loader(&["verify", p(&out)]);
+        assert!(!v.status.success(), "flip at {at} not found");
+        assert!(String::from_utf8_lossy(&v.stderr).contains("shard-00000.mds"));
+    }
+
+    // Truncated: every command that reads the shard fails with a message, not a panic.
+    fs::write(&shard, &clean[..clean.len() / 2]).unwrap();
+    for args in [vec!["verify", p(&out)], vec!["inspect", p(&out)]] {
+        let o = loader(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains("truncated") && !err.contains("panicked"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn killed_pack_resumes_to_the_same_bytes() {
+    let t = tempfile::tempdir().unwrap();
+    let syn = t.path().join("syn");
+    synth(&syn, 4, 40, 64);
+    let src = syn.join("train");
+    let args = |out: &Path| -> Vec<String> {
+        [
+            "pack",
+            p(&src),
+            "--out",
+            p(out),
+            "--shard-size",
+            "64K",
+            "--threads",
+            "1",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let clean = t.path().join("clean");
+    loader_ok(&args(&clean).iter().map(String::as_str).collect::<Vec<_>>());
+
+    let killed = t.path().join("killed");
+    let mut child = Command::new(bin("loader"))
+        .args(args(&killed))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill it once at least one shard is complete (the progress file exists).
+    let start = Instant::now();
+    while !killed.join("progress.json").exists() && start.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        !killed.join("manifest.json").exists(),
+        "the pack finished before it could be killed"
+    );
+    // Leave what a kill between a shard's rename and the progress update would leave, plus a torn temp file.
+    let extra = killed.join("shard-00500.mds.tmp");
+    fs::write(&extra, b"partial").unwrap();
+
+    let again = json(&loader_ok(
+        &[
+            &args(&killed).iter().map(String::as_str).collect::<Vec<_>>()[..],
+            &["--json"],
+        ]
+        .concat(),
+    ));
+    assert!(again["resumed_files"].as_u64().unwrap() > 0, "{again}");
+    assert!(!extra.exists() || fs::read(&extra).unwrap() == b"partial");
+    let _ = fs::remove_file(&extra);
+    assert_eq!(folder_bytes(&clean), folder_bytes(&killed));
+
+    // Run again on a finished pack: nothing to do, same bytes.
+    let done = json(&loader_ok(
+        &[
+            &args(&killed).iter().map(String::as_str).collect::<Vec<_>>()[..],
+            &["--json"],
+        ]
+        .concat(),
+    ));
+    assert_eq!(done["already_complete"], true);
+}
+
+#[test]
+fn parts_merge_into_the_same_records() {
+    let t = tempfile::tempdir().unwrap();
+    let syn = t.path().join("syn");
+    synth(&syn, 3, 5, 32);
+    let src = syn.join("train");
+    let whole = t.path().join("whole");
+    loader_ok(&["pack", p(&src), "--out", p(&whole)]);
+    let parts = t.path().join("parts");
+    loader_ok(&["pack", p(&src), "--out", p(&parts), "--part", "1/2"]);
+    let early = loader(&["merge", p(&parts)]);
+    assert!(
+        String::from_utf8_lossy(&early.stderr).contains("1 of 2 parts"),
+        "{}",
+        String::from_utf8_lossy(&early.stderr)
+    );
+    loader_ok(&["pack", p(&src), "--out", p(&parts), "--part", "0/2"]);
+    loader_ok(&["merge", p(&parts)]);
+    loader_ok(&["verify", p(&parts)]);
+    let (a, b) = (
+        Dataset::open(&whole).unwrap(),
+        Dataset::open(&parts).unwrap(),
+    );
+    assert_eq!(a.len(), b.len());
+    assert_eq!(a.manifest().counts_per_class, b.manifest().counts_per_class);
+    for i in 0..a.len() {
+        assert_eq!(a.meta(i).unwrap().source_id, b.meta(i).unwrap().source_id);
+        assert_eq!(a.payload(i).unwrap(), b.payload(i).unwrap());
+    }
+}
+
+#[test]
+fn inspect_reports_and_dumps_a_record() {
+    let t = tempfile::tempdir().unwrap();
+    let syn = t.path().join("syn");
+    synth(&syn, 2, 3, 48);
+    let out = t.path().join("out");
+    loader_ok(&["pack", p(&syn.join("train")), "--out", p(&out)]);
+    let info = json(&loader_ok(&["inspect", p(&out), "--json"]));
+    assert_eq!(info["records"], 6);
+    assert_eq!(info["encoding"], "raw");
+    assert_eq!(info["classes"][1]["name"], "01-square");
+    assert_eq!(info["width"]["max"], 48);
+    let png = t.path().join("r.png");
+    loader_ok(&["inspect", p(&out), "--dump", "4", "--to", p(&png)]);
+    let img = image_size(&png);
+    assert_eq!(img, (48, 48));
+    let bad = loader(&["inspect", p(&out), "--dump", "99", "--to", p(&png)]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("out of range"));
+}
+
+fn image_size(path: &Path) -> (u32, u32) {
+    let img = decode_rgb(&fs::read(path).unwrap(), u64::MAX).unwrap();
+    (img.width, img.height)
+}

@@ -1,1 +1,353 @@
-fn main(){}
+//! `loader`: decode image datasets once into verified memory-mapped shards, and look inside them.
+//!
+//! The binary only parses arguments, shows progress and wires the `shared` crate's pieces.
+
+mod inspect;
+mod progress;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use shared::manifest::{PackOptions, Part};
+use shared::pack::{PackJob, PackProgress};
+use shared::resize::Filter;
+use shared::shard::Encoding;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(
+    name = "loader",
+    version,
+    about = "Decode, pack, verify and inspect image datasets as memory-mapped shards"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Draw the embedded labelled dataset (ImageNet layout: OUT/train/<class>/*.png, OUT/val/...).
+    Synth(SynthArgs),
+    /// Decode every image of SRC once, resize it and write shards plus a manifest to --out.
+    Pack(PackArgs),
+    /// Combine the finished parts of a multi-machine pack (--part I/N) in DIR into one manifest.
+    Merge {
+        /// The folder holding every part's shards and part manifests.
+        dir: PathBuf,
+    },
+    /// Check every checksum and the index of every shard; exit non-zero naming any damage.
+    Verify {
+        /// A packed dataset folder.
+        dir: PathBuf,
+    },
+    /// Print counts, classes, sizes and encodings of a packed dataset, or dump one record as PNG.
+    Inspect(inspect::InspectArgs),
+}
+
+#[derive(Args)]
+struct SynthArgs {
+    /// Output folder (created if missing).
+    #[arg(long)]
+    out: PathBuf,
+    /// Seed of every random choice: the same seed writes the same bytes.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Number of classes (object kinds), at most 12.
+    #[arg(long, default_value_t = 10)]
+    classes: usize,
+    /// Training images per class.
+    #[arg(long, default_value_t = 100)]
+    train_per_class: usize,
+    /// Validation images per class.
+    #[arg(long, default_value_t = 20)]
+    val_per_class: usize,
+    /// Side of the square images in pixels.
+    #[arg(long, default_value_t = 64)]
+    size: u32,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum EncodingArg {
+    /// Raw RGB8 pixels: fastest to read, about 3 bytes a pixel.
+    Raw,
+    /// JPEG at --quality: about 8x smaller, decoded at read time.
+    Jpeg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum FilterArg {
+    /// Antialiased bilinear (torchvision's default).
+    Bilinear,
+    /// Antialiased Catmull-Rom bicubic (Pillow's BICUBIC).
+    Bicubic,
+    /// Lanczos3 (Pillow's LANCZOS).
+    Lanczos,
+}
+
+#[derive(Args)]
+struct PackArgs {
+    /// Dataset root: SRC/<class>/<image> (ImageNet train layout), or a flat folder with --labels.
+    src: PathBuf,
+    /// Output folder for shards, manifest.json and sources.txt (created if missing).
+    #[arg(long)]
+    out: PathBuf,
+    /// Label file for a flat folder: ImageNet's LOC_val_solution.csv or `relative/path,class` lines.
+    #[arg(long)]
+    labels: Option<PathBuf>,
+    /// With --labels: take the class list from this packed dataset (e.g. the train set), so indices agree.
+    #[arg(long, requires = "labels")]
+    classes_from: Option<PathBuf>,
+    /// Resize so the shorter side is this many pixels.
+    #[arg(long, default_value_t = 256, conflicts_with = "keep_size")]
+    short_side: u32,
+    /// Also shrink so the longer side is at most this many pixels.
+    #[arg(long)]
+    max_side: Option<u32>,
+    /// Keep the decoded size (no short-side resize; --max-side still applies).
+    #[arg(long)]
+    keep_size: bool,
+    /// Enlarge images smaller than --short-side (by default they keep their size).
+    #[arg(long)]
+    upscale: bool,
+    /// Resize filter.
+    #[arg(long, value_enum, default_value = "bilinear")]
+    filter: FilterArg,
+    /// How pixels are stored in the shards.
+    #[arg(long, value_enum, default_value = "raw")]
+    encoding: EncodingArg,
+    /// JPEG quality (1-100) for --encoding jpeg.
+    #[arg(long, default_value_t = 90)]
+    quality: u8,
+    /// Refuse images with more pixels than this (decompression-bomb guard).
+    #[arg(long, default_value_t = shared::decode::DEFAULT_MAX_PIXELS)]
+    max_pixels: u64,
+    /// Target shard size in bytes; suffixes K, M, G (powers of 1024) accepted.
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    shard_size: u64,
+    /// Decode threads (default: all cores). The output does not depend on it.
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Pack only part I of N (0-based) of the sorted file list, for a cluster job array; then `loader merge`.
+    #[arg(long, value_parser = parse_part)]
+    part: Option<Part>,
+    /// Exit non-zero if any file failed to decode.
+    #[arg(long)]
+    strict: bool,
+    /// Print a final JSON summary on stdout instead of the text one.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M') => (&s[..s.len() - 1], 1 << 20),
+        Some('G') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size like 512M or 1G"))?;
+    if n <= 0.0 {
+        return Err(format!("`{s}`: size must be positive"));
+    }
+    Ok((n * mult as f64) as u64)
+}
+
+fn parse_part(s: &str) -> Result<Part, String> {
+    let err = || format!("`{s}`: expected I/N with 0 <= I < N, e.g. 3/8");
+    let (i, n) = s.split_once('/').ok_or_else(err)?;
+    let (index, count): (u32, u32) = (i.parse().map_err(|_| err())?, n.parse().map_err(|_| err())?);
+    if index >= count {
+        return Err(err());
+    }
+    Ok(Part { index, count })
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Synth(a) => synth(a),
+        Command::Pack(a) => pack(a),
+        Command::Merge { dir } => merge(&dir),
+        Command::Verify { dir } => verify(&dir),
+        Command::Inspect(a) => inspect::run(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn synth(a: SynthArgs) -> Result<()> {
+    let spec = shared::synth::SynthSpec {
+        seed: a.seed,
+        classes: a.classes,
+        train_per_class: a.train_per_class,
+        val_per_class: a.val_per_class,
+        size: a.size,
+    };
+    let total = a.classes * (a.train_per_class + a.val_per_class);
+    let bar = progress::bar(total as u64, "synth");
+    let n = shared::synth::write_dataset(&spec, &a.out, &|| bar.inc(1))?;
+    bar.finish_and_clear();
+    eprintln!(
+        "wrote {n} images of {} classes to {}",
+        a.classes,
+        a.out.display()
+    );
+    Ok(())
+}
+
+fn pack(a: PackArgs) -> Result<()> {
+    let sources = match &a.labels {
+        None => shared::source::list_class_folders(&a.src)?,
+        Some(labels) => {
+            let classes = match &a.classes_from {
+                Some(dir) => Some(shared::manifest::Manifest::load(dir)?.classes),
+                None => None,
+            };
+            shared::source::list_labelled_folder(&a.src, labels, classes)?
+        }
+    };
+    let options = PackOptions {
+        short_side: (!a.keep_size).then_some(a.short_side),
+        max_side: a.max_side,
+        upscale: a.upscale,
+        filter: match a.filter {
+            FilterArg::Bilinear => Filter::Bilinear,
+            FilterArg::Bicubic => Filter::Bicubic,
+            FilterArg::Lanczos => Filter::Lanczos,
+        },
+        encoding: match a.encoding {
+            EncodingArg::Raw => Encoding::Raw,
+            EncodingArg::Jpeg => Encoding::Jpeg,
+        },
+        quality: a.quality,
+        max_pixels: a.max_pixels,
+        shard_size: a.shard_size,
+    };
+    let threads = a.threads.unwrap_or_else(rayon::current_num_threads);
+    let job = PackJob {
+        sources: &sources,
+        out: a.out.clone(),
+        options,
+        part: a.part,
+        threads,
+    };
+    let started = Instant::now();
+    let mut bar = None;
+    let report = shared::pack::pack(&job, &mut |p| match p {
+        PackProgress::Start { total, done } => {
+            let b = progress::bar(total, "pack");
+            b.set_position(done);
+            b.reset_eta();
+            bar = Some(b);
+        }
+        PackProgress::Advance(n) => {
+            if let Some(b) = &bar {
+                b.inc(n)
+            }
+        }
+    })
+    .with_context(|| format!("packing {} into {}", a.src.display(), a.out.display()))?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let m = &report.manifest;
+    let processed = (m.records + m.failures.len() as u64).saturating_sub(report.resumed_files);
+    let bytes: u64 = m.shards.iter().map(|s| s.bytes).sum();
+    if a.json {
+        let failures: Vec<_> = m
+            .failures
+            .iter()
+            .map(|f| serde_json::json!({"path": f.path, "reason": f.reason}))
+            .collect();
+        let summary = serde_json::json!({
+            "images": m.records,
+            "failed": m.failures.len(),
+            "failures": failures,
+            "shards": m.shards.len(),
+            "bytes": bytes,
+            "seconds": seconds,
+            "images_per_second": processed as f64 / seconds.max(1e-9),
+            "threads": threads,
+            "resumed_files": report.resumed_files,
+            "already_complete": report.already_complete,
+        });
+        println!("{summary}");
+    } else {
+        if report.already_complete {
+            eprintln!(
+                "{} already holds this finished pack; nothing to do",
+                a.out.display()
+            );
+        } else if report.resumed_files > 0 {
+            eprintln!(
+                "resumed an interrupted pack after {} files",
+                report.resumed_files
+            );
+        }
+        eprintln!(
+            "packed {} images into {} shards ({:.1} MiB) in {seconds:.1} s ({:.0} images/s on {threads} threads); {} failed",
+            m.records,
+            m.shards.len(),
+            bytes as f64 / (1 << 20) as f64,
+            processed as f64 / seconds.max(1e-9),
+            m.failures.len()
+        );
+        for f in m.failures.iter().take(20) {
+            eprintln!("  failed: {}: {}", f.path, f.reason);
+        }
+        if m.failures.len() > 20 {
+            eprintln!(
+                "  ... and {} more (all listed in the manifest)",
+                m.failures.len() - 20
+            );
+        }
+    }
+    if a.strict && !m.failures.is_empty() {
+        bail!("{} files failed and --strict is set", m.failures.len());
+    }
+    Ok(())
+}
+
+fn merge(dir: &Path) -> Result<()> {
+    let m = shared::pack::merge(dir)?;
+    eprintln!(
+        "merged {} shards ({} records, {} failures) into {}",
+        m.shards.len(),
+        m.records,
+        m.failures.len(),
+        dir.join(shared::manifest::MANIFEST_FILE).display()
+    );
+    Ok(())
+}
+
+fn verify(dir: &Path) -> Result<()> {
+    let manifest = shared::manifest::Manifest::load(dir)?;
+    let total: u64 = manifest.shards.iter().map(|s| s.bytes).sum();
+    let bar = progress::bytes_bar(total, "verify");
+    let damage = shared::dataset::verify(dir, &mut |n| bar.inc(n))?;
+    bar.finish_and_clear();
+    if damage.is_empty() {
+        eprintln!(
+            "ok: {} shards, {} records, {:.1} MiB: every checksum matches",
+            manifest.shards.len(),
+            manifest.records,
+            total as f64 / (1 << 20) as f64
+        );
+        return Ok(());
+    }
+    for d in &damage {
+        eprintln!("damaged: {d}");
+    }
+    bail!(
+        "{}: {} damaged places; repack the affected shards",
+        dir.display(),
+        damage.len()
+    )
+}

@@ -158,7 +158,10 @@ pub fn verify(dir: &Path, on_shard: &mut dyn FnMut(u64)) -> Result<Vec<Damage>> 
             Ok(shard) => {
                 let bytes = shard.bytes();
                 if bytes.len() as u64 != s.bytes {
-                    found(None, format!("{} bytes, manifest says {}", bytes.len(), s.bytes));
+                    found(
+                        None,
+                        format!("{} bytes, manifest says {}", bytes.len(), s.bytes),
+                    );
                 }
                 for i in 0..shard.len() {
                     if let Err(e) = shard.verify_record(i) {
@@ -167,10 +170,16 @@ pub fn verify(dir: &Path, on_shard: &mut dyn FnMut(u64)) -> Result<Vec<Damage>> 
                 }
                 let crc = crc32fast::hash(bytes);
                 if crc != s.crc32 {
-                    found(None, format!("file checksum {crc:08x} != {:08x} in the manifest", s.crc32));
+                    found(
+                        None,
+                        format!("file checksum {crc:08x} != {:08x} in the manifest", s.crc32),
+                    );
                 }
                 if shard.len() as u64 != s.records {
-                    found(None, format!("{} records, manifest says {}", shard.len(), s.records));
+                    found(
+                        None,
+                        format!("{} records, manifest says {}", shard.len(), s.records),
+                    );
                 }
             }
         }
@@ -182,5 +191,7 @@ pub fn verify(dir: &Path, on_shard: &mut dyn FnMut(u64)) -> Result<Vec<Damage>> 
 fn strip_path(e: &Error, path: &Path) -> String {
     let text = e.to_string();
     let prefix = format!("{}: ", path.display());
-    text.strip_prefix(&prefix).map(str::to_string).unwrap_or(text)
+    text.strip_prefix(&prefix)
+        .map(str::to_string)
+        .unwrap_or(text)
 }

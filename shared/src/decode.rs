@@ -49,6 +49,12 @@ pub fn decode_rgb(bytes: &[u8], max_pixels: u64) -> Result<RgbImage> {
             "unknown image format (not JPEG, PNG, WebP, BMP, GIF or TIFF)".into(),
         ));
     }
+    if reader.format() == Some(image::ImageFormat::Jpeg) && !jpeg_is_complete(bytes) {
+        // The JPEG decoder fills a cut-off scan with grey; Pillow refuses such files, and so do we.
+        return Err(Error::Decode(
+            "truncated JPEG: no end-of-image marker after the last scan".into(),
+        ));
+    }
     let mut limits = Limits::default();
     // Room for the largest allowed image at 16 bits x 4 channels plus the decoder's own buffers.
     limits.max_alloc = Some(max_pixels.saturating_mul(8).saturating_add(64 << 20));
@@ -72,6 +78,20 @@ pub fn decode_rgb(bytes: &[u8], max_pixels: u64) -> Result<RgbImage> {
     RgbImage::new(w, h, rgb.into_raw())
 }
 
+/// Whether an end-of-image marker (`FF D9`) follows the last start-of-scan marker (`FF DA`).
+/// Inside entropy-coded data every `FF` byte is followed by `00` or a restart marker, so neither
+/// pattern can appear there by chance; scanning back from the end finds EOI first in a whole file.
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    for w in bytes.windows(2).rev() {
+        match w {
+            [0xFF, 0xD9] => return true,
+            [0xFF, 0xDA] => return false,
+            _ => {}
+        }
+    }
+    false
+}
+
 fn describe(e: image::ImageError) -> Error {
     Error::Decode(format!("cannot decode: {e}"))
 }
@@ -88,7 +108,8 @@ mod tests {
 
     #[test]
     fn gray16_and_rgba_become_rgb8() {
-        let g = image::ImageBuffer::from_fn(3, 2, |x, y| image::Luma([(x * 20000 + y * 1000) as u16]));
+        let g =
+            image::ImageBuffer::from_fn(3, 2, |x, y| image::Luma([(x * 20000 + y * 1000) as u16]));
         let out = decode_rgb(&png(DynamicImage::ImageLuma16(g)), 1000).unwrap();
         assert_eq!((out.width, out.height), (3, 2));
         // 16-bit 20000 -> 8-bit round(20000 / 257) = 78, replicated over the three channels.
@@ -96,7 +117,10 @@ mod tests {
 
         let rgba = image::RgbaImage::from_fn(2, 2, |x, _| image::Rgba([10 * x as u8, 20, 30, 0]));
         let out = decode_rgb(&png(DynamicImage::ImageRgba8(rgba)), 1000).unwrap();
-        assert_eq!(out.pixels, vec![0, 20, 30, 10, 20, 30, 0, 20, 30, 10, 20, 30]);
+        assert_eq!(
+            out.pixels,
+            vec![0, 20, 30, 10, 20, 30, 0, 20, 30, 10, 20, 30]
+        );
     }
 
     #[test]

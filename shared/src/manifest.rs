@@ -114,7 +114,10 @@ impl Manifest {
         }
         let m: Manifest = crate::fsutil::read_json(&file)?;
         if m.format != FORMAT_NAME {
-            return Err(Error::corrupt(&file, format!("format is `{}`, not `{FORMAT_NAME}`", m.format)));
+            return Err(Error::corrupt(
+                &file,
+                format!("format is `{}`, not `{FORMAT_NAME}`", m.format),
+            ));
         }
         if m.format_version != crate::shard::FORMAT_VERSION {
             return Err(Error::corrupt(
@@ -128,7 +131,10 @@ impl Manifest {
         }
         let total: u64 = m.shards.iter().map(|s| s.records).sum();
         if total != m.records || m.counts_per_class.len() != m.classes.len() {
-            return Err(Error::corrupt(&file, "record counts disagree with the shard list"));
+            return Err(Error::corrupt(
+                &file,
+                "record counts disagree with the shard list",
+            ));
         }
         Ok(m)
     }

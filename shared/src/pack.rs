@@ -8,7 +8,9 @@
 use crate::decode::{decode_rgb, RgbImage};
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil::{read_json, temp_path, write_atomic, write_json_atomic};
-use crate::manifest::{Failure, Manifest, PackOptions, Part, FORMAT_NAME, MANIFEST_FILE, SOURCES_FILE};
+use crate::manifest::{
+    Failure, Manifest, PackOptions, Part, FORMAT_NAME, MANIFEST_FILE, SOURCES_FILE,
+};
 use crate::resize::{RgbResizer, SizePolicy};
 use crate::shard::{Encoding, Record, Shard, ShardSummary, ShardWriter, NO_LABEL};
 use crate::source::SourceList;
@@ -81,13 +83,21 @@ impl Names {
 
 fn check_options(o: &PackOptions) -> Result<()> {
     if o.short_side == Some(0) || o.max_side == Some(0) {
-        return Err(Error::Invalid("--short-side and --max-side must be at least 1".into()));
+        return Err(Error::Invalid(
+            "--short-side and --max-side must be at least 1".into(),
+        ));
     }
     if !(1..=100).contains(&o.quality) {
-        return Err(Error::Invalid(format!("--quality must be 1-100, got {}", o.quality)));
+        return Err(Error::Invalid(format!(
+            "--quality must be 1-100, got {}",
+            o.quality
+        )));
     }
     if o.shard_size < 1 << 16 {
-        return Err(Error::Invalid(format!("--shard-size must be at least 64 KiB, got {}", o.shard_size)));
+        return Err(Error::Invalid(format!(
+            "--shard-size must be at least 64 KiB, got {}",
+            o.shard_size
+        )));
     }
     Ok(())
 }
@@ -97,7 +107,10 @@ pub fn pack(job: &PackJob, progress: &mut dyn FnMut(PackProgress)) -> Result<Pac
     check_options(&job.options)?;
     if let Some(p) = job.part {
         if p.count == 0 || p.index >= p.count {
-            return Err(Error::Invalid(format!("--part {}/{}: need 0 <= I < N", p.index, p.count)));
+            return Err(Error::Invalid(format!(
+                "--part {}/{}: need 0 <= I < N",
+                p.index, p.count
+            )));
         }
     }
     let out = &job.out;
@@ -106,7 +119,9 @@ pub fn pack(job: &PackJob, progress: &mut dyn FnMut(PackProgress)) -> Result<Pac
         prefix: job.part.map(|p| p.prefix()).unwrap_or_default(),
     };
     let fingerprint = job.sources.fingerprint();
-    let range = job.part.map_or(0..job.sources.files.len(), |p| p.range(job.sources.files.len()));
+    let range = job.part.map_or(0..job.sources.files.len(), |p| {
+        p.range(job.sources.files.len())
+    });
 
     let manifest_file = out.join(names.manifest());
     if manifest_file.exists() {
@@ -158,7 +173,8 @@ pub fn pack(job: &PackJob, progress: &mut dyn FnMut(PackProgress)) -> Result<Pac
                 }),
                 Ok(record) => {
                     let full = writer.as_ref().is_some_and(|w| {
-                        !w.is_empty() && w.size_with(record.payload.len() as u64) > job.options.shard_size
+                        !w.is_empty()
+                            && w.size_with(record.payload.len() as u64) > job.options.shard_size
                     });
                     if full {
                         let done = writer.take().expect("checked above");
@@ -204,7 +220,9 @@ fn prepare(job: &PackJob, i: usize, resizer: &mut RgbResizer) -> Result<Record, 
         upscale: o.upscale,
     };
     let (w, h) = policy.output_size(img.width, img.height);
-    let img = resizer.resize(img, w, h, o.filter).map_err(|e| e.to_string())?;
+    let img = resizer
+        .resize(img, w, h, o.filter)
+        .map_err(|e| e.to_string())?;
     let payload = match o.encoding {
         Encoding::Raw => img.pixels,
         Encoding::Jpeg => encode_jpeg(&img, o.quality)?,
@@ -223,7 +241,10 @@ fn prepare(job: &PackJob, i: usize, resizer: &mut RgbResizer) -> Result<Record, 
 pub fn encode_jpeg(img: &RgbImage, quality: u8) -> Result<Vec<u8>, String> {
     let (w, h) = (u16::try_from(img.width), u16::try_from(img.height));
     let (Ok(w), Ok(h)) = (w, h) else {
-        return Err(format!("{}x{} is too large for JPEG (65535 max)", img.width, img.height));
+        return Err(format!(
+            "{}x{} is too large for JPEG (65535 max)",
+            img.width, img.height
+        ));
     };
     let mut out = Vec::new();
     let mut enc = jpeg_encoder::Encoder::new(&mut out, quality);
@@ -233,13 +254,21 @@ pub fn encode_jpeg(img: &RgbImage, quality: u8) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
-fn resume_state(out: &Path, names: &Names, job: &PackJob, fingerprint: u32) -> Result<Option<Progress>> {
+fn resume_state(
+    out: &Path,
+    names: &Names,
+    job: &PackJob,
+    fingerprint: u32,
+) -> Result<Option<Progress>> {
     let file = out.join(names.progress());
     if !file.exists() {
         return Ok(None);
     }
     let state: Progress = read_json(&file)?;
-    if state.options != job.options || state.part != job.part || state.source_fingerprint != fingerprint {
+    if state.options != job.options
+        || state.part != job.part
+        || state.source_fingerprint != fingerprint
+    {
         return Err(Error::Invalid(format!(
             "{} belongs to an interrupted pack with other options or other input files; \
              rerun with the same ones, or use a new --out folder",
@@ -316,7 +345,12 @@ fn write_sources(out: &Path, sources: &SourceList, names: &Names) -> Result<()> 
     Ok(())
 }
 
-fn build_manifest(job: &PackJob, out: &Path, shards: Vec<ShardSummary>, failures: Vec<Failure>) -> Result<Manifest> {
+fn build_manifest(
+    job: &PackJob,
+    out: &Path,
+    shards: Vec<ShardSummary>,
+    failures: Vec<Failure>,
+) -> Result<Manifest> {
     let mut counts = vec![0u64; job.sources.classes.len()];
     let mut unlabelled = 0;
     for s in &shards {
@@ -350,27 +384,40 @@ fn build_manifest(job: &PackJob, out: &Path, shards: Vec<ShardSummary>, failures
 /// Every part `0..N` must be present and finished, with the same options, classes and sources.
 pub fn merge(dir: &Path) -> Result<Manifest> {
     let files = crate::manifest::part_manifests(dir)?;
-    let parts: Vec<Manifest> = files.iter().map(|f| Manifest::load(f)).collect::<Result<_>>()?;
-    let first = parts
-        .first()
-        .ok_or_else(|| Error::Invalid(format!("{}: no part manifests (part-*-manifest.json) to merge", dir.display())))?;
+    let parts: Vec<Manifest> = files
+        .iter()
+        .map(|f| Manifest::load(f))
+        .collect::<Result<_>>()?;
+    let first = parts.first().ok_or_else(|| {
+        Error::Invalid(format!(
+            "{}: no part manifests (part-*-manifest.json) to merge",
+            dir.display()
+        ))
+    })?;
     let count = first.part.map_or(0, |p| p.count);
-    for (i, (m, f)) in parts.iter().zip(&files).enumerate() {
-        let same = m.options == first.options && m.classes == first.classes && m.sources == first.sources;
-        if !same || m.part != Some(Part { index: i as u32, count }) {
-            return Err(Error::Invalid(format!(
-                "{}: not part {i} of {count} of the same pack (every part 0..{count} must be finished, \
-                 with the same options and input)",
-                f.display()
-            )));
-        }
-    }
     if parts.len() != count as usize {
         return Err(Error::Invalid(format!(
             "{}: {} of {count} parts are finished; pack the missing ones first",
             dir.display(),
             parts.len()
         )));
+    }
+    for (i, (m, f)) in parts.iter().zip(&files).enumerate() {
+        let same =
+            m.options == first.options && m.classes == first.classes && m.sources == first.sources;
+        if !same
+            || m.part
+                != Some(Part {
+                    index: i as u32,
+                    count,
+                })
+        {
+            return Err(Error::Invalid(format!(
+                "{}: not part {i} of {count} of the same pack (every part 0..{count} must be finished, \
+                 with the same options and input)",
+                f.display()
+            )));
+        }
     }
     let mut merged = first.clone();
     merged.part = None;

@@ -73,7 +73,13 @@ pub struct RgbResizer {
 
 impl RgbResizer {
     /// Resizes `img` to `width` x `height` with `filter`; returns it unchanged when the size already matches.
-    pub fn resize(&mut self, img: RgbImage, width: u32, height: u32, filter: Filter) -> Result<RgbImage> {
+    pub fn resize(
+        &mut self,
+        img: RgbImage,
+        width: u32,
+        height: u32,
+        filter: Filter,
+    ) -> Result<RgbImage> {
         if (img.width, img.height) == (width, height) {
             return Ok(img);
         }
@@ -81,7 +87,11 @@ impl RgbResizer {
             .map_err(|e| Error::Invalid(format!("resize source: {e}")))?;
         let mut dst = Image::new(width, height, PixelType::U8x3);
         self.resizer
-            .resize(&src, &mut dst, &ResizeOptions::new().resize_alg(filter.alg()))
+            .resize(
+                &src,
+                &mut dst,
+                &ResizeOptions::new().resize_alg(filter.alg()),
+            )
             .map_err(|e| Error::Invalid(format!("resize: {e}")))?;
         RgbImage::new(width, height, dst.into_vec())
     }
@@ -93,23 +103,44 @@ mod tests {
 
     #[test]
     fn short_side_policy() {
-        let p = SizePolicy { short_side: Some(256), max_side: None, upscale: false };
+        let p = SizePolicy {
+            short_side: Some(256),
+            max_side: None,
+            upscale: false,
+        };
         assert_eq!(p.output_size(500, 410), (312, 256));
         assert_eq!(p.output_size(410, 500), (256, 312));
-        assert_eq!(p.output_size(200, 100), (200, 100), "never upscale unless asked");
+        assert_eq!(
+            p.output_size(200, 100),
+            (200, 100),
+            "never upscale unless asked"
+        );
         let up = SizePolicy { upscale: true, ..p };
         assert_eq!(up.output_size(200, 100), (512, 256));
-        let capped = SizePolicy { max_side: Some(300), ..p };
+        let capped = SizePolicy {
+            max_side: Some(300),
+            ..p
+        };
         assert_eq!(capped.output_size(1000, 500), (300, 150));
-        assert_eq!(capped.output_size(100, 400), (75, 300), "max side applies to small images too");
-        let keep = SizePolicy { short_side: None, max_side: None, upscale: false };
+        assert_eq!(
+            capped.output_size(100, 400),
+            (75, 300),
+            "max side applies to small images too"
+        );
+        let keep = SizePolicy {
+            short_side: None,
+            max_side: None,
+            upscale: false,
+        };
         assert_eq!(keep.output_size(123, 45), (123, 45));
     }
 
     #[test]
     fn resize_of_constant_image_stays_constant() {
         let img = RgbImage::new(40, 30, [7u8, 100, 250].repeat(40 * 30)).unwrap();
-        let out = RgbResizer::default().resize(img, 17, 11, Filter::Bilinear).unwrap();
+        let out = RgbResizer::default()
+            .resize(img, 17, 11, Filter::Bilinear)
+            .unwrap();
         assert_eq!((out.width, out.height), (17, 11));
         assert!(out.pixels.chunks(3).all(|p| p == [7, 100, 250]));
     }

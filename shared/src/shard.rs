@@ -216,7 +216,10 @@ impl ShardWriter {
             file_size,
             crc32fast::hash(&index),
         );
-        let mut file = self.out.into_inner().map_err(|e| Error::io(&self.tmp, e.into_error()))?;
+        let mut file = self
+            .out
+            .into_inner()
+            .map_err(|e| Error::io(&self.tmp, e.into_error()))?;
         file.seek(SeekFrom::Start(0)).at(&self.tmp)?;
         file.write_all(&header).at(&self.tmp)?;
         file.sync_all().at(&self.tmp)?;
@@ -238,7 +241,12 @@ impl ShardWriter {
     }
 }
 
-fn encode_header(count: u64, index_offset: u64, file_size: u64, index_crc: u32) -> [u8; HEADER_SIZE] {
+fn encode_header(
+    count: u64,
+    index_offset: u64,
+    file_size: u64,
+    index_crc: u32,
+) -> [u8; HEADER_SIZE] {
     let mut h = [0u8; HEADER_SIZE];
     h[0..8].copy_from_slice(&MAGIC);
     h[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -407,11 +415,11 @@ fn parse(path: &Path, b: &[u8]) -> Result<Vec<RecordMeta>> {
         };
         let end = meta.offset.checked_add(meta.length);
         if meta.offset < payload_offset || end.is_none_or(|end| end > index_offset) {
-            return Err(bad(format!("record {i}: payload lies outside the payload area")));
+            return Err(bad(format!(
+                "record {i}: payload lies outside the payload area"
+            )));
         }
-        if encoding == Encoding::Raw
-            && meta.length != meta.height as u64 * meta.width as u64 * 3
-        {
+        if encoding == Encoding::Raw && meta.length != meta.height as u64 * meta.width as u64 * 3 {
             return Err(bad(format!(
                 "record {i}: raw payload of {} bytes does not match {}x{} RGB",
                 meta.length, meta.width, meta.height
@@ -433,7 +441,9 @@ mod tests {
             label: seed as u32,
             encoding: Encoding::Raw,
             source_id: seed as u64 * 10,
-            payload: (0..h * w * 3).map(|i| (i as u8).wrapping_mul(seed)).collect(),
+            payload: (0..h * w * 3)
+                .map(|i| (i as u8).wrapping_mul(seed))
+                .collect(),
         }
     }
 
@@ -463,7 +473,10 @@ mod tests {
         assert_eq!(shard.len(), 3);
         for (i, r) in recs.iter().enumerate() {
             let m = shard.meta(i);
-            assert_eq!((m.height, m.width, m.label, m.source_id), (r.height, r.width, r.label, r.source_id));
+            assert_eq!(
+                (m.height, m.width, m.label, m.source_id),
+                (r.height, r.width, r.label, r.source_id)
+            );
             assert_eq!(m.offset % RECORD_ALIGN, 0);
             assert_eq!(shard.payload(i), &r.payload[..]);
             shard.verify_record(i).unwrap();
@@ -499,7 +512,9 @@ mod tests {
         let clean = fs::read(&path).unwrap();
         for len in [0, 10, 63, 64, 100, 4096, clean.len() - 1] {
             fs::write(&path, &clean[..len]).unwrap();
-            let err = Shard::open(&path).err().expect("truncated shard must not open");
+            let err = Shard::open(&path)
+                .err()
+                .expect("truncated shard must not open");
             assert!(err.to_string().contains("s.mds"), "{err}");
         }
     }

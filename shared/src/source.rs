@@ -111,7 +111,10 @@ pub fn list_class_folders(root: &Path) -> Result<SourceList> {
         let label = classes.len() as u32;
         let mut rels = Vec::new();
         collect_images(&path, &format!("{name}/"), &mut rels)?;
-        files.extend(rels.into_iter().map(|rel| SourceFile { rel, label: Some(label) }));
+        files.extend(rels.into_iter().map(|rel| SourceFile {
+            rel,
+            label: Some(label),
+        }));
         classes.push(name);
     }
     if files.is_empty() {
@@ -135,12 +138,22 @@ pub fn list_class_folders(root: &Path) -> Result<SourceList> {
 /// of `relative/path,class_name` lines (an optional `path,class` or `path,label` header is
 /// skipped). `classes`, when given, fixes the class list (for example the training set's, so
 /// that indices agree); otherwise the sorted distinct names in the file are used.
-pub fn list_labelled_folder(root: &Path, labels: &Path, classes: Option<Vec<String>>) -> Result<SourceList> {
+pub fn list_labelled_folder(
+    root: &Path,
+    labels: &Path,
+    classes: Option<Vec<String>>,
+) -> Result<SourceList> {
     check_root(root)?;
     let text = fs::read_to_string(labels).at(labels)?;
-    let bad = |line: usize, msg: &str| Error::Invalid(format!("{}:{line}: {msg}", labels.display()));
-    let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
-    let first = lines.next().ok_or_else(|| bad(1, "the label file is empty"))?;
+    let bad =
+        |line: usize, msg: &str| Error::Invalid(format!("{}:{line}: {msg}", labels.display()));
+    let mut lines = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty());
+    let first = lines
+        .next()
+        .ok_or_else(|| bad(1, "the label file is empty"))?;
     let header = first.1.trim().to_ascii_lowercase();
     let imagenet = header.starts_with("imageid,");
     let skip_first = imagenet || header == "path,class" || header == "path,label";
@@ -161,9 +174,18 @@ pub fn list_labelled_folder(root: &Path, labels: &Path, classes: Option<Vec<Stri
     }
     let classes = match classes {
         Some(c) => c,
-        None => pairs.iter().map(|(_, c)| c.clone()).collect::<BTreeSet<_>>().into_iter().collect(),
+        None => pairs
+            .iter()
+            .map(|(_, c)| c.clone())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect(),
     };
-    let index: HashMap<&str, u32> = classes.iter().enumerate().map(|(i, c)| (c.as_str(), i as u32)).collect();
+    let index: HashMap<&str, u32> = classes
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.as_str(), i as u32))
+        .collect();
     // ImageNet's ids have no extension: map each image's stem to its file name.
     let stems: HashMap<String, String> = if imagenet {
         let mut names = Vec::new();
@@ -171,7 +193,11 @@ pub fn list_labelled_folder(root: &Path, labels: &Path, classes: Option<Vec<Stri
         names
             .into_iter()
             .map(|n| {
-                let stem = Path::new(&n).file_stem().unwrap_or_default().to_string_lossy().into_owned();
+                let stem = Path::new(&n)
+                    .file_stem()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned();
                 (stem, n)
             })
             .collect()
@@ -188,11 +214,17 @@ pub fn list_labelled_folder(root: &Path, labels: &Path, classes: Option<Vec<Stri
         })?;
         // A listed file that is missing stays in the list and is reported as a failure when read.
         let rel = stems.get(&name).cloned().unwrap_or(name);
-        files.push(SourceFile { rel, label: Some(label) });
+        files.push(SourceFile {
+            rel,
+            label: Some(label),
+        });
     }
     files.sort_by(|a, b| (a.label, &a.rel).cmp(&(b.label, &b.rel)));
     if files.is_empty() {
-        return Err(Error::Invalid(format!("{}: lists no image", labels.display())));
+        return Err(Error::Invalid(format!(
+            "{}: lists no image",
+            labels.display()
+        )));
     }
     Ok(SourceList {
         root: root.to_path_buf(),
@@ -213,15 +245,31 @@ mod tests {
     #[test]
     fn class_folders_sorted_and_extensions_case_insensitive() {
         let d = tempfile::tempdir().unwrap();
-        for f in ["b/2.JPEG", "b/1.jpg", "a/x.PNG", "a/notes.txt", "c/.hidden.jpg", "a/sub/y.webp"] {
+        for f in [
+            "b/2.JPEG",
+            "b/1.jpg",
+            "a/x.PNG",
+            "a/notes.txt",
+            "c/.hidden.jpg",
+            "a/sub/y.webp",
+        ] {
             touch(&d.path().join(f));
         }
         let list = list_class_folders(d.path()).unwrap();
         assert_eq!(list.classes, vec!["a", "b", "c"]);
-        let got: Vec<_> = list.files.iter().map(|f| (f.rel.as_str(), f.label)).collect();
+        let got: Vec<_> = list
+            .files
+            .iter()
+            .map(|f| (f.rel.as_str(), f.label))
+            .collect();
         assert_eq!(
             got,
-            vec![("a/sub/y.webp", Some(0)), ("a/x.PNG", Some(0)), ("b/1.jpg", Some(1)), ("b/2.JPEG", Some(1))]
+            vec![
+                ("a/sub/y.webp", Some(0)),
+                ("a/x.PNG", Some(0)),
+                ("b/1.jpg", Some(1)),
+                ("b/2.JPEG", Some(1))
+            ]
         );
     }
 
@@ -238,14 +286,26 @@ mod tests {
         .unwrap();
         let list = list_labelled_folder(d.path(), &csv, None).unwrap();
         assert_eq!(list.classes, vec!["n01", "n02"]);
-        assert_eq!(list.files[0], SourceFile { rel: "ILSVRC2012_val_00000001.JPEG".into(), label: Some(0) });
+        assert_eq!(
+            list.files[0],
+            SourceFile {
+                rel: "ILSVRC2012_val_00000001.JPEG".into(),
+                label: Some(0)
+            }
+        );
         assert_eq!(list.files[1].label, Some(1));
 
         let plain = d.path().join("labels.csv");
         fs::write(&plain, "path,class\nILSVRC2012_val_00000001.JPEG,dog\n").unwrap();
         let classes = Some(vec!["cat".to_string(), "dog".to_string()]);
         let list = list_labelled_folder(d.path(), &plain, classes).unwrap();
-        assert_eq!(list.files, vec![SourceFile { rel: "ILSVRC2012_val_00000001.JPEG".into(), label: Some(1) }]);
+        assert_eq!(
+            list.files,
+            vec![SourceFile {
+                rel: "ILSVRC2012_val_00000001.JPEG".into(),
+                label: Some(1)
+            }]
+        );
 
         fs::write(&plain, "a.jpg,bird\n").unwrap();
         let err = list_labelled_folder(d.path(), &plain, Some(vec!["cat".into()])).unwrap_err();
@@ -257,7 +317,12 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let err = list_class_folders(d.path()).unwrap_err().to_string();
         assert!(err.contains("no images found"), "{err}");
-        let err = list_class_folders(&d.path().join("nope")).unwrap_err().to_string();
-        assert!(err.contains("nope") && err.contains("not a folder"), "{err}");
+        let err = list_class_folders(&d.path().join("nope"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("nope") && err.contains("not a folder"),
+            "{err}"
+        );
     }
 }

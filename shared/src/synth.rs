@@ -16,7 +16,8 @@ use std::path::Path;
 
 /// The object kinds, one per class, in class order.
 pub const KINDS: &[&str] = &[
-    "disk", "square", "triangle", "star", "ring", "cross", "hexagon", "crescent", "heart", "arrow", "ell", "bowtie",
+    "disk", "square", "triangle", "star", "ring", "cross", "hexagon", "crescent", "heart", "arrow",
+    "ell", "bowtie",
 ];
 
 /// What `loader synth` draws.
@@ -43,15 +44,23 @@ pub fn class_name(c: usize) -> String {
 /// `on_image` is called once per image written.
 pub fn write_dataset(spec: &SynthSpec, out: &Path, on_image: &(dyn Fn() + Sync)) -> Result<usize> {
     if spec.classes == 0 || spec.classes > KINDS.len() {
-        return Err(Error::Invalid(format!("--classes must be 1-{}, got {}", KINDS.len(), spec.classes)));
+        return Err(Error::Invalid(format!(
+            "--classes must be 1-{}, got {}",
+            KINDS.len(),
+            spec.classes
+        )));
     }
     if !(16..=1024).contains(&spec.size) {
-        return Err(Error::Invalid(format!("--size must be 16-1024 pixels, got {}", spec.size)));
+        return Err(Error::Invalid(format!(
+            "--size must be 16-1024 pixels, got {}",
+            spec.size
+        )));
     }
     let mut jobs = Vec::new();
-    for (split_id, (split, per_class)) in [("train", spec.train_per_class), ("val", spec.val_per_class)]
-        .into_iter()
-        .enumerate()
+    for (split_id, (split, per_class)) in
+        [("train", spec.train_per_class), ("val", spec.val_per_class)]
+            .into_iter()
+            .enumerate()
     {
         for c in 0..spec.classes {
             let dir = out.join(split).join(class_name(c));
@@ -100,9 +109,22 @@ fn random_colour(rng: &mut ChaCha8Rng) -> Rgb {
 #[derive(Clone, Copy)]
 enum Texture {
     Solid(Rgb),
-    Stripes { a: Rgb, b: Rgb, angle: f32, period: f32 },
-    Checks { a: Rgb, b: Rgb, period: f32 },
-    Dots { a: Rgb, b: Rgb, period: f32 },
+    Stripes {
+        a: Rgb,
+        b: Rgb,
+        angle: f32,
+        period: f32,
+    },
+    Checks {
+        a: Rgb,
+        b: Rgb,
+        period: f32,
+    },
+    Dots {
+        a: Rgb,
+        b: Rgb,
+        period: f32,
+    },
 }
 
 impl Texture {
@@ -111,7 +133,12 @@ impl Texture {
         let period = size * rng.random_range(0.05..0.15);
         match rng.random_range(0..4) {
             0 => Texture::Solid(a),
-            1 => Texture::Stripes { a, b, angle: rng.random_range(0.0..PI), period },
+            1 => Texture::Stripes {
+                a,
+                b,
+                angle: rng.random_range(0.0..PI),
+                period,
+            },
             2 => Texture::Checks { a, b, period },
             _ => Texture::Dots { a, b, period },
         }
@@ -120,17 +147,37 @@ impl Texture {
     fn colour(&self, x: f32, y: f32) -> Rgb {
         match *self {
             Texture::Solid(c) => c,
-            Texture::Stripes { a, b, angle, period } => {
+            Texture::Stripes {
+                a,
+                b,
+                angle,
+                period,
+            } => {
                 let t = x * angle.cos() + y * angle.sin();
-                if (t / period).rem_euclid(2.0) < 1.0 { a } else { b }
+                if (t / period).rem_euclid(2.0) < 1.0 {
+                    a
+                } else {
+                    b
+                }
             }
             Texture::Checks { a, b, period } => {
                 let (i, j) = ((x / period).floor() as i64, (y / period).floor() as i64);
-                if (i + j).rem_euclid(2) == 0 { a } else { b }
+                if (i + j).rem_euclid(2) == 0 {
+                    a
+                } else {
+                    b
+                }
             }
             Texture::Dots { a, b, period } => {
-                let (u, v) = ((x / period).rem_euclid(1.0) - 0.5, (y / period).rem_euclid(1.0) - 0.5);
-                if u * u + v * v < 0.09 { a } else { b }
+                let (u, v) = (
+                    (x / period).rem_euclid(1.0) - 0.5,
+                    (y / period).rem_euclid(1.0) - 0.5,
+                );
+                if u * u + v * v < 0.09 {
+                    a
+                } else {
+                    b
+                }
             }
         }
     }
@@ -161,7 +208,10 @@ impl Object {
         let margin = radius * 0.7;
         let angle = rng.random_range(0.0..2.0 * PI);
         Object {
-            kind: Shape::Kind { class, detail: rng.random_range(0.0..1.0) },
+            kind: Shape::Kind {
+                class,
+                detail: rng.random_range(0.0..1.0),
+            },
             cx: rng.random_range(margin..size - margin),
             cy: rng.random_range(margin..size - margin),
             radius,
@@ -176,7 +226,10 @@ impl Object {
         let angle = rng.random_range(0.0..PI);
         let size = target.radius * 4.0;
         Object {
-            kind: Shape::Rect { half_w: rng.random_range(0.3..0.8), half_h: rng.random_range(0.15..0.4) },
+            kind: Shape::Rect {
+                half_w: rng.random_range(0.3..0.8),
+                half_h: rng.random_range(0.15..0.4),
+            },
             cx: target.cx + target.radius * rng.random_range(-1.0..1.0),
             cy: target.cy + target.radius * rng.random_range(-1.0..1.0),
             radius: target.radius,
@@ -234,7 +287,7 @@ fn inside(class: usize, detail: f32, u: f32, v: f32) -> bool {
         }
         "arrow" => {
             let shaft = u > -0.85 && u < 0.1 && v.abs() < 0.15 + 0.1 * detail;
-            let head = u >= 0.1 && u < 0.85 && v.abs() < (0.85 - u) * 0.8;
+            let head = (0.1..0.85).contains(&u) && v.abs() < (0.85 - u) * 0.8;
             shaft || head
         }
         "ell" => {
@@ -268,14 +321,20 @@ impl Canvas {
         let s = self.size as f32;
         for y in 0..self.size {
             for x in 0..self.size {
-                let t = ((x as f32 * angle.cos() + y as f32 * angle.sin()) / s).clamp(-1.0, 1.0) * 0.5 + 0.5;
-                self.px[(y * self.size + x) as usize] = std::array::from_fn(|c| a[c] * (1.0 - t) + b[c] * t);
+                let t = ((x as f32 * angle.cos() + y as f32 * angle.sin()) / s).clamp(-1.0, 1.0)
+                    * 0.5
+                    + 0.5;
+                self.px[(y * self.size + x) as usize] =
+                    std::array::from_fn(|c| a[c] * (1.0 - t) + b[c] * t);
             }
         }
         // Clutter: soft blobs and thin lines, the same for every class.
         for _ in 0..rng.random_range(2..6) {
             let blob = Object {
-                kind: Shape::Rect { half_w: 1.0, half_h: rng.random_range(0.2..1.0) },
+                kind: Shape::Rect {
+                    half_w: 1.0,
+                    half_h: rng.random_range(0.2..1.0),
+                },
                 cx: rng.random_range(0.0..s),
                 cy: rng.random_range(0.0..s),
                 radius: s * rng.random_range(0.05..0.15),
@@ -285,12 +344,19 @@ impl Canvas {
                 texture: Texture::random(rng, s),
             };
             let angle: f32 = rng.random_range(0.0..PI);
-            self.paint(&Object { cos: angle.cos(), sin: angle.sin(), ..blob });
+            self.paint(&Object {
+                cos: angle.cos(),
+                sin: angle.sin(),
+                ..blob
+            });
         }
         for _ in 0..rng.random_range(2..7) {
             let angle: f32 = rng.random_range(0.0..PI);
             let line = Object {
-                kind: Shape::Rect { half_w: 1.0, half_h: rng.random_range(0.02..0.05) },
+                kind: Shape::Rect {
+                    half_w: 1.0,
+                    half_h: rng.random_range(0.02..0.05),
+                },
                 cx: rng.random_range(0.0..s),
                 cy: rng.random_range(0.0..s),
                 radius: s * rng.random_range(0.2..0.6),
@@ -336,9 +402,9 @@ impl Canvas {
         let noise = rng.random_range(0.0..0.06f32);
         let mut img = image::RgbImage::new(self.size, self.size);
         for (dst, src) in img.pixels_mut().zip(&self.px) {
-            for k in 0..3 {
+            for (d, s) in dst.0.iter_mut().zip(src) {
                 let n = noise * (rng.random::<f32>() - 0.5) * 2.0;
-                dst.0[k] = ((src[k] + n).clamp(0.0, 1.0) * 255.0).round() as u8;
+                *d = ((s + n).clamp(0.0, 1.0) * 255.0).round() as u8;
             }
         }
         img
@@ -355,12 +421,18 @@ mod tests {
             let n = 200;
             let hits = (0..n * n)
                 .filter(|i| {
-                    let (u, v) = ((i % n) as f32 / n as f32 * 2.0 - 1.0, (i / n) as f32 / n as f32 * 2.0 - 1.0);
+                    let (u, v) = (
+                        (i % n) as f32 / n as f32 * 2.0 - 1.0,
+                        (i / n) as f32 / n as f32 * 2.0 - 1.0,
+                    );
                     inside(class, 0.5, u, v)
                 })
                 .count();
             let area = hits as f32 / (n * n) as f32;
-            assert!((0.1..0.8).contains(&area), "{kind} covers {area} of its box");
+            assert!(
+                (0.1..0.8).contains(&area),
+                "{kind} covers {area} of its box"
+            );
         }
     }
 
