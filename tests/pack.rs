@@ -95,7 +95,9 @@ fn raw_pixels_equal_decode_then_resize_of_real_photos() {
         let img = decode_rgb(&fs::read(src.join(rel)).unwrap(), u64::MAX).unwrap();
         let (w, h) = policy.output_size(img.width, img.height);
         assert_eq!(w.min(h), 96);
-        let want = resizer.resize(img, w, h, Filter::Bilinear).unwrap();
+        let want = resizer
+            .resize(img.as_ref(), w, h, Filter::Bilinear)
+            .unwrap();
         assert_eq!((meta.width, meta.height), (w, h));
         assert_eq!(
             ds.payload(i).unwrap(),

@@ -87,7 +87,7 @@ enum FilterArg {
 
 #[derive(Args)]
 struct PackArgs {
-    /// Dataset root: SRC/<class>/<image> (ImageNet train layout), or a flat folder with --labels.
+    /// Dataset root: SRC/<class>/<image> (ImageNet train layout), or a flat folder with --labels or --unlabelled.
     src: PathBuf,
     /// Output folder for shards, manifest.json and sources.txt (created if missing).
     #[arg(long)]
@@ -95,6 +95,9 @@ struct PackArgs {
     /// Label file for a flat folder: ImageNet's LOC_val_solution.csv or `relative/path,class` lines.
     #[arg(long)]
     labels: Option<PathBuf>,
+    /// Pack every image under SRC without labels (unlabelled pretraining data).
+    #[arg(long, conflicts_with = "labels")]
+    unlabelled: bool,
     /// With --labels: take the class list from this packed dataset (e.g. the train set), so indices agree.
     #[arg(long, requires = "labels")]
     classes_from: Option<PathBuf>,
@@ -203,6 +206,7 @@ fn synth(a: SynthArgs) -> Result<()> {
 
 fn pack(a: PackArgs) -> Result<()> {
     let sources = match &a.labels {
+        None if a.unlabelled => shared::source::list_unlabelled(&a.src)?,
         None => shared::source::list_class_folders(&a.src)?,
         Some(labels) => {
             let classes = match &a.classes_from {

@@ -36,46 +36,145 @@ impl RgbImage {
     }
 }
 
-/// Decodes `bytes` (JPEG, PNG, WebP, BMP, GIF's first frame or TIFF) into 8-bit RGB.
-///
-/// CMYK, grayscale, palette and 16-bit images are converted; alpha is dropped. An image over
-/// `max_pixels` is refused before its pixels are allocated.
+/// A borrowed RGB image: row-major, 3 bytes a pixel.
+#[derive(Clone, Copy, Debug)]
+pub struct RgbRef<'a> {
+    pub width: u32,
+    pub height: u32,
+    pub pixels: &'a [u8],
+}
+
+impl RgbRef<'_> {
+    /// Copies the pixels into an owned image.
+    pub fn to_owned_image(&self) -> RgbImage {
+        RgbImage {
+            width: self.width,
+            height: self.height,
+            pixels: self.pixels.to_vec(),
+        }
+    }
+}
+
+impl RgbImage {
+    /// Borrows the image.
+    pub fn as_ref(&self) -> RgbRef<'_> {
+        RgbRef {
+            width: self.width,
+            height: self.height,
+            pixels: &self.pixels,
+        }
+    }
+}
+
+/// Decodes into a buffer it keeps, so that a worker decoding many images allocates once.
+#[derive(Default)]
+pub struct RgbDecoder {
+    buf: Vec<u8>,
+}
+
+impl RgbDecoder {
+    /// Decodes `bytes` (JPEG, PNG, WebP, BMP, GIF's first frame or TIFF) into 8-bit RGB.
+    ///
+    /// CMYK, grayscale, palette and 16-bit images are converted; alpha is dropped. An image over
+    /// `max_pixels` is refused before its pixels are allocated.
+    pub fn decode(&mut self, bytes: &[u8], max_pixels: u64) -> Result<RgbRef<'_>> {
+        let reader = ImageReader::new(Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| Error::Decode(format!("cannot read: {e}")))?;
+        let (width, height) = match reader.format() {
+            None => {
+                return Err(Error::Decode(
+                    "unknown image format (not JPEG, PNG, WebP, BMP, GIF or TIFF)".into(),
+                ))
+            }
+            Some(image::ImageFormat::Jpeg) => self.decode_jpeg(bytes, max_pixels)?,
+            Some(_) => self.decode_other(reader, max_pixels)?,
+        };
+        Ok(RgbRef {
+            width,
+            height,
+            pixels: &self.buf,
+        })
+    }
+
+    /// JPEG straight through zune-jpeg into the kept buffer, always as RGB.
+    fn decode_jpeg(&mut self, bytes: &[u8], max_pixels: u64) -> Result<(u32, u32)> {
+        if !jpeg_is_complete(bytes) {
+            // The decoder fills a cut-off scan with grey; Pillow refuses such files, and so do we.
+            return Err(Error::Decode(
+                "truncated JPEG: no end-of-image marker after the last scan".into(),
+            ));
+        }
+        let options = zune_core::options::DecoderOptions::default()
+            .jpeg_set_out_colorspace(zune_core::colorspace::ColorSpace::RGB)
+            .set_strict_mode(false)
+            .set_max_width(usize::MAX)
+            .set_max_height(usize::MAX);
+        let mut dec = zune_jpeg::JpegDecoder::new_with_options(
+            zune_core::bytestream::ZCursor::new(bytes),
+            options,
+        );
+        let jpeg_err = |e: zune_jpeg::errors::DecodeErrors| {
+            Error::Decode(format!("cannot decode JPEG: {e:?}"))
+        };
+        dec.decode_headers().map_err(jpeg_err)?;
+        let (w, h) = dec.dimensions().expect("headers decoded");
+        check_size(w as u64, h as u64, max_pixels)?;
+        let len = dec.output_buffer_size().expect("headers decoded");
+        if len != w * h * 3 {
+            return Err(Error::Decode(format!(
+                "JPEG decoder would give {len} bytes for {w}x{h} RGB"
+            )));
+        }
+        self.buf.resize(len, 0);
+        dec.decode_into(&mut self.buf).map_err(jpeg_err)?;
+        Ok((w as u32, h as u32))
+    }
+
+    /// Every other format through the `image` crate, converted to RGB8.
+    fn decode_other(
+        &mut self,
+        mut reader: ImageReader<Cursor<&[u8]>>,
+        max_pixels: u64,
+    ) -> Result<(u32, u32)> {
+        let mut limits = Limits::default();
+        // Room for the largest allowed image at 16 bits x 4 channels plus the decoder's own buffers.
+        limits.max_alloc = Some(max_pixels.saturating_mul(8).saturating_add(64 << 20));
+        reader.limits(limits);
+        let decoder = reader.into_decoder().map_err(describe)?;
+        let (w, h) = decoder.dimensions();
+        check_size(w as u64, h as u64, max_pixels)?;
+        let img = DynamicImage::from_decoder(decoder).map_err(describe)?;
+        self.buf = match img {
+            DynamicImage::ImageRgb8(rgb) => rgb.into_raw(),
+            other => other.to_rgb8().into_raw(),
+        };
+        Ok((w, h))
+    }
+}
+
+/// Decodes `bytes` into an owned RGB image; see [`RgbDecoder::decode`].
 pub fn decode_rgb(bytes: &[u8], max_pixels: u64) -> Result<RgbImage> {
-    let mut reader = ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| Error::Decode(format!("cannot read: {e}")))?;
-    if reader.format().is_none() {
-        return Err(Error::Decode(
-            "unknown image format (not JPEG, PNG, WebP, BMP, GIF or TIFF)".into(),
-        ));
-    }
-    if reader.format() == Some(image::ImageFormat::Jpeg) && !jpeg_is_complete(bytes) {
-        // The JPEG decoder fills a cut-off scan with grey; Pillow refuses such files, and so do we.
-        return Err(Error::Decode(
-            "truncated JPEG: no end-of-image marker after the last scan".into(),
-        ));
-    }
-    let mut limits = Limits::default();
-    // Room for the largest allowed image at 16 bits x 4 channels plus the decoder's own buffers.
-    limits.max_alloc = Some(max_pixels.saturating_mul(8).saturating_add(64 << 20));
-    reader.limits(limits);
-    let decoder = reader.into_decoder().map_err(describe)?;
-    let (w, h) = decoder.dimensions();
+    let mut decoder = RgbDecoder::default();
+    let img = decoder.decode(bytes, max_pixels)?;
+    Ok(RgbImage {
+        width: img.width,
+        height: img.height,
+        pixels: decoder.buf,
+    })
+}
+
+fn check_size(w: u64, h: u64, max_pixels: u64) -> Result<()> {
     if w == 0 || h == 0 {
         return Err(Error::Decode(format!("image has an empty size {w}x{h}")));
     }
-    if w as u64 * h as u64 > max_pixels {
+    if w * h > max_pixels {
         return Err(Error::Decode(format!(
             "{w}x{h} = {} pixels exceeds the limit of {max_pixels} (raise --max-pixels if the file is trusted)",
-            w as u64 * h as u64
+            w * h
         )));
     }
-    let img = DynamicImage::from_decoder(decoder).map_err(describe)?;
-    let rgb = match img {
-        DynamicImage::ImageRgb8(rgb) => rgb,
-        other => other.to_rgb8(),
-    };
-    RgbImage::new(w, h, rgb.into_raw())
+    Ok(())
 }
 
 /// Whether an end-of-image marker (`FF D9`) follows the last start-of-scan marker (`FF DA`).

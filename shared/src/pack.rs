@@ -5,7 +5,7 @@
 //! renamed into place, a progress file records where the next shard starts; a killed pack that is
 //! run again resumes there and ends with the same bytes as an uninterrupted one.
 
-use crate::decode::{decode_rgb, RgbImage};
+use crate::decode::{RgbDecoder, RgbImage};
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil::{read_json, temp_path, write_atomic, write_json_atomic};
 use crate::manifest::{
@@ -140,8 +140,8 @@ pub fn pack(job: &PackJob, progress: &mut dyn FnMut(PackProgress)) -> Result<Pac
     }
 
     let state = resume_state(out, &names, job, fingerprint)?;
-    let mut shards = state.as_ref().map_or_else(Vec::new, |s| s.shards.clone());
-    let mut failures = state.as_ref().map_or_else(Vec::new, |s| s.failures.clone());
+    let shards = state.as_ref().map_or_else(Vec::new, |s| s.shards.clone());
+    let failures = state.as_ref().map_or_else(Vec::new, |s| s.failures.clone());
     let start = state.as_ref().map_or(range.start, |s| s.next);
     remove_leftovers(out, &names, shards.len())?;
     write_sources(out, job.sources, &names)?;
@@ -155,45 +155,44 @@ pub fn pack(job: &PackJob, progress: &mut dyn FnMut(PackProgress)) -> Result<Pac
         .build()
         .map_err(|e| Error::Invalid(format!("cannot start {} threads: {e}", job.threads)))?;
     let chunk = job.threads.max(1) * 16;
-    let mut writer: Option<ShardWriter> = None;
-    let mut pos = start;
-    while pos < range.end {
-        let end = (pos + chunk).min(range.end);
-        let results: Vec<Result<Record, String>> = pool.install(|| {
-            (pos..end)
-                .into_par_iter()
-                .map_init(RgbResizer::default, |rs, i| prepare(job, i, rs))
-                .collect()
-        });
-        for (i, result) in (pos..end).zip(results) {
-            match result {
-                Err(reason) => failures.push(Failure {
-                    path: job.sources.files[i].rel.clone(),
-                    reason,
-                }),
-                Ok(record) => {
-                    let full = writer.as_ref().is_some_and(|w| {
-                        !w.is_empty()
-                            && w.size_with(record.payload.len() as u64) > job.options.shard_size
-                    });
-                    if full {
-                        let done = writer.take().expect("checked above");
-                        shards.push(done.finish()?);
-                        save_progress(out, &names, job, fingerprint, &shards, &failures, i)?;
-                    }
-                    if writer.is_none() {
-                        writer = Some(ShardWriter::create(&out.join(names.shard(shards.len())))?);
-                    }
-                    writer.as_mut().expect("created above").push(&record)?;
+    let mut sink = ShardSink {
+        out,
+        names: &names,
+        job,
+        fingerprint,
+        shards,
+        failures,
+        writer: None,
+    };
+    // Decoding runs on the pool while a writer thread appends the previous chunk to the shards.
+    let (shards, failures) = std::thread::scope(|scope| -> Result<_> {
+        let (tx, rx) = crossbeam_channel::bounded::<Chunk>(2);
+        let writer = scope.spawn(move || -> Result<_> {
+            for (first, results) in rx {
+                for (i, result) in (first..).zip(results) {
+                    sink.add(i, result)?;
                 }
             }
+            sink.finish()
+        });
+        let mut pos = start;
+        while pos < range.end {
+            let end = (pos + chunk).min(range.end);
+            let results = pool.install(|| {
+                (pos..end)
+                    .into_par_iter()
+                    .map_init(Worker::default, |w, i| prepare(job, i, w))
+                    .collect()
+            });
+            if tx.send((pos, results)).is_err() {
+                break; // The writer stopped on an error, returned below.
+            }
+            progress(PackProgress::Advance((end - pos) as u64));
+            pos = end;
         }
-        progress(PackProgress::Advance((end - pos) as u64));
-        pos = end;
-    }
-    if let Some(w) = writer.filter(|w| !w.is_empty()) {
-        shards.push(w.finish()?);
-    }
+        drop(tx);
+        writer.join().expect("the shard writer thread panicked")
+    })?;
 
     let manifest = build_manifest(job, out, shards, failures)?;
     write_json_atomic(&manifest_file, &manifest)?;
@@ -208,11 +207,88 @@ pub fn pack(job: &PackJob, progress: &mut dyn FnMut(PackProgress)) -> Result<Pac
     })
 }
 
+/// A chunk of prepared records: the source position of the first, and each file's result.
+type Chunk = (usize, Vec<Result<Record, String>>);
+
+/// Appends prepared records to shards in source order, starting a new shard when the current
+/// one would grow past the target size, and saving progress after each finished shard.
+struct ShardSink<'a> {
+    out: &'a Path,
+    names: &'a Names,
+    job: &'a PackJob<'a>,
+    fingerprint: u32,
+    shards: Vec<ShardSummary>,
+    failures: Vec<Failure>,
+    writer: Option<ShardWriter>,
+}
+
+impl ShardSink<'_> {
+    fn add(&mut self, i: usize, result: Result<Record, String>) -> Result<()> {
+        let record = match result {
+            Ok(record) => record,
+            Err(reason) => {
+                self.failures.push(Failure {
+                    path: self.job.sources.files[i].rel.clone(),
+                    reason,
+                });
+                return Ok(());
+            }
+        };
+        let limit = self.job.options.shard_size;
+        let len = record.payload.len() as u64;
+        if let Some(w) = self
+            .writer
+            .take_if(|w| !w.is_empty() && w.size_with(len) > limit)
+        {
+            self.shards.push(w.finish()?);
+            self.save_progress(i)?;
+        }
+        let writer = match &mut self.writer {
+            Some(w) => w,
+            None => {
+                let path = self.out.join(self.names.shard(self.shards.len()));
+                self.writer.insert(ShardWriter::create(&path)?)
+            }
+        };
+        writer.push(&record)
+    }
+
+    fn finish(mut self) -> Result<(Vec<ShardSummary>, Vec<Failure>)> {
+        if let Some(w) = self.writer.take().filter(|w| !w.is_empty()) {
+            self.shards.push(w.finish()?);
+        }
+        Ok((self.shards, self.failures))
+    }
+
+    /// Records that every file before `next` is in a finished shard or failed.
+    fn save_progress(&self, next: usize) -> Result<()> {
+        let state = Progress {
+            options: self.job.options.clone(),
+            part: self.job.part,
+            source_fingerprint: self.fingerprint,
+            shards: self.shards.clone(),
+            failures: self.failures.clone(),
+            next,
+        };
+        write_json_atomic(&self.out.join(self.names.progress()), &state)
+    }
+}
+
+/// A decode thread's reusable buffers.
+#[derive(Default)]
+struct Worker {
+    decoder: RgbDecoder,
+    resizer: RgbResizer,
+}
+
 /// Reads, decodes, resizes and encodes source file `i`; the error is the reason to report.
-fn prepare(job: &PackJob, i: usize, resizer: &mut RgbResizer) -> Result<Record, String> {
+fn prepare(job: &PackJob, i: usize, worker: &mut Worker) -> Result<Record, String> {
     let path = job.sources.path(i);
     let bytes = fs::read(&path).map_err(|e| format!("cannot read: {e}"))?;
-    let img = decode_rgb(&bytes, job.options.max_pixels).map_err(|e| e.to_string())?;
+    let img = worker
+        .decoder
+        .decode(&bytes, job.options.max_pixels)
+        .map_err(|e| e.to_string())?;
     let o = &job.options;
     let policy = SizePolicy {
         short_side: o.short_side,
@@ -220,7 +296,8 @@ fn prepare(job: &PackJob, i: usize, resizer: &mut RgbResizer) -> Result<Record, 
         upscale: o.upscale,
     };
     let (w, h) = policy.output_size(img.width, img.height);
-    let img = resizer
+    let img = worker
+        .resizer
         .resize(img, w, h, o.filter)
         .map_err(|e| e.to_string())?;
     let payload = match o.encoding {
@@ -305,27 +382,6 @@ fn remove_leftovers(out: &Path, names: &Names, complete: usize) -> Result<()> {
         }
     }
     Ok(())
-}
-
-#[allow(clippy::too_many_arguments)]
-fn save_progress(
-    out: &Path,
-    names: &Names,
-    job: &PackJob,
-    fingerprint: u32,
-    shards: &[ShardSummary],
-    failures: &[Failure],
-    next: usize,
-) -> Result<()> {
-    let state = Progress {
-        options: job.options.clone(),
-        part: job.part,
-        source_fingerprint: fingerprint,
-        shards: shards.to_vec(),
-        failures: failures.to_vec(),
-        next,
-    };
-    write_json_atomic(&out.join(names.progress()), &state)
 }
 
 fn write_sources(out: &Path, sources: &SourceList, names: &Names) -> Result<()> {

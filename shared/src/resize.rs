@@ -1,6 +1,6 @@
 //! Resizing decoded images with `fast_image_resize` (SIMD, antialiased convolution).
 
-use crate::decode::RgbImage;
+use crate::decode::{RgbImage, RgbRef};
 use crate::error::{Error, Result};
 use fast_image_resize::images::{Image, ImageRef};
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
@@ -72,18 +72,18 @@ pub struct RgbResizer {
 }
 
 impl RgbResizer {
-    /// Resizes `img` to `width` x `height` with `filter`; returns it unchanged when the size already matches.
+    /// Resizes `img` to `width` x `height` with `filter` (a plain copy when the size already matches).
     pub fn resize(
         &mut self,
-        img: RgbImage,
+        img: RgbRef,
         width: u32,
         height: u32,
         filter: Filter,
     ) -> Result<RgbImage> {
         if (img.width, img.height) == (width, height) {
-            return Ok(img);
+            return Ok(img.to_owned_image());
         }
-        let src = ImageRef::new(img.width, img.height, &img.pixels, PixelType::U8x3)
+        let src = ImageRef::new(img.width, img.height, img.pixels, PixelType::U8x3)
             .map_err(|e| Error::Invalid(format!("resize source: {e}")))?;
         let mut dst = Image::new(width, height, PixelType::U8x3);
         self.resizer
@@ -139,7 +139,7 @@ mod tests {
     fn resize_of_constant_image_stays_constant() {
         let img = RgbImage::new(40, 30, [7u8, 100, 250].repeat(40 * 30)).unwrap();
         let out = RgbResizer::default()
-            .resize(img, 17, 11, Filter::Bilinear)
+            .resize(img.as_ref(), 17, 11, Filter::Bilinear)
             .unwrap();
         assert_eq!((out.width, out.height), (17, 11));
         assert!(out.pixels.chunks(3).all(|p| p == [7, 100, 250]));

@@ -131,7 +131,8 @@ impl ShardWriter {
         let mut w = ShardWriter {
             path: path.to_path_buf(),
             tmp,
-            out: BufWriter::with_capacity(1 << 20, file),
+            // Small enough that image payloads bypass the buffer instead of being copied into it.
+            out: BufWriter::with_capacity(64 << 10, file),
             pos: HEADER_SIZE as u64,
             entries: Vec::new(),
             body_crc: crc32fast::Hasher::new(),

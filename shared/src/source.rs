@@ -131,6 +131,27 @@ pub fn list_class_folders(root: &Path) -> Result<SourceList> {
     })
 }
 
+/// Lists every image under `root` (recursively) without labels, for unlabelled pretraining data.
+pub fn list_unlabelled(root: &Path) -> Result<SourceList> {
+    check_root(root)?;
+    let mut rels = Vec::new();
+    collect_images(root, "", &mut rels)?;
+    if rels.is_empty() {
+        return Err(Error::Invalid(format!(
+            "{}: no images found",
+            root.display()
+        )));
+    }
+    Ok(SourceList {
+        root: root.to_path_buf(),
+        classes: Vec::new(),
+        files: rels
+            .into_iter()
+            .map(|rel| SourceFile { rel, label: None })
+            .collect(),
+    })
+}
+
 /// Lists the files named in a label file under the flat folder `root`.
 ///
 /// `labels` is either ImageNet's `LOC_val_solution.csv` (header `ImageId,PredictionString`; the
@@ -310,6 +331,22 @@ mod tests {
         fs::write(&plain, "a.jpg,bird\n").unwrap();
         let err = list_labelled_folder(d.path(), &plain, Some(vec!["cat".into()])).unwrap_err();
         assert!(err.to_string().contains("bird"), "{err}");
+    }
+
+    #[test]
+    fn unlabelled_lists_everything_recursively() {
+        let d = tempfile::tempdir().unwrap();
+        for f in ["b.jpg", "a/c.png", "z.txt"] {
+            touch(&d.path().join(f));
+        }
+        let list = list_unlabelled(d.path()).unwrap();
+        assert!(list.classes.is_empty());
+        let got: Vec<_> = list
+            .files
+            .iter()
+            .map(|f| (f.rel.as_str(), f.label))
+            .collect();
+        assert_eq!(got, vec![("a/c.png", None), ("b.jpg", None)]);
     }
 
     #[test]
