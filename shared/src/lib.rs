@@ -5,15 +5,19 @@
 //! [`manifest`]) by the packer ([`pack`]); readers open a packed [`dataset`] and read record `i`
 //! in O(1). [`synth`] draws the embedded labelled dataset used by the demo and the tests.
 
+pub mod augment;
 pub mod dataset;
 pub mod decode;
 pub mod error;
 pub mod fsutil;
 pub mod manifest;
 pub mod pack;
+pub mod pipeline;
 pub mod resize;
+pub mod sampler;
 pub mod shard;
 pub mod source;
 pub mod synth;
+pub mod views;
 
 pub use error::{Error, Result};

@@ -18,7 +18,8 @@ pub enum Filter {
 }
 
 impl Filter {
-    fn alg(self) -> ResizeAlg {
+    /// The `fast_image_resize` algorithm of this filter.
+    pub fn resize_alg(self) -> ResizeAlg {
         ResizeAlg::Convolution(match self {
             Filter::Bilinear => FilterType::Bilinear,
             Filter::Bicubic => FilterType::CatmullRom,
@@ -90,7 +91,7 @@ impl RgbResizer {
             .resize(
                 &src,
                 &mut dst,
-                &ResizeOptions::new().resize_alg(filter.alg()),
+                &ResizeOptions::new().resize_alg(filter.resize_alg()),
             )
             .map_err(|e| Error::Invalid(format!("resize: {e}")))?;
         RgbImage::new(width, height, dst.into_vec())
