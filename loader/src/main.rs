@@ -2,6 +2,7 @@
 //!
 //! The binary only parses arguments, shows progress and wires the `shared` crate's pieces.
 
+mod bench;
 mod inspect;
 mod progress;
 
@@ -43,6 +44,8 @@ enum Command {
     },
     /// Print counts, classes, sizes and encodings of a packed dataset, or dump one record as PNG.
     Inspect(inspect::InspectArgs),
+    /// Profile the multi-view input pipeline: samples/s, views/s, time per stage, thread scaling.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Args)]
@@ -177,6 +180,7 @@ fn main() {
         Command::Merge { dir } => merge(&dir),
         Command::Verify { dir } => verify(&dir),
         Command::Inspect(a) => inspect::run(a),
+        Command::Bench(a) => bench::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

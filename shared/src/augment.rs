@@ -144,44 +144,45 @@ pub fn adjust_saturation(pixels: &mut [u8], factor: f32) {
     }
 }
 
+/// Rounds a value in `[0, 255]` to the nearest byte (a plain cast after adding 0.5: no libm call).
+#[inline]
+fn to_u8(x: f32) -> u8 {
+    (x.clamp(0.0, 255.0) + 0.5) as u8
+}
+
 /// torchvision `adjust_hue`: rotate the hue by `factor` turns (in [-0.5, 0.5]) in float HSV.
+///
+/// Saturation and value are kept, so each channel is `min + chroma * curve(h')` with the hexcone's
+/// piecewise-linear curve of the shifted hue `h'` in [0, 6): branch-free and cheap.
 pub fn adjust_hue(pixels: &mut [u8], factor: f32) {
+    let shift = factor.rem_euclid(1.0) * 6.0;
     for p in pixels.chunks_exact_mut(3) {
-        let (r, g, b) = (
-            p[0] as f32 / 255.0,
-            p[1] as f32 / 255.0,
-            p[2] as f32 / 255.0,
-        );
+        let (r, g, b) = (p[0] as f32, p[1] as f32, p[2] as f32);
         let max = r.max(g).max(b);
         let min = r.min(g).min(b);
         let chroma = max - min;
         if chroma == 0.0 {
             continue; // grey: hue has no effect
         }
+        let inv = 1.0 / chroma;
         let h = if max == r {
-            ((g - b) / chroma).rem_euclid(6.0)
+            let h = (g - b) * inv;
+            if h < 0.0 { h + 6.0 } else { h }
         } else if max == g {
-            (b - r) / chroma + 2.0
+            (b - r) * inv + 2.0
         } else {
-            (r - g) / chroma + 4.0
-        } / 6.0;
-        let s = chroma / max;
-        let h = (h + factor).rem_euclid(1.0) * 6.0;
-        let i = (h.floor() as i32).rem_euclid(6);
-        let f = h - h.floor();
-        let v = max;
-        let (pp, q, t) = (v * (1.0 - s), v * (1.0 - s * f), v * (1.0 - s * (1.0 - f)));
-        let (r, g, b) = match i {
-            0 => (v, t, pp),
-            1 => (q, v, pp),
-            2 => (pp, v, t),
-            3 => (pp, q, v),
-            4 => (t, pp, v),
-            _ => (v, pp, q),
+            (r - g) * inv + 4.0
         };
-        p[0] = (r * 255.0).round().clamp(0.0, 255.0) as u8;
-        p[1] = (g * 255.0).round().clamp(0.0, 255.0) as u8;
-        p[2] = (b * 255.0).round().clamp(0.0, 255.0) as u8;
+        let mut h = h + shift;
+        if h >= 6.0 {
+            h -= 6.0;
+        }
+        let curve_r = ((h - 3.0).abs() - 1.0).clamp(0.0, 1.0);
+        let curve_g = (2.0 - (h - 2.0).abs()).clamp(0.0, 1.0);
+        let curve_b = (2.0 - (h - 4.0).abs()).clamp(0.0, 1.0);
+        p[0] = to_u8(min + chroma * curve_r);
+        p[1] = to_u8(min + chroma * curve_g);
+        p[2] = to_u8(min + chroma * curve_b);
     }
 }
 
@@ -251,13 +252,14 @@ pub fn gaussian_blur(
     for y in 0..h {
         let src = &pixels[y * w * 3..(y + 1) * w * 3];
         let line = &mut scratch.line;
-        for (xi, x) in (-r..w as isize + r).enumerate() {
+        let pad = r as usize * 3;
+        for (l, s) in line[pad..pad + w * 3].iter_mut().zip(src) {
+            *l = *s as f32;
+        }
+        for x in (-r..0).chain(w as isize..w as isize + r) {
             let s = reflect(x, w as isize) * 3;
-            line[xi * 3..xi * 3 + 3].copy_from_slice(&[
-                src[s] as f32,
-                src[s + 1] as f32,
-                src[s + 2] as f32,
-            ]);
+            let at = (x + r) as usize * 3;
+            line[at..at + 3].copy_from_slice(&[src[s] as f32, src[s + 1] as f32, src[s + 2] as f32]);
         }
         let out = &mut scratch.rows[y * w * 3..(y + 1) * w * 3];
         out.fill(0.0);
@@ -281,7 +283,7 @@ pub fn gaussian_blur(
             }
         }
         for (p, a) in pixels[y * stride..(y + 1) * stride].iter_mut().zip(&acc) {
-            *p = a.round().clamp(0.0, 255.0) as u8;
+            *p = to_u8(*a);
         }
     }
 }

@@ -161,8 +161,9 @@ struct Worker {
     views: ViewWorkspace,
 }
 
-/// Reads record `id` as pixels: straight from the map for raw records, decoded for JPEG.
-fn read_record<'a>(
+/// Reads record `id` as pixels after checking its checksum: straight from the map for raw
+/// records, decoded for JPEG.
+pub fn read_record<'a>(
     ds: &'a Dataset,
     id: usize,
     decoder: &'a mut RgbDecoder,
