@@ -424,3 +424,50 @@ fn image_size(path: &Path) -> (u32, u32) {
     let img = decode_rgb(&fs::read(path).unwrap(), u64::MAX).unwrap();
     (img.width, img.height)
 }
+
+#[test]
+fn bench_profiles_shards_and_image_folders() {
+    let t = tempfile::tempdir().unwrap();
+    let syn = t.path().join("syn");
+    synth(&syn, 2, 4, 48);
+    let out = t.path().join("out");
+    loader_ok(&[
+        "pack",
+        p(&syn.join("train")),
+        "--out",
+        p(&out),
+        "--encoding",
+        "jpeg",
+    ]);
+    for src in [out, syn.join("val")] {
+        let args = [
+            "bench",
+            p(&src),
+            "--preset",
+            "multicrop-small",
+            "--threads",
+            "2",
+            "--samples",
+            "8",
+            "--repeats",
+            "1",
+            "--json",
+        ];
+        let r = json(&loader_ok(&args));
+        assert!(r["samples_per_second"].as_f64().unwrap() > 0.0, "{r}");
+        let views =
+            r["views_per_second"].as_f64().unwrap() / r["samples_per_second"].as_f64().unwrap();
+        assert!(
+            (views - 8.0).abs() < 1e-6,
+            "multicrop-small has 8 views: {r}"
+        );
+        assert_eq!(r["scaling"].as_array().unwrap().len(), 2);
+        assert!(
+            r["stage_ms_per_sample_1_thread"]["decode"]
+                .as_f64()
+                .unwrap()
+                > 0.0,
+            "JPEG and files are decoded: {r}"
+        );
+    }
+}

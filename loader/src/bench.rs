@@ -39,7 +39,7 @@ pub struct BenchArgs {
 
 /// Where samples come from.
 enum Source {
-    Shards(Dataset),
+    Shards(Box<Dataset>),
     Files(SourceList),
 }
 
@@ -52,7 +52,12 @@ impl Source {
     }
 
     /// Reads and decodes sample `i`.
-    fn load<'a>(&'a self, i: usize, decoder: &'a mut RgbDecoder, times: &mut StageTimes) -> Result<RgbRef<'a>> {
+    fn load<'a>(
+        &'a self,
+        i: usize,
+        decoder: &'a mut RgbDecoder,
+        times: &mut StageTimes,
+    ) -> Result<RgbRef<'a>> {
         match self {
             Source::Shards(d) => Ok(shared::pipeline::read_record(d, i, decoder, times)?),
             Source::Files(f) => {
@@ -77,8 +82,16 @@ struct Worker {
 }
 
 /// Makes every view of `samples` samples on `threads` threads; returns seconds and stage times.
-fn run_once(src: &Source, views: &[ViewSpec], threads: usize, samples: usize, seed: u64) -> Result<(f64, StageTimes)> {
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
+fn run_once(
+    src: &Source,
+    views: &[ViewSpec],
+    threads: usize,
+    samples: usize,
+    seed: u64,
+) -> Result<(f64, StageTimes)> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()?;
     let start = Instant::now();
     let times = pool.install(|| {
         (0..samples)
@@ -91,7 +104,14 @@ fn run_once(src: &Source, views: &[ViewSpec], threads: usize, samples: usize, se
                 for (v, (spec, out)) in views.iter().zip(w.out.iter_mut()).enumerate() {
                     out.resize((3 * spec.size * spec.size) as usize, 0);
                     let mut rng = view_rng(seed, 0, k as u64, v as u64);
-                    make_view(img, spec, &mut rng, &mut w.views, ViewOut::U8(out), &mut times)?;
+                    make_view(
+                        img,
+                        spec,
+                        &mut rng,
+                        &mut w.views,
+                        ViewOut::U8(out),
+                        &mut times,
+                    )?;
                 }
                 Ok(times)
             })
@@ -112,7 +132,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 pub fn run(a: BenchArgs) -> Result<()> {
     let views = shared::views::preset(&a.preset)?;
     let src = if a.src.join(shared::manifest::MANIFEST_FILE).exists() {
-        Source::Shards(Dataset::open(&a.src)?)
+        Source::Shards(Box::new(Dataset::open(&a.src)?))
     } else {
         Source::Files(shared::source::list_unlabelled(&a.src)?)
     };
@@ -120,7 +140,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         bail!("nothing to measure: need at least one sample, --samples >= 1 and --repeats >= 1");
     }
     let max_threads = a.threads.unwrap_or_else(rayon::current_num_threads).max(1);
-    let mut counts: Vec<usize> = std::iter::successors(Some(1usize), |t| Some(t * 2)).take_while(|&t| t < max_threads).collect();
+    let mut counts: Vec<usize> = std::iter::successors(Some(1usize), |t| Some(t * 2))
+        .take_while(|&t| t < max_threads)
+        .collect();
     counts.push(max_threads);
     // Warm up (page cache, allocations).
     run_once(&src, &views, max_threads, a.samples.min(64), a.seed)?;
@@ -162,15 +184,33 @@ pub fn run(a: BenchArgs) -> Result<()> {
         println!("{summary}");
         return Ok(());
     }
-    println!("{} preset, {} views/sample, {} source ({} samples), {} samples per run, median of {}", a.preset, views.len(), kind, src.len(), a.samples, a.repeats);
-    println!("{:>8} {:>12} {:>12} {:>9}", "threads", "samples/s", "views/s", "scaling");
+    println!(
+        "{} preset, {} views/sample, {} source ({} samples), {} samples per run, median of {}",
+        a.preset,
+        views.len(),
+        kind,
+        src.len(),
+        a.samples,
+        a.repeats
+    );
+    println!(
+        "{:>8} {:>12} {:>12} {:>9}",
+        "threads", "samples/s", "views/s", "scaling"
+    );
     for (t, s) in &scaling {
-        println!("{t:>8} {s:>12.1} {:>12.1} {:>8.2}x", s * views.len() as f64, s / scaling[0].1);
+        println!(
+            "{t:>8} {s:>12.1} {:>12.1} {:>8.2}x",
+            s * views.len() as f64,
+            s / scaling[0].1
+        );
     }
     let total: f64 = stages.iter().map(|s| s.1).sum();
     println!("time per sample on 1 thread, by stage:");
     for (name, ms) in stages {
-        println!("  {name:<12} {ms:>8.3} ms  {:>5.1}%", 100.0 * ms / total.max(1e-12));
+        println!(
+            "  {name:<12} {ms:>8.3} ms  {:>5.1}%",
+            100.0 * ms / total.max(1e-12)
+        );
     }
     Ok(())
 }

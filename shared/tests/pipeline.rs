@@ -4,7 +4,9 @@
 use shared::dataset::Dataset;
 use shared::manifest::PackOptions;
 use shared::pack::{pack, PackJob};
-use shared::pipeline::{Batch, Output, Pipeline, PipelineConfig, ViewData, IMAGENET_MEAN, IMAGENET_STD};
+use shared::pipeline::{
+    Batch, Output, Pipeline, PipelineConfig, ViewData, IMAGENET_MEAN, IMAGENET_STD,
+};
 use shared::resize::Filter;
 use shared::shard::Encoding;
 use shared::synth::{write_dataset, SynthSpec};
@@ -12,7 +14,13 @@ use std::path::Path;
 use std::sync::Arc;
 
 fn packed(dir: &Path, encoding: Encoding) -> Arc<Dataset> {
-    let spec = SynthSpec { seed: 1, classes: 3, train_per_class: 8, val_per_class: 0, size: 40 };
+    let spec = SynthSpec {
+        seed: 1,
+        classes: 3,
+        train_per_class: 8,
+        val_per_class: 0,
+        size: 40,
+    };
     write_dataset(&spec, &dir.join("syn"), &|| {}).unwrap();
     let sources = shared::source::list_class_folders(&dir.join("syn/train")).unwrap();
     let options = PackOptions {
@@ -25,7 +33,13 @@ fn packed(dir: &Path, encoding: Encoding) -> Arc<Dataset> {
         max_pixels: 1 << 20,
         shard_size: 1 << 16,
     };
-    let job = PackJob { sources: &sources, out: dir.join("shards"), options, part: None, threads: 2 };
+    let job = PackJob {
+        sources: &sources,
+        out: dir.join("shards"),
+        options,
+        part: None,
+        threads: 2,
+    };
     pack(&job, &mut |_| {}).unwrap();
     Arc::new(Dataset::open(&dir.join("shards")).unwrap())
 }
@@ -52,7 +66,10 @@ fn config(threads: usize, prefetch: usize) -> PipelineConfig {
 }
 
 fn collect(ds: &Arc<Dataset>, c: PipelineConfig) -> Vec<Batch> {
-    Pipeline::start(ds.clone(), c).unwrap().map(Result::unwrap).collect()
+    Pipeline::start(ds.clone(), c)
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
 }
 
 fn bytes(b: &Batch) -> Vec<&[u8]> {
@@ -73,7 +90,10 @@ fn identical_batches_whatever_threads_and_prefetch_and_resumable() {
     let b = collect(&ds, config(3, 4));
     assert_eq!(a.len(), 10);
     for (x, y) in a.iter().zip(&b) {
-        assert_eq!((x.step, &x.sample_ids, &x.labels), (y.step, &y.sample_ids, &y.labels));
+        assert_eq!(
+            (x.step, &x.sample_ids, &x.labels),
+            (y.step, &y.sample_ids, &y.labels)
+        );
         assert_eq!(bytes(x), bytes(y), "step {}", x.step);
         assert_eq!(x.sizes, vec![64, 64, 32]);
         assert_eq!(bytes(x)[2].len(), 5 * 3 * 32 * 32);
@@ -92,10 +112,19 @@ fn identical_batches_whatever_threads_and_prefetch_and_resumable() {
         }
     }
     // The two views of a sample differ (independent random streams).
-    assert_ne!(&bytes(&a[0])[0][..3 * 64 * 64], &bytes(&a[0])[1][..3 * 64 * 64]);
+    assert_ne!(
+        &bytes(&a[0])[0][..3 * 64 * 64],
+        &bytes(&a[0])[1][..3 * 64 * 64]
+    );
 
     // Resumed at step 6: the same batches as the uninterrupted run.
-    let resumed = collect(&ds, PipelineConfig { start_step: 6, ..config(2, 2) });
+    let resumed = collect(
+        &ds,
+        PipelineConfig {
+            start_step: 6,
+            ..config(2, 2)
+        },
+    );
     assert_eq!(resumed.len(), 4);
     for (x, y) in resumed.iter().zip(&a[6..]) {
         assert_eq!((x.step, &x.sample_ids), (y.step, &y.sample_ids));
@@ -107,8 +136,19 @@ fn identical_batches_whatever_threads_and_prefetch_and_resumable() {
 fn ranks_split_the_global_batch() {
     let t = tempfile::tempdir().unwrap();
     let ds = packed(t.path(), Encoding::Jpeg);
-    let base = PipelineConfig { world_size: 2, batch_size: 3, end_step: 4, ..config(2, 2) };
-    let r0 = collect(&ds, PipelineConfig { rank: 0, ..base.clone() });
+    let base = PipelineConfig {
+        world_size: 2,
+        batch_size: 3,
+        end_step: 4,
+        ..config(2, 2)
+    };
+    let r0 = collect(
+        &ds,
+        PipelineConfig {
+            rank: 0,
+            ..base.clone()
+        },
+    );
     let r1 = collect(&ds, PipelineConfig { rank: 1, ..base });
     for (a, b) in r0.iter().zip(&r1) {
         assert!(a.sample_ids.iter().all(|id| !b.sample_ids.contains(id)));
@@ -119,9 +159,27 @@ fn ranks_split_the_global_batch() {
 fn normalised_output_matches_u8_output() {
     let t = tempfile::tempdir().unwrap();
     let ds = packed(t.path(), Encoding::Raw);
-    let u = collect(&ds, PipelineConfig { end_step: 1, ..config(2, 1) });
-    let f = collect(&ds, PipelineConfig { end_step: 1, output: Output::F32 { mean: IMAGENET_MEAN, std: IMAGENET_STD }, ..config(2, 1) });
-    let (ViewData::U8(u), ViewData::F32(f)) = (&u[0].views[0], &f[0].views[0]) else { panic!() };
+    let u = collect(
+        &ds,
+        PipelineConfig {
+            end_step: 1,
+            ..config(2, 1)
+        },
+    );
+    let f = collect(
+        &ds,
+        PipelineConfig {
+            end_step: 1,
+            output: Output::F32 {
+                mean: IMAGENET_MEAN,
+                std: IMAGENET_STD,
+            },
+            ..config(2, 1)
+        },
+    );
+    let (ViewData::U8(u), ViewData::F32(f)) = (&u[0].views[0], &f[0].views[0]) else {
+        panic!()
+    };
     let plane = 64 * 64;
     for (i, (a, b)) in u.iter().zip(f).enumerate() {
         let c = (i / plane) % 3;
@@ -151,19 +209,40 @@ fn damaged_records_are_skipped_and_counted() {
     bytes[meta.offset as usize + 5] ^= 0xFF;
     std::fs::write(&path, bytes).unwrap();
     let ds = Arc::new(Dataset::open(&t.path().join("shards")).unwrap());
-    let batches = collect(&ds, PipelineConfig { end_step: 8, ..config(2, 2) });
+    let batches = collect(
+        &ds,
+        PipelineConfig {
+            end_step: 8,
+            ..config(2, 2)
+        },
+    );
     assert_eq!(batches.len(), 8, "the stream goes on");
-    let skipped: Vec<u32> = batches.iter().flat_map(|b| b.skipped.iter().map(|s| s.0)).collect();
+    let skipped: Vec<u32> = batches
+        .iter()
+        .flat_map(|b| b.skipped.iter().map(|s| s.0))
+        .collect();
     assert!(skipped.iter().all(|&id| id == victim as u32));
-    assert!(!skipped.is_empty(), "two epochs visit every used sample; the victim must come up");
-    assert!(batches.iter().all(|b| !b.sample_ids.contains(&(victim as u32))));
+    assert!(
+        !skipped.is_empty(),
+        "two epochs visit every used sample; the victim must come up"
+    );
+    assert!(batches
+        .iter()
+        .all(|b| !b.sample_ids.contains(&(victim as u32))));
 }
 
 #[test]
 fn dropping_the_pipeline_midway_does_not_hang() {
     let t = tempfile::tempdir().unwrap();
     let ds = packed(t.path(), Encoding::Raw);
-    let mut p = Pipeline::start(ds, PipelineConfig { end_step: 1000, ..config(2, 2) }).unwrap();
+    let mut p = Pipeline::start(
+        ds,
+        PipelineConfig {
+            end_step: 1000,
+            ..config(2, 2)
+        },
+    )
+    .unwrap();
     p.next().unwrap().unwrap();
     drop(p);
 }
