@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Input pipeline (byol preset) against torchvision's BYOL transform, in the same run.
 # Usage: tools/bench-views.sh [PHOTOS_DIR] [PYTHON]
-#   PYTHON: an interpreter with torch, torchvision and Pillow (default python3).
+#   PYTHON: an interpreter with torch, torchvision and Pillow (default python3), for example
+#   python3 -m venv /root/tv && /root/tv/bin/pip install torch torchvision pillow
 # Packs the photos (short side 256, raw) to tmpfs, runs `loader bench` (median of 5) and
 # tools/bench_torchvision.py (one thread, median of 3), and prints both and the ratio.
 set -euo pipefail

@@ -23,4 +23,7 @@ echo "== verifying every checksum"
 
 "$loader" inspect "$out/train"
 "$loader" inspect "$out/train" --dump 0 --to "$out/record0.png"
+echo "== profiling the multi-view input pipeline on the train shards"
+"$loader" bench "$out/train" --preset byol-small --samples 256 --repeats 1
+
 echo "== done: shards in $out/train and $out/val"
