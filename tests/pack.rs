@@ -471,3 +471,36 @@ fn bench_profiles_shards_and_image_folders() {
         );
     }
 }
+
+#[test]
+fn views_command_writes_view_shards() {
+    let t = tempfile::tempdir().unwrap();
+    let syn = t.path().join("syn");
+    synth(&syn, 2, 6, 48);
+    let out = t.path().join("out");
+    loader_ok(&["pack", p(&syn.join("train")), "--out", p(&out)]);
+    let views = t.path().join("views");
+    let args = [
+        "views",
+        p(&out),
+        "--preset",
+        "byol-small",
+        "--epochs",
+        "2",
+        "--batch",
+        "4",
+        "--seed",
+        "3",
+        "--out",
+        p(&views),
+    ];
+    loader_ok(&args);
+    let vs = shared::viewshards::ViewShards::open(&views).unwrap();
+    assert_eq!(vs.len(), 2 * 3 * 4);
+    assert_eq!(vs.sample(0).unwrap().views.len(), 2);
+    assert_eq!(vs.sample(0).unwrap().views[0].len(), 3 * 64 * 64);
+    // Same seed, same bytes.
+    let again = t.path().join("again");
+    loader_ok(&[&args[..args.len() - 1], &[p(&again)]].concat());
+    assert_eq!(folder_bytes(&views), folder_bytes(&again));
+}

@@ -127,6 +127,9 @@ impl Dataset {
         match meta.encoding {
             Encoding::Raw => RgbImage::new(meta.width, meta.height, bytes.to_vec()),
             Encoding::Jpeg => decode_rgb(bytes, DEFAULT_MAX_PIXELS),
+            Encoding::Views => Err(Error::Invalid(format!(
+                "record {i} holds augmented views, not an image; open the folder with ViewShards"
+            ))),
         }
     }
 

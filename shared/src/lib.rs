@@ -19,5 +19,6 @@ pub mod shard;
 pub mod source;
 pub mod synth;
 pub mod views;
+pub mod viewshards;
 
 pub use error::{Error, Result};

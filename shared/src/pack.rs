@@ -303,6 +303,7 @@ fn prepare(job: &PackJob, i: usize, worker: &mut Worker) -> Result<Record, Strin
     let payload = match o.encoding {
         Encoding::Raw => img.pixels,
         Encoding::Jpeg => encode_jpeg(&img, o.quality)?,
+        Encoding::Views => return Err("packing stores images as raw or jpeg, not views".into()),
     };
     Ok(Record {
         height: h,

@@ -186,6 +186,11 @@ pub fn read_record<'a>(
             pixels: bytes,
         },
         Encoding::Jpeg => decoder.decode(bytes, DEFAULT_MAX_PIXELS)?,
+        Encoding::Views => {
+            return Err(Error::Invalid(format!(
+                "record {id} holds augmented views; stream from the packed images instead"
+            )))
+        }
     };
     times.decode += t2.elapsed();
     Ok(img)

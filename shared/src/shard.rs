@@ -33,6 +33,9 @@ pub enum Encoding {
     Raw,
     /// A baseline JPEG file.
     Jpeg,
+    /// The augmented views of one sample (`loader views`): u8 CHW planes of each view, one after
+    /// another, with the view sizes listed in the view manifest.
+    Views,
 }
 
 impl Encoding {
@@ -40,6 +43,7 @@ impl Encoding {
         match self {
             Encoding::Raw => 0,
             Encoding::Jpeg => 1,
+            Encoding::Views => 2,
         }
     }
 
@@ -47,6 +51,7 @@ impl Encoding {
         match code {
             0 => Some(Encoding::Raw),
             1 => Some(Encoding::Jpeg),
+            2 => Some(Encoding::Views),
             _ => None,
         }
     }

@@ -246,3 +246,48 @@ fn dropping_the_pipeline_midway_does_not_hang() {
     p.next().unwrap().unwrap();
     drop(p);
 }
+
+#[test]
+fn view_shards_hold_exactly_the_streamed_batches() {
+    use shared::viewshards::{write_views, ViewShards, ViewsJob};
+    let t = tempfile::tempdir().unwrap();
+    let ds = packed(t.path(), Encoding::Raw);
+    let c = config(2, 2);
+    let job = ViewsJob {
+        source: t.path().join("shards"),
+        views: c.views.clone(),
+        seed: c.seed,
+        epochs: 2,
+        batch_size: c.batch_size,
+        threads: 2,
+        shard_size: 1 << 16,
+        out: t.path().join("views"),
+    };
+    let m = write_views(&job, &mut |_, _| {}).unwrap();
+    assert_eq!(m.steps_per_epoch, 4);
+    assert_eq!(m.records, 2 * 4 * 5);
+    assert!(
+        m.shards.len() > 1,
+        "64K shards must split 40 samples of 3 views"
+    );
+    let vs = ViewShards::open(&job.out).unwrap();
+    let streamed = collect(&ds, PipelineConfig { end_step: 8, ..c });
+    for (step, batch) in streamed.iter().enumerate() {
+        for j in 0..5 {
+            let s = vs.sample(step * 5 + j).unwrap();
+            assert_eq!(
+                (s.sample_id, s.label),
+                (batch.sample_ids[j] as u64, batch.labels[j])
+            );
+            for (v, view) in s.views.iter().enumerate() {
+                let per = view.len();
+                assert_eq!(
+                    *view,
+                    &bytes(batch)[v][j * per..(j + 1) * per],
+                    "step {step} sample {j} view {v}"
+                );
+            }
+        }
+    }
+    assert!(vs.sample(40).is_err());
+}

@@ -1,0 +1,255 @@
+//! View shards: augmented multi-view batches materialised once (`loader views`), so that a
+//! CPU-poor trainer, or an experiment that must see identical inputs, reads them at memory speed.
+//!
+//! The files are ordinary shards (see `docs/FORMAT.md`) whose records have the `views` encoding:
+//! record `k` is sample `k % batch_size` of global step `k / batch_size`, its payload the u8 CHW
+//! planes of each view in turn. `views.json` lists the view specs and the shards.
+
+use crate::dataset::Dataset;
+use crate::error::{Error, Result};
+use crate::fsutil::{read_json, write_json_atomic};
+use crate::pipeline::{Batch, Output, Pipeline, PipelineConfig, ViewData};
+use crate::sampler::Sampler;
+use crate::shard::{Encoding, Record, Shard, ShardSummary, ShardWriter};
+use crate::views::ViewSpec;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// The view manifest's file name.
+pub const VIEWS_MANIFEST: &str = "views.json";
+/// Value of its `format` field.
+pub const VIEWS_FORMAT: &str = "maskdeep-views";
+
+/// What a view-shard folder holds.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ViewsManifest {
+    /// Always [`VIEWS_FORMAT`].
+    pub format: String,
+    /// Shard format version.
+    pub format_version: u32,
+    /// The program that wrote it.
+    pub created_by: String,
+    /// The packed dataset the views were made from.
+    pub source: String,
+    /// The view specs, in payload order.
+    pub views: Vec<ViewSpec>,
+    /// Seed of the epoch orders and augmentations.
+    pub seed: u64,
+    /// Epochs materialised.
+    pub epochs: u64,
+    /// Samples per step.
+    pub batch_size: usize,
+    /// Steps per epoch.
+    pub steps_per_epoch: usize,
+    /// Class names of the source dataset.
+    pub classes: Vec<String>,
+    /// Total records (`epochs * steps_per_epoch * batch_size`).
+    pub records: u64,
+    /// Shards in record order.
+    pub shards: Vec<ShardSummary>,
+    /// Source records that could not be read and were replaced, with the reason.
+    pub skipped: Vec<(u32, String)>,
+}
+
+/// What `loader views` materialises.
+pub struct ViewsJob {
+    /// The packed source dataset folder.
+    pub source: PathBuf,
+    /// The views of every sample.
+    pub views: Vec<ViewSpec>,
+    pub seed: u64,
+    pub epochs: u64,
+    pub batch_size: usize,
+    pub threads: usize,
+    /// Target shard size in bytes.
+    pub shard_size: u64,
+    /// Output folder.
+    pub out: PathBuf,
+}
+
+/// Streams `job.epochs` epochs of batches through the pipeline into view shards; `progress` gets
+/// (steps done, total steps).
+pub fn write_views(job: &ViewsJob, progress: &mut dyn FnMut(u64, u64)) -> Result<ViewsManifest> {
+    let dataset = Arc::new(Dataset::open(&job.source)?);
+    let classes = dataset.manifest().classes.clone();
+    let sampler = Sampler::new(dataset.len(), job.seed, 0, 1, job.batch_size)?;
+    let steps = sampler.steps_per_epoch() as u64 * job.epochs;
+    std::fs::create_dir_all(&job.out).map_err(|e| Error::io(&job.out, e))?;
+    let config = PipelineConfig {
+        views: job.views.clone(),
+        batch_size: job.batch_size,
+        seed: job.seed,
+        threads: job.threads,
+        prefetch: 2,
+        rank: 0,
+        world_size: 1,
+        start_step: 0,
+        end_step: steps as usize,
+        output: Output::U8,
+    };
+    let mut shards = Vec::new();
+    let mut skipped = Vec::new();
+    let mut writer: Option<ShardWriter> = None;
+    let mut payload = Vec::new();
+    for (done, batch) in Pipeline::start(dataset, config)?.enumerate() {
+        let batch = batch?;
+        skipped.extend(batch.skipped.iter().cloned());
+        for j in 0..batch.sample_ids.len() {
+            sample_payload(&batch, &job.views, j, &mut payload);
+            if let Some(w) = writer
+                .take_if(|w| !w.is_empty() && w.size_with(payload.len() as u64) > job.shard_size)
+            {
+                shards.push(w.finish()?);
+            }
+            if writer.is_none() {
+                let path = job.out.join(format!("views-{:05}.mds", shards.len()));
+                writer = Some(ShardWriter::create(&path)?);
+            }
+            let record = Record {
+                height: job.views[0].size,
+                width: job.views[0].size,
+                label: batch.labels[j],
+                encoding: Encoding::Views,
+                source_id: batch.sample_ids[j] as u64,
+                payload: std::mem::take(&mut payload),
+            };
+            writer.as_mut().expect("created above").push(&record)?;
+            payload = record.payload;
+        }
+        progress(done as u64 + 1, steps);
+    }
+    if let Some(w) = writer.filter(|w| !w.is_empty()) {
+        shards.push(w.finish()?);
+    }
+    let manifest = ViewsManifest {
+        format: VIEWS_FORMAT.into(),
+        format_version: crate::shard::FORMAT_VERSION,
+        created_by: concat!("loader ", env!("CARGO_PKG_VERSION")).into(),
+        source: job.source.display().to_string(),
+        views: job.views.clone(),
+        seed: job.seed,
+        epochs: job.epochs,
+        batch_size: job.batch_size,
+        steps_per_epoch: sampler.steps_per_epoch(),
+        classes,
+        records: shards.iter().map(|s| s.records).sum(),
+        shards,
+        skipped,
+    };
+    write_json_atomic(&job.out.join(VIEWS_MANIFEST), &manifest)?;
+    Ok(manifest)
+}
+
+/// Concatenates sample `j`'s views (u8 CHW each) from a batch into `out`.
+fn sample_payload(batch: &Batch, views: &[ViewSpec], j: usize, out: &mut Vec<u8>) {
+    out.clear();
+    for (spec, data) in views.iter().zip(&batch.views) {
+        let per = 3 * (spec.size * spec.size) as usize;
+        match data {
+            ViewData::U8(d) => out.extend_from_slice(&d[j * per..(j + 1) * per]),
+            ViewData::F32(_) => unreachable!("view shards are written from u8 batches"),
+        }
+    }
+}
+
+/// A view-shard folder opened for reading.
+pub struct ViewShards {
+    manifest: ViewsManifest,
+    shards: Vec<Shard>,
+    starts: Vec<usize>,
+}
+
+/// One sample read from view shards.
+pub struct ViewSample<'a> {
+    /// Each view's u8 CHW pixels, in manifest order.
+    pub views: Vec<&'a [u8]>,
+    /// Class label.
+    pub label: u32,
+    /// Index of the sample in the source dataset.
+    pub sample_id: u64,
+}
+
+impl ViewShards {
+    /// Opens `dir`, checking the manifest, every shard header and index, and record sizes.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let file = dir.join(VIEWS_MANIFEST);
+        let manifest: ViewsManifest = read_json(&file)?;
+        if manifest.format != VIEWS_FORMAT
+            || manifest.format_version != crate::shard::FORMAT_VERSION
+        {
+            return Err(Error::corrupt(
+                &file,
+                "not a view-shard manifest of this version (make it with `loader views`)",
+            ));
+        }
+        let len: u64 = manifest
+            .views
+            .iter()
+            .map(|v| 3 * (v.size as u64).pow(2))
+            .sum();
+        let mut shards = Vec::new();
+        let mut starts = vec![0];
+        for s in &manifest.shards {
+            let shard = Shard::open(&dir.join(&s.file))?;
+            if shard.len() as u64 != s.records
+                || shard
+                    .metas()
+                    .iter()
+                    .any(|m| m.encoding != Encoding::Views || m.length != len)
+            {
+                return Err(Error::corrupt(
+                    shard.path(),
+                    "records do not match the view specs of views.json",
+                ));
+            }
+            starts.push(starts.last().expect("non-empty") + shard.len());
+            shards.push(shard);
+        }
+        Ok(ViewShards {
+            manifest,
+            shards,
+            starts,
+        })
+    }
+
+    /// The manifest.
+    pub fn manifest(&self) -> &ViewsManifest {
+        &self.manifest
+    }
+
+    /// Number of records (samples over all steps).
+    pub fn len(&self) -> usize {
+        *self.starts.last().expect("non-empty")
+    }
+
+    /// Whether there is no record.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Record `k` (sample `k % batch_size` of step `k / batch_size`), after checking its checksum.
+    pub fn sample(&self, k: usize) -> Result<ViewSample<'_>> {
+        if k >= self.len() {
+            return Err(Error::Invalid(format!(
+                "record {k} is out of range ({} records)",
+                self.len()
+            )));
+        }
+        let s = self.starts.partition_point(|&start| start <= k) - 1;
+        let (shard, r) = (&self.shards[s], k - self.starts[s]);
+        shard.verify_record(r)?;
+        let meta = shard.meta(r);
+        let mut rest = shard.payload(r);
+        let mut views = Vec::with_capacity(self.manifest.views.len());
+        for v in &self.manifest.views {
+            let (head, tail) = rest.split_at(3 * (v.size * v.size) as usize);
+            views.push(head);
+            rest = tail;
+        }
+        Ok(ViewSample {
+            views,
+            label: meta.label,
+            sample_id: meta.source_id,
+        })
+    }
+}
