@@ -15,7 +15,9 @@ fn help(args: &[&str]) -> String {
 #[test]
 fn help_lists_every_command_and_option() {
     let top = help(&["--help"]);
-    for cmd in ["synth", "pack", "merge", "verify", "inspect", "views", "bench"] {
+    for cmd in [
+        "synth", "pack", "merge", "verify", "inspect", "views", "bench",
+    ] {
         assert!(top.contains(cmd), "--help misses {cmd}");
     }
     let pack = help(&["pack", "--help"]);
