@@ -3,7 +3,7 @@
 use crate::decode::{decode_rgb, RgbImage, DEFAULT_MAX_PIXELS};
 use crate::error::{Error, IoContext, Result};
 use crate::manifest::{Manifest, SOURCES_FILE};
-use crate::shard::{Encoding, RecordMeta, Shard};
+use crate::shard::{Encoding, RecordMeta, Shard, ShardSet};
 use std::path::{Path, PathBuf};
 
 /// A packed dataset. Record `i` of the dataset is found in O(1) through the shards' record
@@ -11,9 +11,7 @@ use std::path::{Path, PathBuf};
 pub struct Dataset {
     dir: PathBuf,
     manifest: Manifest,
-    shards: Vec<Shard>,
-    /// `starts[s]` is the dataset index of shard `s`'s first record; the last entry is the total.
-    starts: Vec<usize>,
+    shards: ShardSet,
 }
 
 /// One damaged place found by [`Dataset::verify`].
@@ -45,30 +43,11 @@ impl Dataset {
         } else {
             dir.parent().unwrap_or(Path::new(".")).to_path_buf()
         };
-        let mut shards = Vec::with_capacity(manifest.shards.len());
-        let mut starts = vec![0];
-        for s in &manifest.shards {
-            let shard = Shard::open(&dir.join(&s.file))?;
-            if shard.len() as u64 != s.records || shard.bytes().len() as u64 != s.bytes {
-                return Err(Error::corrupt(
-                    shard.path(),
-                    format!(
-                        "{} records / {} bytes but the manifest lists {} / {}",
-                        shard.len(),
-                        shard.bytes().len(),
-                        s.records,
-                        s.bytes
-                    ),
-                ));
-            }
-            starts.push(starts.last().expect("non-empty") + shard.len());
-            shards.push(shard);
-        }
+        let shards = ShardSet::open(&dir, &manifest.shards)?;
         Ok(Dataset {
             dir,
             manifest,
             shards,
-            starts,
         })
     }
 
@@ -84,7 +63,7 @@ impl Dataset {
 
     /// Number of records.
     pub fn len(&self) -> usize {
-        *self.starts.last().expect("non-empty")
+        self.shards.len()
     }
 
     /// Whether the dataset has no record.
@@ -94,30 +73,19 @@ impl Dataset {
 
     /// The opened shards, in record order.
     pub fn shards(&self) -> &[Shard] {
-        &self.shards
-    }
-
-    fn locate(&self, i: usize) -> Result<(usize, usize)> {
-        if i >= self.len() {
-            return Err(Error::Invalid(format!(
-                "record {i} is out of range: the dataset has {} records",
-                self.len()
-            )));
-        }
-        let s = self.starts.partition_point(|&start| start <= i) - 1;
-        Ok((s, i - self.starts[s]))
+        self.shards.shards()
     }
 
     /// The index entry of record `i`.
     pub fn meta(&self, i: usize) -> Result<&RecordMeta> {
-        let (s, r) = self.locate(i)?;
-        Ok(self.shards[s].meta(r))
+        let (shard, r) = self.shards.locate(i)?;
+        Ok(shard.meta(r))
     }
 
     /// The payload bytes of record `i` (zero-copy).
     pub fn payload(&self, i: usize) -> Result<&[u8]> {
-        let (s, r) = self.locate(i)?;
-        Ok(self.shards[s].payload(r))
+        let (shard, r) = self.shards.locate(i)?;
+        Ok(shard.payload(r))
     }
 
     /// Record `i` as RGB pixels (a copy for raw records, a decode for JPEG ones).

@@ -12,7 +12,7 @@ use crate::manifest::{
     Failure, Manifest, PackOptions, Part, FORMAT_NAME, MANIFEST_FILE, SOURCES_FILE,
 };
 use crate::resize::{RgbResizer, SizePolicy};
-use crate::shard::{Encoding, Record, Shard, ShardSummary, ShardWriter, NO_LABEL};
+use crate::shard::{Encoding, Record, Shard, ShardRoller, ShardSummary, NO_LABEL};
 use crate::source::SourceList;
 use rayon::prelude::*;
 use std::fs;
@@ -160,9 +160,21 @@ pub fn pack(job: &PackJob, progress: &mut dyn FnMut(PackProgress)) -> Result<Pac
         names: &names,
         job,
         fingerprint,
-        shards,
+        shards: ShardRoller::new(
+            out,
+            {
+                let prefix = names.prefix.clone();
+                move |n| {
+                    Names {
+                        prefix: prefix.clone(),
+                    }
+                    .shard(n)
+                }
+            },
+            job.options.shard_size,
+            shards,
+        ),
         failures,
-        writer: None,
     };
     // Decoding runs on the pool while a writer thread appends the previous chunk to the shards.
     let (shards, failures) = std::thread::scope(|scope| -> Result<_> {
@@ -217,9 +229,8 @@ struct ShardSink<'a> {
     names: &'a Names,
     job: &'a PackJob<'a>,
     fingerprint: u32,
-    shards: Vec<ShardSummary>,
+    shards: ShardRoller,
     failures: Vec<Failure>,
-    writer: Option<ShardWriter>,
 }
 
 impl ShardSink<'_> {
@@ -234,30 +245,15 @@ impl ShardSink<'_> {
                 return Ok(());
             }
         };
-        let limit = self.job.options.shard_size;
-        let len = record.payload.len() as u64;
-        if let Some(w) = self
-            .writer
-            .take_if(|w| !w.is_empty() && w.size_with(len) > limit)
-        {
-            self.shards.push(w.finish()?);
+        if self.shards.push(&record)? {
+            // Every file before this one is now in a finished shard (or failed).
             self.save_progress(i)?;
         }
-        let writer = match &mut self.writer {
-            Some(w) => w,
-            None => {
-                let path = self.out.join(self.names.shard(self.shards.len()));
-                self.writer.insert(ShardWriter::create(&path)?)
-            }
-        };
-        writer.push(&record)
+        Ok(())
     }
 
-    fn finish(mut self) -> Result<(Vec<ShardSummary>, Vec<Failure>)> {
-        if let Some(w) = self.writer.take().filter(|w| !w.is_empty()) {
-            self.shards.push(w.finish()?);
-        }
-        Ok((self.shards, self.failures))
+    fn finish(self) -> Result<(Vec<ShardSummary>, Vec<Failure>)> {
+        Ok((self.shards.finish()?, self.failures))
     }
 
     /// Records that every file before `next` is in a finished shard or failed.
@@ -266,7 +262,7 @@ impl ShardSink<'_> {
             options: self.job.options.clone(),
             part: self.job.part,
             source_fingerprint: self.fingerprint,
-            shards: self.shards.clone(),
+            shards: self.shards.finished().to_vec(),
             failures: self.failures.clone(),
             next,
         };

@@ -247,6 +247,71 @@ impl ShardWriter {
     }
 }
 
+/// Writes records into a sequence of shards in one folder, starting a new shard when the current
+/// one would grow past the target size (a shard always takes at least one record).
+pub struct ShardRoller {
+    dir: PathBuf,
+    name: Box<dyn Fn(usize) -> String + Send>,
+    limit: u64,
+    writer: Option<ShardWriter>,
+    finished: Vec<ShardSummary>,
+}
+
+impl ShardRoller {
+    /// Continues after the already `finished` shards; shard `n` is called `name(n)` in `dir`.
+    pub fn new(
+        dir: &Path,
+        name: impl Fn(usize) -> String + Send + 'static,
+        limit: u64,
+        finished: Vec<ShardSummary>,
+    ) -> Self {
+        ShardRoller {
+            dir: dir.to_path_buf(),
+            name: Box::new(name),
+            limit,
+            writer: None,
+            finished,
+        }
+    }
+
+    /// The shards finished so far.
+    pub fn finished(&self) -> &[ShardSummary] {
+        &self.finished
+    }
+
+    /// Appends a record; returns `true` when a shard was finished to make room for it.
+    pub fn push(&mut self, record: &Record) -> Result<bool> {
+        let len = record.payload.len() as u64;
+        let full = self
+            .writer
+            .take_if(|w| !w.is_empty() && w.size_with(len) > self.limit);
+        let closed = match full {
+            Some(w) => {
+                self.finished.push(w.finish()?);
+                true
+            }
+            None => false,
+        };
+        let writer = match &mut self.writer {
+            Some(w) => w,
+            None => {
+                let path = self.dir.join((self.name)(self.finished.len()));
+                self.writer.insert(ShardWriter::create(&path)?)
+            }
+        };
+        writer.push(record)?;
+        Ok(closed)
+    }
+
+    /// Finishes the last shard and returns them all.
+    pub fn finish(mut self) -> Result<Vec<ShardSummary>> {
+        if let Some(w) = self.writer.take().filter(|w| !w.is_empty()) {
+            self.finished.push(w.finish()?);
+        }
+        Ok(self.finished)
+    }
+}
+
 fn encode_header(
     count: u64,
     index_offset: u64,
@@ -434,6 +499,67 @@ fn parse(path: &Path, b: &[u8]) -> Result<Vec<RecordMeta>> {
         entries.push(meta);
     }
     Ok(entries)
+}
+
+/// The shards of one folder opened together, with record `i` of the whole set found in O(1)
+/// through the shards' record counts.
+pub struct ShardSet {
+    shards: Vec<Shard>,
+    /// `starts[s]` is the index of shard `s`'s first record; the last entry is the total.
+    starts: Vec<usize>,
+}
+
+impl ShardSet {
+    /// Opens every listed shard of `dir`, checking each against its summary (records and size).
+    pub fn open(dir: &Path, summaries: &[ShardSummary]) -> Result<Self> {
+        let mut shards = Vec::with_capacity(summaries.len());
+        let mut starts = vec![0];
+        for s in summaries {
+            let shard = Shard::open(&dir.join(&s.file))?;
+            if shard.len() as u64 != s.records || shard.bytes().len() as u64 != s.bytes {
+                return Err(Error::corrupt(
+                    shard.path(),
+                    format!(
+                        "{} records / {} bytes but the manifest lists {} / {}",
+                        shard.len(),
+                        shard.bytes().len(),
+                        s.records,
+                        s.bytes
+                    ),
+                ));
+            }
+            starts.push(starts.last().expect("non-empty") + shard.len());
+            shards.push(shard);
+        }
+        Ok(ShardSet { shards, starts })
+    }
+
+    /// Total records.
+    pub fn len(&self) -> usize {
+        *self.starts.last().expect("non-empty")
+    }
+
+    /// Whether there is no record.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The shards, in record order.
+    pub fn shards(&self) -> &[Shard] {
+        &self.shards
+    }
+
+    /// The shard holding record `i` and the record's index inside it.
+    pub fn locate(&self, i: usize) -> Result<(&Shard, usize)> {
+        if i >= self.len() {
+            return Err(Error::Invalid(format!(
+                "record {i} is out of range: there are {} records",
+                self.len()
+            )));
+        }
+        let s = self.starts.partition_point(|&start| start <= i) - 1;
+        Ok((&self.shards[s], i - self.starts[s]))
+    }
 }
 
 #[cfg(test)]

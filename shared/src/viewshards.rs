@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::fsutil::{read_json, write_json_atomic};
 use crate::pipeline::{Batch, Output, Pipeline, PipelineConfig, ViewData};
 use crate::sampler::Sampler;
-use crate::shard::{Encoding, Record, Shard, ShardSummary, ShardWriter};
+use crate::shard::{Encoding, Record, ShardRoller, ShardSet, ShardSummary};
 use crate::views::ViewSpec;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -87,24 +87,19 @@ pub fn write_views(job: &ViewsJob, progress: &mut dyn FnMut(u64, u64)) -> Result
         end_step: steps as usize,
         output: Output::U8,
     };
-    let mut shards = Vec::new();
     let mut skipped = Vec::new();
-    let mut writer: Option<ShardWriter> = None;
+    let mut roller = ShardRoller::new(
+        &job.out,
+        |n| format!("views-{n:05}.mds"),
+        job.shard_size,
+        Vec::new(),
+    );
     let mut payload = Vec::new();
     for (done, batch) in Pipeline::start(dataset, config)?.enumerate() {
         let batch = batch?;
         skipped.extend(batch.skipped.iter().cloned());
         for j in 0..batch.sample_ids.len() {
             sample_payload(&batch, &job.views, j, &mut payload);
-            if let Some(w) = writer
-                .take_if(|w| !w.is_empty() && w.size_with(payload.len() as u64) > job.shard_size)
-            {
-                shards.push(w.finish()?);
-            }
-            if writer.is_none() {
-                let path = job.out.join(format!("views-{:05}.mds", shards.len()));
-                writer = Some(ShardWriter::create(&path)?);
-            }
             let record = Record {
                 height: job.views[0].size,
                 width: job.views[0].size,
@@ -113,14 +108,12 @@ pub fn write_views(job: &ViewsJob, progress: &mut dyn FnMut(u64, u64)) -> Result
                 source_id: batch.sample_ids[j] as u64,
                 payload: std::mem::take(&mut payload),
             };
-            writer.as_mut().expect("created above").push(&record)?;
+            roller.push(&record)?;
             payload = record.payload;
         }
         progress(done as u64 + 1, steps);
     }
-    if let Some(w) = writer.filter(|w| !w.is_empty()) {
-        shards.push(w.finish()?);
-    }
+    let shards = roller.finish()?;
     let manifest = ViewsManifest {
         format: VIEWS_FORMAT.into(),
         format_version: crate::shard::FORMAT_VERSION,
@@ -155,8 +148,7 @@ fn sample_payload(batch: &Batch, views: &[ViewSpec], j: usize, out: &mut Vec<u8>
 /// A view-shard folder opened for reading.
 pub struct ViewShards {
     manifest: ViewsManifest,
-    shards: Vec<Shard>,
-    starts: Vec<usize>,
+    shards: ShardSet,
 }
 
 /// One sample read from view shards.
@@ -187,29 +179,20 @@ impl ViewShards {
             .iter()
             .map(|v| 3 * (v.size as u64).pow(2))
             .sum();
-        let mut shards = Vec::new();
-        let mut starts = vec![0];
-        for s in &manifest.shards {
-            let shard = Shard::open(&dir.join(&s.file))?;
-            if shard.len() as u64 != s.records
-                || shard
-                    .metas()
-                    .iter()
-                    .any(|m| m.encoding != Encoding::Views || m.length != len)
+        let shards = ShardSet::open(dir, &manifest.shards)?;
+        for shard in shards.shards() {
+            if shard
+                .metas()
+                .iter()
+                .any(|m| m.encoding != Encoding::Views || m.length != len)
             {
                 return Err(Error::corrupt(
                     shard.path(),
                     "records do not match the view specs of views.json",
                 ));
             }
-            starts.push(starts.last().expect("non-empty") + shard.len());
-            shards.push(shard);
         }
-        Ok(ViewShards {
-            manifest,
-            shards,
-            starts,
-        })
+        Ok(ViewShards { manifest, shards })
     }
 
     /// The manifest.
@@ -219,7 +202,7 @@ impl ViewShards {
 
     /// Number of records (samples over all steps).
     pub fn len(&self) -> usize {
-        *self.starts.last().expect("non-empty")
+        self.shards.len()
     }
 
     /// Whether there is no record.
@@ -229,14 +212,7 @@ impl ViewShards {
 
     /// Record `k` (sample `k % batch_size` of step `k / batch_size`), after checking its checksum.
     pub fn sample(&self, k: usize) -> Result<ViewSample<'_>> {
-        if k >= self.len() {
-            return Err(Error::Invalid(format!(
-                "record {k} is out of range ({} records)",
-                self.len()
-            )));
-        }
-        let s = self.starts.partition_point(|&start| start <= k) - 1;
-        let (shard, r) = (&self.shards[s], k - self.starts[s]);
+        let (shard, r) = self.shards.locate(k)?;
         shard.verify_record(r)?;
         let meta = shard.meta(r);
         let mut rest = shard.payload(r);
