@@ -1,0 +1,242 @@
+//! Training batches from packed shards (augmented on the fly by `shared::pipeline`) or from view
+//! shards (`loader views`, read at memory speed), turned into normalised tensors on the device.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use shared::dataset::Dataset;
+use shared::pipeline::{Output, Pipeline, PipelineConfig, IMAGENET_MEAN, IMAGENET_STD};
+use shared::sampler::Sampler;
+use shared::viewshards::{ViewShards, VIEWS_MANIFEST};
+
+use crate::config::TrainConfig;
+
+/// One step's views as u8 CHW bytes, global views first, each `[batch, 3, size, size]`.
+pub struct HostBatch {
+    pub step: usize,
+    pub epoch: u64,
+    pub views: Vec<Vec<u8>>,
+    pub sizes: Vec<u32>,
+    pub labels: Vec<u32>,
+    /// Records skipped because they could not be read (index, reason).
+    pub skipped: Vec<(u32, String)>,
+}
+
+/// Where batches come from.
+enum Source {
+    Stream(Pipeline),
+    Views {
+        shards: Arc<ViewShards>,
+        next: usize,
+        end: usize,
+    },
+}
+
+/// A stream of training batches for steps `start..end`.
+pub struct Batches {
+    source: Source,
+    batch_size: usize,
+}
+
+/// What a data folder offers a run.
+pub struct DataPlan {
+    pub steps_per_epoch: usize,
+    /// Steps available in total (view shards hold a fixed number of epochs).
+    pub max_steps: Option<usize>,
+    pub records: usize,
+}
+
+/// Whether `dir` holds view shards (else packed shards).
+pub fn is_view_folder(dir: &Path) -> bool {
+    dir.join(VIEWS_MANIFEST).is_file()
+}
+
+/// Opens `dir` and checks that it suits `cfg`.
+pub fn plan(dir: &Path, cfg: &TrainConfig) -> Result<DataPlan> {
+    if is_view_folder(dir) {
+        let shards = ViewShards::open(dir)?;
+        check_view_shards(&shards, cfg, dir)?;
+        let m = shards.manifest();
+        return Ok(DataPlan {
+            steps_per_epoch: m.steps_per_epoch,
+            max_steps: Some(m.steps_per_epoch * m.epochs as usize),
+            records: shards.len(),
+        });
+    }
+    let dataset = Dataset::open(dir)
+        .with_context(|| format!("{} is neither packed shards nor view shards", dir.display()))?;
+    let sampler = Sampler::new(dataset.len(), cfg.seed, 0, 1, cfg.batch_size)?;
+    if sampler.steps_per_epoch() == 0 {
+        bail!(
+            "{} holds {} images, fewer than one batch of {}: lower batch_size",
+            dir.display(),
+            dataset.len(),
+            cfg.batch_size
+        );
+    }
+    Ok(DataPlan {
+        steps_per_epoch: sampler.steps_per_epoch(),
+        max_steps: None,
+        records: dataset.len(),
+    })
+}
+
+fn check_view_shards(shards: &ViewShards, cfg: &TrainConfig, dir: &Path) -> Result<()> {
+    let m = shards.manifest();
+    let sizes: Vec<u32> = m.views.iter().map(|v| v.size).collect();
+    let want: Vec<u32> = cfg.view_specs().iter().map(|v| v.size).collect();
+    if sizes != want {
+        bail!(
+            "view shards in {} have views of {:?} px but the config wants {:?} \
+             (image_size, global_views, local_views, local_size)",
+            dir.display(),
+            sizes,
+            want
+        );
+    }
+    if m.batch_size != cfg.batch_size {
+        bail!(
+            "view shards in {} were made with batch size {}: set batch_size={}",
+            dir.display(),
+            m.batch_size,
+            m.batch_size
+        );
+    }
+    Ok(())
+}
+
+impl Batches {
+    /// Starts producing steps `start..end` from `dir`.
+    pub fn open(dir: &Path, cfg: &TrainConfig, start: usize, end: usize) -> Result<Self> {
+        let source = if is_view_folder(dir) {
+            let shards = ViewShards::open(dir)?;
+            check_view_shards(&shards, cfg, dir)?;
+            Source::Views {
+                shards: Arc::new(shards),
+                next: start,
+                end,
+            }
+        } else {
+            let dataset = Arc::new(Dataset::open(dir)?);
+            let threads = if cfg.threads == 0 {
+                std::thread::available_parallelism().map_or(1, |n| n.get())
+            } else {
+                cfg.threads
+            };
+            Source::Stream(Pipeline::start(
+                dataset,
+                PipelineConfig {
+                    views: cfg.view_specs(),
+                    batch_size: cfg.batch_size,
+                    seed: cfg.seed,
+                    threads,
+                    prefetch: cfg.prefetch,
+                    rank: 0,
+                    world_size: 1,
+                    start_step: start,
+                    end_step: end,
+                    output: Output::U8,
+                },
+            )?)
+        };
+        Ok(Batches {
+            source,
+            batch_size: cfg.batch_size,
+        })
+    }
+
+    /// The next batch, or `None` after the last step.
+    pub fn next_batch(&mut self) -> Result<Option<HostBatch>> {
+        match &mut self.source {
+            Source::Stream(pipeline) => {
+                let Some(batch) = pipeline.next() else {
+                    return Ok(None);
+                };
+                let batch = batch?;
+                let views = batch
+                    .views
+                    .into_iter()
+                    .map(|v| match v {
+                        shared::pipeline::ViewData::U8(bytes) => Ok(bytes),
+                        shared::pipeline::ViewData::F32(_) => bail!("pipeline gave f32 views"),
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(Some(HostBatch {
+                    step: batch.step,
+                    epoch: batch.epoch,
+                    views,
+                    sizes: batch.sizes,
+                    labels: batch.labels,
+                    skipped: batch.skipped,
+                }))
+            }
+            Source::Views { shards, next, end } => {
+                if *next >= *end {
+                    return Ok(None);
+                }
+                let step = *next;
+                *next += 1;
+                let m = shards.manifest();
+                let sizes: Vec<u32> = m.views.iter().map(|v| v.size).collect();
+                let mut views: Vec<Vec<u8>> = sizes
+                    .iter()
+                    .map(|&s| Vec::with_capacity(self.batch_size * 3 * (s * s) as usize))
+                    .collect();
+                let mut labels = Vec::with_capacity(self.batch_size);
+                for k in step * self.batch_size..(step + 1) * self.batch_size {
+                    let sample = shards.sample(k)?;
+                    for (out, bytes) in views.iter_mut().zip(&sample.views) {
+                        out.extend_from_slice(bytes);
+                    }
+                    labels.push(sample.label);
+                }
+                Ok(Some(HostBatch {
+                    step,
+                    epoch: (step / m.steps_per_epoch) as u64,
+                    views,
+                    sizes,
+                    labels,
+                    skipped: Vec::new(),
+                }))
+            }
+        }
+    }
+}
+
+/// u8 CHW images `[n, 3, s, s]` to ImageNet-normalised f32 on `device` (normalised there: 4x fewer
+/// bytes cross to the device).
+pub fn normalise(bytes: &[u8], n: usize, size: usize, device: &Device) -> Result<Tensor> {
+    let x = Tensor::from_slice(bytes, (n, 3, size, size), device)?.to_dtype(DType::F32)?;
+    let scale: Vec<f32> = IMAGENET_STD.iter().map(|s| 1.0 / (255.0 * s)).collect();
+    let shift: Vec<f32> = IMAGENET_MEAN
+        .iter()
+        .zip(IMAGENET_STD)
+        .map(|(m, s)| -m / s)
+        .collect();
+    let scale = Tensor::from_vec(scale, (1, 3, 1, 1), device)?;
+    let shift = Tensor::from_vec(shift, (1, 3, 1, 1), device)?;
+    Ok(x.broadcast_mul(&scale)?.broadcast_add(&shift)?)
+}
+
+/// The global views of `batch` stacked view-major (`[global * n, 3, S, S]`), and the local views
+/// likewise when there are any.
+pub fn to_device(
+    batch: &HostBatch,
+    global_views: usize,
+    device: &Device,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let n = batch.labels.len();
+    let stack = |range: std::ops::Range<usize>| -> Result<Option<Tensor>> {
+        if range.is_empty() {
+            return Ok(None);
+        }
+        let size = batch.sizes[range.start] as usize;
+        let bytes: Vec<u8> = batch.views[range.clone()].concat();
+        Ok(Some(normalise(&bytes, n * range.len(), size, device)?))
+    };
+    let global = stack(0..global_views)?.context("no global view")?;
+    let local = stack(global_views..batch.views.len())?;
+    Ok((global, local))
+}

@@ -1,0 +1,187 @@
+//! `trainer`: MaskDeep pretraining of ResNets on shards made by `loader`, on CPU or CUDA.
+//!
+//! The binary only parses arguments, shows progress and wires the library's pieces.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use clap::{Args, Parser, Subcommand};
+use trainer::bench;
+use trainer::config::{TrainConfig, PRESETS};
+use trainer::pretrain::{self, PretrainJob};
+
+#[derive(Parser)]
+#[command(
+    name = "trainer",
+    version,
+    about = "MaskDeep self-supervised pretraining of ResNets on loader shards"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Pretrain a backbone with MaskDeep (or BYOL) on packed shards or view shards.
+    Pretrain(PretrainArgs),
+    /// Time training steps on synthetic inputs: views/s and where a step's time goes.
+    Bench(BenchArgs),
+}
+
+/// Where the configuration comes from.
+#[derive(Args)]
+struct ConfigArgs {
+    /// Named preset: maskdeep-r50-imagenet (the paper's setting: ResNet-50, 224 px, 200 epochs,
+    /// batch 256), maskdeep-r18-imagenet, maskdeep-r18-small (small stem, 32-96 px data), and the
+    /// BYOL twin of each (byol-r50-imagenet, byol-r18-imagenet, byol-r18-small).
+    #[arg(long, conflicts_with = "config")]
+    preset: Option<String>,
+    /// A JSON config file with every key (a run's config.json is one).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override one config key, e.g. --set epochs=10 --set levels='["c5"]'. Keys include epochs,
+    /// max_steps, batch_size, lr, seed, image_size, width, groups, visible_ratio, levels, optimizer,
+    /// weight_decay, warmup_epochs, ema_base, local_views, targets, bf16, threads.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// cpu, cuda or cuda:N (CUDA needs a build with --features cuda).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+impl ConfigArgs {
+    fn resolve(&self) -> Result<TrainConfig> {
+        let mut cfg = match (&self.preset, &self.config) {
+            (Some(name), None) => TrainConfig::preset(name)?,
+            (None, Some(path)) => TrainConfig::load(path)?,
+            _ => bail!("give --preset NAME or --config FILE (presets: {})", PRESETS.join(", ")),
+        };
+        for s in &self.sets {
+            cfg.set(s)?;
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+#[derive(Args)]
+struct PretrainArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Packed shards (from `loader pack`) or view shards (from `loader views`).
+    #[arg(long)]
+    data: PathBuf,
+    /// Run folder: config.json, metrics.jsonl, checkpoints/.
+    #[arg(long)]
+    out: PathBuf,
+    /// Continue the run in --out from its newest checkpoint (give the run's config.json as --config
+    /// or the same preset and --set values).
+    #[arg(long)]
+    resume: bool,
+    /// Print a JSON summary at the end instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Samples per batch (overrides the preset's batch_size).
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Global view side in pixels (overrides image_size).
+    #[arg(long)]
+    size: Option<u32>,
+    /// Timed steps (after one warm-up step); medians are reported.
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Also time these group counts, to show that the encoder's time does not grow with G.
+    #[arg(long, value_delimiter = ',', default_value = "1,4")]
+    groups: Vec<usize>,
+    /// Print one JSON object (`views_per_second` at the top level).
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Pretrain(args) => {
+            let job = PretrainJob {
+                config: args.config.resolve()?,
+                data: args.data,
+                out: args.out,
+                device: trainer::device::parse(&args.config.device)?,
+                resume: args.resume,
+                progress: !args.json,
+            };
+            let summary = pretrain::run(&job)?;
+            if args.json {
+                println!("{}", serde_json::to_string(&summary)?);
+            } else {
+                println!(
+                    "done: {} steps, final loss {:.4}, {:.1} views/s, {:.1}% of the time waiting for data\ncheckpoint: {}",
+                    summary.steps,
+                    summary.final_loss,
+                    summary.views_per_second,
+                    summary.data_wait * 100.0,
+                    summary.checkpoint.display()
+                );
+            }
+        }
+        Command::Bench(args) => {
+            let mut cfg = args.config.resolve()?;
+            if let Some(b) = args.batch {
+                cfg.batch_size = b;
+            }
+            if let Some(s) = args.size {
+                cfg.image_size = s;
+            }
+            cfg.validate()?;
+            let device = trainer::device::parse(&args.config.device)?;
+            let main = bench::time_steps(&cfg, &device, args.steps)?;
+            let mut sweep = Vec::new();
+            for &g in &args.groups {
+                let mut c = cfg.clone();
+                c.groups = g;
+                sweep.push(bench::time_steps(&c, &device, args.steps)?);
+            }
+            if args.json {
+                let out = serde_json::json!({
+                    "preset": cfg.preset,
+                    "device": args.config.device,
+                    "batch": cfg.batch_size,
+                    "size": cfg.image_size,
+                    "bf16": cfg.bf16,
+                    "views_per_second": main.views_per_second,
+                    "step": main,
+                    "groups": sweep,
+                });
+                println!("{out}");
+            } else {
+                println!(
+                    "{} batch {} at {} px on {}: {:.1} views/s ({:.1} ms/step)",
+                    cfg.preset, cfg.batch_size, cfg.image_size, args.config.device,
+                    main.views_per_second, main.step_ms
+                );
+                println!("groups  views/s  step ms  encoder ms  heads ms  target ms  backward ms  optim ms");
+                for t in std::iter::once(&main).chain(&sweep) {
+                    println!(
+                        "{:>6}  {:>7.1}  {:>7.1}  {:>10.1}  {:>8.1}  {:>9.1}  {:>11.1}  {:>8.1}",
+                        t.groups, t.views_per_second, t.step_ms, t.online_encoder_ms,
+                        t.heads_ms, t.target_ms, t.backward_ms, t.optimizer_ms
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}

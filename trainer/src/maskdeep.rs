@@ -1,0 +1,330 @@
+//! MaskDeep (and BYOL, its unmasked special case): the online and target branches and the
+//! multi-group, multi-target loss over masked levels. See `../shared/MASKDEEP.md`.
+
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use rand::Rng;
+
+use crate::config::TrainConfig;
+use crate::heads::Mlp;
+use crate::masking::{masked_pool, VisibleCells};
+use crate::params;
+use crate::resnet::ResNet;
+
+/// Encoder plus one projector per masked level (the part the target copies).
+pub struct Branch {
+    pub backbone: ResNet,
+    pub projectors: Vec<Mlp>,
+}
+
+impl Branch {
+    fn new(cfg: &TrainConfig, vb: &VarBuilder) -> Result<Self> {
+        let resnet = cfg.resnet();
+        let channels = resnet.channels();
+        let backbone = ResNet::new(resnet, vb.pp("backbone"))?;
+        let projectors = level_heads(cfg, |level, name| {
+            Mlp::new(
+                vb.pp("projector").pp(name),
+                channels[level],
+                cfg.proj_hidden,
+                cfg.proj_dim,
+            )
+        })?;
+        Ok(Branch {
+            backbone,
+            projectors,
+        })
+    }
+}
+
+fn level_heads(
+    cfg: &TrainConfig,
+    mut make: impl FnMut(usize, &str) -> Result<Mlp>,
+) -> Result<Vec<Mlp>> {
+    let indices = cfg.level_indices().map_err(candle_core::Error::wrap)?;
+    indices
+        .iter()
+        .zip(&cfg.levels)
+        .map(|(&i, name)| make(i, name))
+        .collect()
+}
+
+/// The two networks and their parameters.
+pub struct MaskDeep {
+    cfg: TrainConfig,
+    levels: Vec<usize>,
+    /// Online parameters: `backbone.*`, `projector.<level>.*`, `predictor.<level>.*`.
+    pub online_vars: VarMap,
+    /// Target parameters: `backbone.*`, `projector.<level>.*` (an EMA of the online ones).
+    pub target_vars: VarMap,
+    pub online: Branch,
+    pub predictors: Vec<Mlp>,
+    pub target: Branch,
+    device: Device,
+}
+
+/// The loss of one step.
+pub struct Loss {
+    /// Weighted sum over levels (the value to minimise).
+    pub total: Tensor,
+    /// Per masked level, unweighted.
+    pub per_level: Vec<Tensor>,
+}
+
+/// Where the forward pass spends its time, filled when asked for (synchronises the device).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ForwardTimes {
+    pub online_encoder: Duration,
+    pub heads: Duration,
+    pub target: Duration,
+}
+
+/// A step's inputs: normalised views, global first.
+pub struct Views<'a> {
+    /// `[global_views * batch, 3, S, S]`, view-major.
+    pub global: &'a Tensor,
+    /// `[local_views * batch, 3, s, s]`, view-major, when the config has local views.
+    pub local: Option<&'a Tensor>,
+    pub batch: usize,
+}
+
+impl MaskDeep {
+    /// Builds both branches on `device`, initialised from `cfg.seed`; the target starts as a copy.
+    pub fn new(cfg: &TrainConfig, device: &Device) -> Result<Self> {
+        let online_vars = VarMap::new();
+        let target_vars = VarMap::new();
+        let vb = VarBuilder::from_varmap(&online_vars, DType::F32, device);
+        let online = Branch::new(cfg, &vb)?;
+        let predictors = level_heads(cfg, |_, name| {
+            Mlp::new(
+                vb.pp("predictor").pp(name),
+                cfg.proj_dim,
+                cfg.pred_hidden,
+                cfg.proj_dim,
+            )
+        })?;
+        let target = Branch::new(
+            cfg,
+            &VarBuilder::from_varmap(&target_vars, DType::F32, device),
+        )?;
+        params::init(&online_vars, cfg.seed)?;
+        params::copy_all(&target_vars_view(&online_vars, &target_vars), &target_vars)?;
+        Ok(MaskDeep {
+            cfg: cfg.clone(),
+            levels: cfg.level_indices().map_err(candle_core::Error::wrap)?,
+            online_vars,
+            target_vars,
+            online,
+            predictors,
+            target,
+            device: device.clone(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &TrainConfig {
+        &self.cfg
+    }
+
+    /// The device.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Samples the visible cells for a step: one set per (online view, sample, group) on the
+    /// coarsest masked level of each view size; all visible when `visible_ratio` is 1.
+    pub fn sample_masks(&self, rng: &mut impl Rng, views: &Views) -> Result<Vec<VisibleCells>> {
+        let coarsest = *self.levels.iter().max().expect("validated: at least one level");
+        let stride = self.cfg.resnet().strides()[coarsest];
+        let mut out = Vec::new();
+        let mut add = |t: &Tensor| -> Result<()> {
+            let (rows, _, h, w) = t.dims4()?;
+            let grid = (h.div_ceil(stride), w.div_ceil(stride));
+            out.push(if self.cfg.visible_ratio >= 1.0 {
+                VisibleCells::all(rows, self.cfg.groups, grid)
+            } else {
+                VisibleCells::sample(rng, rows, self.cfg.groups, grid, self.cfg.visible_ratio)
+            });
+            Ok(())
+        };
+        add(views.global)?;
+        if let Some(local) = views.local {
+            add(local)?;
+        }
+        Ok(out)
+    }
+
+    /// The loss for `views` with the visible cells from [`Self::sample_masks`].
+    pub fn loss(
+        &self,
+        views: &Views,
+        masks: &[VisibleCells],
+        mut times: Option<&mut ForwardTimes>,
+    ) -> Result<Loss> {
+        let mut clock = Clock::new(&self.device, times.is_some());
+        let dtype = if self.cfg.bf16 { DType::BF16 } else { DType::F32 };
+        let mut inputs = vec![views.global];
+        inputs.extend(views.local);
+        let feats = inputs
+            .iter()
+            .map(|x| self.online.backbone.forward(&x.to_dtype(dtype)?, true))
+            .collect::<Result<Vec<_>>>()?;
+        let t_enc = clock.lap()?;
+
+        // Online: pooled -> projector -> predictor, per level; rows ordered (view, sample, group).
+        let mut preds = Vec::with_capacity(self.levels.len());
+        for (li, &level) in self.levels.iter().enumerate() {
+            let mut rows = Vec::with_capacity(feats.len());
+            for (f, mask) in feats.iter().zip(masks) {
+                let fmap = &f.levels[level];
+                let (n, c, h, w) = fmap.dims4()?;
+                let weights = mask.pooling_tensor((h, w), fmap.dtype(), &self.device)?;
+                let pooled = masked_pool(fmap, &weights)?
+                    .to_dtype(DType::F32)?
+                    .reshape((n * self.cfg.groups, c))?;
+                rows.push(pooled);
+            }
+            let pooled = Tensor::cat(&rows, 0)?;
+            let z = self.online.projectors[li].forward(&pooled, true)?;
+            preds.push(normalize(&self.predictors[li].forward(&z, true)?)?);
+        }
+        let t_heads = clock.lap()?;
+
+        // Target: unmasked global views, global average pool, projector; no gradient.
+        let tfeats = self
+            .target
+            .backbone
+            .forward(&views.global.to_dtype(dtype)?, true)?;
+        let mut targets = Vec::with_capacity(self.levels.len());
+        for (li, &level) in self.levels.iter().enumerate() {
+            let pooled = tfeats.levels[level].mean((2, 3))?.to_dtype(DType::F32)?;
+            let z = self.target.projectors[li].forward(&pooled, true)?;
+            targets.push(normalize(&z)?.detach());
+        }
+        let t_target = clock.lap()?;
+        if let Some(t) = times.as_deref_mut() {
+            t.online_encoder += t_enc;
+            t.heads += t_heads;
+            t.target += t_target;
+        }
+
+        let weights = self.target_weights()?;
+        let mut per_level = Vec::with_capacity(self.levels.len());
+        let mut total: Option<Tensor> = None;
+        for (li, (p, z)) in preds.iter().zip(&targets).enumerate() {
+            let l = multi_target_loss(p, z, &weights, views.batch, self.cfg.groups)?;
+            let weighted = (&l * self.cfg.level_weights[li])?;
+            total = Some(match total {
+                None => weighted,
+                Some(t) => (t + weighted)?,
+            });
+            per_level.push(l);
+        }
+        Ok(Loss {
+            total: total.expect("at least one level"),
+            per_level,
+        })
+    }
+
+    /// `[online views * groups, global views]`: the weight of each (online view, group, target)
+    /// cosine, summing to 1 over included pairs.
+    fn target_weights(&self) -> Result<Tensor> {
+        let n_global = self.cfg.global_views;
+        let n_views = n_global + self.cfg.local_views;
+        let groups = self.cfg.groups;
+        let include = |i: usize, j: usize| self.cfg.targets == "all" || i != j;
+        let pairs = (0..n_views)
+            .flat_map(|i| (0..n_global).map(move |j| (i, j)))
+            .filter(|&(i, j)| include(i, j))
+            .count();
+        let mut w = Vec::with_capacity(n_views * groups * n_global);
+        for i in 0..n_views {
+            for _ in 0..groups {
+                for j in 0..n_global {
+                    let on = include(i, j) as u8 as f32;
+                    w.push(on / (pairs * groups) as f32);
+                }
+            }
+        }
+        Tensor::from_vec(w, (n_views * groups, n_global), &self.device)
+    }
+}
+
+/// `2 - 2 * cos`, averaged with `weights [views * groups, targets]` and over the batch.
+/// `p`: `[views * batch * groups, d]` rows ordered (view, sample, group), unit length;
+/// `z`: `[targets * batch, d]` rows ordered (view, sample), unit length.
+pub fn multi_target_loss(
+    p: &Tensor,
+    z: &Tensor,
+    weights: &Tensor,
+    batch: usize,
+    groups: usize,
+) -> Result<Tensor> {
+    let d = p.dim(1)?;
+    let views = p.dim(0)? / (batch * groups);
+    let targets = z.dim(0)? / batch;
+    let p = p
+        .reshape((views, batch, groups, d))?
+        .transpose(0, 1)?
+        .reshape((batch, views * groups, d))?;
+    let z = z
+        .reshape((targets, batch, d))?
+        .transpose(0, 1)?
+        .transpose(1, 2)?
+        .contiguous()?;
+    let cos = p.matmul(&z)?; // [batch, views * groups, targets]
+    let mean_cos = (cos.broadcast_mul(weights)?.sum_all()? / batch as f64)?;
+    (mean_cos * -2.0)? + 2.0
+}
+
+/// Rows scaled to unit L2 norm.
+pub fn normalize(x: &Tensor) -> Result<Tensor> {
+    let norm = (x.sqr()?.sum_keepdim(1)? + 1e-12)?.sqrt()?;
+    x.broadcast_div(&norm)
+}
+
+/// The online parameters that the target mirrors (all but the predictors), as a map view.
+fn target_vars_view(online: &VarMap, target: &VarMap) -> VarMap {
+    let view = VarMap::new();
+    {
+        let target_names = target.data().lock().expect("var map lock");
+        let online_data = online.data().lock().expect("var map lock");
+        let mut data = view.data().lock().expect("var map lock");
+        for (name, var) in online_data.iter() {
+            if target_names.contains_key(name) {
+                data.insert(name.clone(), var.clone());
+            }
+        }
+    }
+    view
+}
+
+/// Wall-clock laps that wait for the device first, when enabled.
+struct Clock<'a> {
+    device: &'a Device,
+    enabled: bool,
+    last: Instant,
+}
+
+impl<'a> Clock<'a> {
+    fn new(device: &'a Device, enabled: bool) -> Self {
+        Clock {
+            device,
+            enabled,
+            last: Instant::now(),
+        }
+    }
+
+    fn lap(&mut self) -> Result<Duration> {
+        if !self.enabled {
+            return Ok(Duration::ZERO);
+        }
+        self.device.synchronize()?;
+        let now = Instant::now();
+        let d = now - self.last;
+        self.last = now;
+        Ok(d)
+    }
+}

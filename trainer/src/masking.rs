@@ -1,0 +1,104 @@
+//! Hierarchical deep-masking: visible cells sampled on the coarsest masked level's grid, upsampled
+//! (nearest) to the finer levels, and masked mean pooling as one batched matrix product.
+
+use candle_core::{DType, Device, Result, Tensor};
+use rand::Rng;
+
+/// Visible cells on a coarse grid for `rows` feature maps and `groups` groups each:
+/// `visible[(row * groups + g) * cells + cell]`.
+#[derive(Clone, Debug)]
+pub struct VisibleCells {
+    pub rows: usize,
+    pub groups: usize,
+    pub grid: (usize, usize),
+    pub visible: Vec<bool>,
+}
+
+/// `K = max(1, round(ratio * cells))`.
+pub fn visible_count(ratio: f64, cells: usize) -> usize {
+    ((ratio * cells as f64).round() as usize).clamp(1, cells)
+}
+
+impl VisibleCells {
+    /// Samples, for every (row, group), an independent uniform subset of exactly
+    /// `visible_count(ratio, h * w)` cells.
+    pub fn sample(
+        rng: &mut impl Rng,
+        rows: usize,
+        groups: usize,
+        grid: (usize, usize),
+        ratio: f64,
+    ) -> Self {
+        let cells = grid.0 * grid.1;
+        let k = visible_count(ratio, cells);
+        let mut visible = vec![false; rows * groups * cells];
+        let mut order: Vec<usize> = (0..cells).collect();
+        for chunk in visible.chunks_mut(cells) {
+            // Partial Fisher-Yates: the first k entries of `order` become a uniform k-subset.
+            for i in 0..k {
+                let j = rng.random_range(i..cells);
+                order.swap(i, j);
+                chunk[order[i]] = true;
+            }
+        }
+        VisibleCells {
+            rows,
+            groups,
+            grid,
+            visible,
+        }
+    }
+
+    /// All cells visible (masking off).
+    pub fn all(rows: usize, groups: usize, grid: (usize, usize)) -> Self {
+        VisibleCells {
+            rows,
+            groups,
+            grid,
+            visible: vec![true; rows * groups * grid.0 * grid.1],
+        }
+    }
+
+    /// The row-normalised pooling matrix `[rows, groups, h * w]` on a level whose grid is `(h, w)`:
+    /// a fine cell is visible when the coarse cell it lies in is (nearest upsampling), and each row
+    /// averages its visible cells.
+    pub fn pooling_weights(&self, (h, w): (usize, usize)) -> Vec<f32> {
+        let (hc, wc) = self.grid;
+        let cells = hc * wc;
+        let mut out = Vec::with_capacity(self.rows * self.groups * h * w);
+        for coarse in self.visible.chunks(cells) {
+            let start = out.len();
+            for i in 0..h {
+                for j in 0..w {
+                    let on = coarse[(i * hc / h) * wc + j * wc / w];
+                    out.push(if on { 1.0f32 } else { 0.0 });
+                }
+            }
+            let row = &mut out[start..];
+            let n = row.iter().sum::<f32>().max(1.0);
+            row.iter_mut().for_each(|v| *v /= n);
+        }
+        out
+    }
+
+    /// [`Self::pooling_weights`] as a tensor of `dtype` on `device`.
+    pub fn pooling_tensor(
+        &self,
+        grid: (usize, usize),
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let w = self.pooling_weights(grid);
+        Tensor::from_vec(w, (self.rows, self.groups, grid.0 * grid.1), &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(device)
+    }
+}
+
+/// Masked mean pooling: `features [n, c, h, w]` and `weights [n, g, h*w]` give `[n, g, c]`, as one
+/// batched matrix product.
+pub fn masked_pool(features: &Tensor, weights: &Tensor) -> Result<Tensor> {
+    let (n, c, h, w) = features.dims4()?;
+    let f = features.reshape((n, c, h * w))?.transpose(1, 2)?;
+    weights.matmul(&f.contiguous()?)
+}

@@ -1,0 +1,272 @@
+//! The pretraining loop: data -> MaskDeep step -> optimiser and EMA -> metrics and checkpoints, with
+//! exact resumption.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use shared::fsutil::write_json_atomic;
+
+use crate::checkpoint::{self, TrainState};
+use crate::config::TrainConfig;
+use crate::data::{self, Batches};
+use crate::maskdeep::{MaskDeep, Views};
+use crate::optim::{Optimizer, Rule};
+use crate::{ema, params, schedule};
+
+/// Name of the saved config in a run folder.
+pub const CONFIG_FILE: &str = "config.json";
+/// Name of the metrics log in a run folder.
+pub const METRICS_FILE: &str = "metrics.jsonl";
+
+/// What `trainer pretrain` was asked to do.
+pub struct PretrainJob {
+    pub config: TrainConfig,
+    pub data: PathBuf,
+    pub out: PathBuf,
+    pub device: Device,
+    pub resume: bool,
+    /// Draw a progress bar on the terminal.
+    pub progress: bool,
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Serialize)]
+struct Metrics {
+    step: u64,
+    epoch: u64,
+    loss: f64,
+    loss_per_level: Vec<f64>,
+    lr: f64,
+    ema_momentum: f64,
+    views_per_second: f64,
+    data_wait: f64,
+    skipped: usize,
+}
+
+/// How a run ended.
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    pub steps: u64,
+    pub final_loss: f64,
+    pub checkpoint: PathBuf,
+    pub views_per_second: f64,
+    pub data_wait: f64,
+}
+
+/// Runs (or resumes) a pretraining job.
+pub fn run(job: &PretrainJob) -> Result<Summary> {
+    let cfg = &job.config;
+    cfg.validate()?;
+    let config_path = job.out.join(CONFIG_FILE);
+    let existing = checkpoint::list(&job.out)?;
+    if job.resume {
+        let saved = TrainConfig::load(&config_path).with_context(|| {
+            format!("--resume: {} has no readable run config", job.out.display())
+        })?;
+        if &saved != cfg {
+            bail!(
+                "--resume: the config differs from the run's {}; resume with --config {}",
+                config_path.display(),
+                config_path.display()
+            );
+        }
+    } else if !existing.is_empty() {
+        bail!(
+            "{} already holds a run with checkpoints: add --resume to continue it, or choose another --out",
+            job.out.display()
+        );
+    }
+    std::fs::create_dir_all(&job.out)
+        .with_context(|| format!("cannot create {}", job.out.display()))?;
+    write_json_atomic(&config_path, cfg)?;
+
+    let plan = data::plan(&job.data, cfg)?;
+    let mut total = cfg.epochs * plan.steps_per_epoch as u64;
+    if cfg.max_steps > 0 {
+        total = if cfg.epochs > 0 {
+            total.min(cfg.max_steps)
+        } else {
+            cfg.max_steps
+        };
+    }
+    if let Some(available) = plan.max_steps {
+        if total > available as u64 {
+            bail!(
+                "{} holds view shards for {available} steps but the run needs {total}: \
+                 lower epochs/max_steps or make more epochs with `loader views`",
+                job.data.display()
+            );
+        }
+    }
+    let warmup = (cfg.warmup_epochs * plan.steps_per_epoch as f64).round() as u64;
+    let base_lr = cfg.scaled_lr();
+
+    let mut model = MaskDeep::new(cfg, &job.device)?;
+    let rule = Rule::parse(&cfg.optimizer, cfg.trust).context("optimizer")?;
+    let mut optimizer = Optimizer::new(
+        rule,
+        params::trainable(&model.online_vars),
+        cfg.momentum,
+        cfg.weight_decay,
+    )?;
+    let mut start = 0u64;
+    let mut last_checkpoint = None;
+    if job.resume {
+        if let Some(ckpt) = existing.last() {
+            let state = checkpoint::load(ckpt, &mut model, Some(&mut optimizer))?;
+            start = state.step;
+            last_checkpoint = Some(ckpt.clone());
+        }
+    }
+    let metrics_path = job.out.join(METRICS_FILE);
+    truncate_metrics(&metrics_path, start)?;
+    let mut metrics = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)
+        .with_context(|| format!("cannot open {}", metrics_path.display()))?;
+
+    let bar = progress_bar(job.progress, total, start);
+    let mut batches = Batches::open(&job.data, cfg, start as usize, total as usize)?;
+    let views_per_sample = cfg.global_views + cfg.local_views;
+    let (mut wait, mut busy) = (Duration::ZERO, Duration::ZERO);
+    let mut last_loss = f64::NAN;
+    let mut step = start;
+    loop {
+        let t0 = Instant::now();
+        let Some(batch) = batches.next_batch()? else {
+            break;
+        };
+        let t1 = Instant::now();
+        for (index, reason) in &batch.skipped {
+            bar.println(format!("warning: skipped record {index}: {reason}"));
+        }
+        let lr = schedule::learning_rate(base_lr, step, warmup, total);
+        let tau = schedule::ema_momentum(cfg.ema_base, step, total);
+        let (global, local) = data::to_device(&batch, cfg.global_views, &job.device)?;
+        let views = Views {
+            global: &global,
+            local: local.as_ref(),
+            batch: batch.labels.len(),
+        };
+        let mut rng = mask_rng(cfg.seed, step);
+        let masks = model.sample_masks(&mut rng, &views)?;
+        let loss = model.loss(&views, &masks, None)?;
+        let value = loss.total.to_scalar::<f32>()? as f64;
+        if !value.is_finite() {
+            let keep = last_checkpoint
+                .as_ref()
+                .map_or("none yet".to_string(), |p: &PathBuf| p.display().to_string());
+            bail!(
+                "the loss became {value} at step {step}: training stopped. The last good checkpoint \
+                 ({keep}) is intact; lower lr or warmup faster, then --resume"
+            );
+        }
+        let grads = loss.total.backward()?;
+        optimizer.step(&grads, lr)?;
+        ema::update(&model.online_vars, &model.target_vars, tau)?;
+        let per_level = loss
+            .per_level
+            .iter()
+            .map(|l| Ok(l.to_scalar::<f32>()? as f64))
+            .collect::<Result<Vec<_>>>()?;
+        let t2 = Instant::now();
+        wait += t1 - t0;
+        busy += t2 - t1;
+        step += 1;
+        last_loss = value;
+        let step_time = (t2 - t0).as_secs_f64();
+        let views_per_second = (views.batch * views_per_sample) as f64 / step_time;
+        let line = Metrics {
+            step,
+            epoch: batch.epoch,
+            loss: value,
+            loss_per_level: per_level,
+            lr,
+            ema_momentum: tau,
+            views_per_second,
+            data_wait: (t1 - t0).as_secs_f64() / step_time,
+            skipped: batch.skipped.len(),
+        };
+        serde_json::to_writer(&mut metrics, &line)?;
+        writeln!(metrics)?;
+        bar.set_message(format!(
+            "loss {value:.4}  {views_per_second:.0} views/s  epoch {}",
+            batch.epoch
+        ));
+        bar.inc(1);
+        let epoch_end = step % plan.steps_per_epoch as u64 == 0;
+        let periodic = cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0;
+        if epoch_end || periodic || step == total {
+            let state = TrainState {
+                step,
+                epoch: batch.epoch,
+                total_steps: total,
+                loss: value,
+            };
+            metrics.flush()?;
+            last_checkpoint = Some(checkpoint::save(
+                &job.out,
+                &model,
+                &optimizer,
+                &state,
+                cfg.keep_checkpoints,
+            )?);
+        }
+    }
+    bar.finish_and_clear();
+    let elapsed = (wait + busy).as_secs_f64().max(1e-9);
+    let ran = step - start;
+    Ok(Summary {
+        steps: step,
+        final_loss: last_loss,
+        checkpoint: last_checkpoint.context("the run made no step: nothing to train")?,
+        views_per_second: (ran as usize * cfg.batch_size * views_per_sample) as f64 / elapsed,
+        data_wait: wait.as_secs_f64() / elapsed,
+    })
+}
+
+/// The random stream of step `step`'s masks: a function of (seed, step) only, so that a resumed
+/// run draws what an uninterrupted one would.
+pub fn mask_rng(seed: u64, step: u64) -> rand_chacha::ChaCha8Rng {
+    shared::sampler::view_rng(seed ^ 0x6d61_736b_6465_6570, step, 0, 0)
+}
+
+/// Drops metric lines of steps after `start` (they are about to be run again).
+fn truncate_metrics(path: &Path, start: u64) -> Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(path)?;
+    let kept: String = text
+        .lines()
+        .filter(|line| {
+            serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s <= start)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    shared::fsutil::write_atomic(path, kept.as_bytes())?;
+    Ok(())
+}
+
+fn progress_bar(enabled: bool, total: u64, start: u64) -> ProgressBar {
+    if !enabled {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total);
+    bar.set_position(start);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  ETA {eta}")
+            .expect("valid template"),
+    );
+    bar
+}

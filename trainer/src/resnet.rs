@@ -1,0 +1,307 @@
+//! ResNet-18/34/50 with torchvision's structure and parameter names, returning the C3, C4 and C5
+//! stage outputs. Knobs: a small-image stem (3x3 conv, stride 1, no max-pool) and a width multiplier.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::VarBuilder;
+use serde::{Deserialize, Serialize};
+
+use crate::batchnorm::BatchNorm;
+use crate::conv::Conv;
+
+/// Which ResNet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Depth {
+    #[serde(rename = "resnet18")]
+    R18,
+    #[serde(rename = "resnet34")]
+    R34,
+    #[serde(rename = "resnet50")]
+    R50,
+}
+
+impl Depth {
+    /// Parses `resnet18`, `resnet34` or `resnet50` (also `18`, `34`, `50`).
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim_start_matches("resnet") {
+            "18" => Some(Depth::R18),
+            "34" => Some(Depth::R34),
+            "50" => Some(Depth::R50),
+            _ => None,
+        }
+    }
+
+    /// torchvision's name of this architecture.
+    pub fn name(self) -> &'static str {
+        match self {
+            Depth::R18 => "resnet18",
+            Depth::R34 => "resnet34",
+            Depth::R50 => "resnet50",
+        }
+    }
+
+    fn blocks(self) -> [usize; 4] {
+        match self {
+            Depth::R18 => [2, 2, 2, 2],
+            Depth::R34 | Depth::R50 => [3, 4, 6, 3],
+        }
+    }
+
+    fn bottleneck(self) -> bool {
+        self == Depth::R50
+    }
+}
+
+/// The shape of a backbone.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ResNetConfig {
+    pub depth: Depth,
+    /// 3x3 stride-1 stem without max-pool, for 32-96 px images.
+    pub small_stem: bool,
+    /// Multiplies every stage's width (1.0 = torchvision's widths).
+    pub width: f64,
+}
+
+impl ResNetConfig {
+    /// Width of stage `i` (0..4) before the bottleneck expansion.
+    fn stage_width(&self, i: usize) -> usize {
+        ((64 << i) as f64 * self.width).round().max(1.0) as usize
+    }
+
+    fn expansion(&self) -> usize {
+        if self.depth.bottleneck() {
+            4
+        } else {
+            1
+        }
+    }
+
+    /// Channels of C3, C4 and C5.
+    pub fn channels(&self) -> [usize; 3] {
+        [1, 2, 3].map(|i| self.stage_width(i) * self.expansion())
+    }
+
+    /// Total stride of C3, C4 and C5 relative to the input.
+    pub fn strides(&self) -> [usize; 3] {
+        if self.small_stem {
+            [2, 4, 8]
+        } else {
+            [8, 16, 32]
+        }
+    }
+}
+
+/// Conv followed by BatchNorm, as torchvision names them (`convN`, `bnN`).
+struct ConvBn {
+    conv: Conv,
+    bn: BatchNorm,
+}
+
+impl ConvBn {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        vb: &VarBuilder,
+        conv: &str,
+        bn: &str,
+        c_in: usize,
+        c_out: usize,
+        k: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        Ok(ConvBn {
+            conv: Conv::new(vb.pp(conv), c_in, c_out, k, stride, padding)?,
+            bn: BatchNorm::new(vb.pp(bn), c_out)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.bn.forward(&self.conv.forward(x)?, train)
+    }
+}
+
+/// A residual block: basic (two 3x3) or bottleneck (1x1, 3x3, 1x1), with an optional projection.
+struct Block {
+    layers: Vec<ConvBn>,
+    downsample: Option<ConvBn>,
+}
+
+impl Block {
+    fn new(
+        vb: VarBuilder,
+        bottleneck: bool,
+        c_in: usize,
+        width: usize,
+        stride: usize,
+    ) -> Result<Self> {
+        let (layers, c_out) = if bottleneck {
+            let c_out = width * 4;
+            let layers = vec![
+                ConvBn::new(&vb, "conv1", "bn1", c_in, width, 1, 1, 0)?,
+                ConvBn::new(&vb, "conv2", "bn2", width, width, 3, stride, 1)?,
+                ConvBn::new(&vb, "conv3", "bn3", width, c_out, 1, 1, 0)?,
+            ];
+            (layers, c_out)
+        } else {
+            let layers = vec![
+                ConvBn::new(&vb, "conv1", "bn1", c_in, width, 3, stride, 1)?,
+                ConvBn::new(&vb, "conv2", "bn2", width, width, 3, 1, 1)?,
+            ];
+            (layers, width)
+        };
+        let downsample = if stride != 1 || c_in != c_out {
+            Some(ConvBn::new(
+                &vb.pp("downsample"),
+                "0",
+                "1",
+                c_in,
+                c_out,
+                1,
+                stride,
+                0,
+            )?)
+        } else {
+            None
+        };
+        Ok(Block { layers, downsample })
+    }
+
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let mut y = x.clone();
+        let last = self.layers.len() - 1;
+        for (i, layer) in self.layers.iter().enumerate() {
+            y = layer.forward(&y, train)?;
+            if i != last {
+                y = y.relu()?;
+            }
+        }
+        let shortcut = match &self.downsample {
+            Some(d) => d.forward(x, train)?,
+            None => x.clone(),
+        };
+        (y + shortcut)?.relu()
+    }
+}
+
+/// The backbone.
+pub struct ResNet {
+    config: ResNetConfig,
+    stem: ConvBn,
+    stages: [Vec<Block>; 4],
+}
+
+/// The stage outputs a backbone returns.
+pub struct Features {
+    /// C3, C4, C5 (strides 8, 16, 32 with the ImageNet stem).
+    pub levels: [Tensor; 3],
+}
+
+impl ResNet {
+    /// Builds the backbone under `vb` (parameters named as in torchvision).
+    pub fn new(config: ResNetConfig, vb: VarBuilder) -> Result<Self> {
+        let stem_width = config.stage_width(0);
+        let stem = if config.small_stem {
+            ConvBn::new(&vb, "conv1", "bn1", 3, stem_width, 3, 1, 1)?
+        } else {
+            ConvBn::new(&vb, "conv1", "bn1", 3, stem_width, 7, 2, 3)?
+        };
+        let mut c_in = stem_width;
+        let blocks = config.depth.blocks();
+        let stage = |i: usize, c_in: &mut usize| -> Result<Vec<Block>> {
+            let width = config.stage_width(i);
+            let vb = vb.pp(format!("layer{}", i + 1));
+            (0..blocks[i])
+                .map(|b| {
+                    let stride = if b == 0 && i > 0 { 2 } else { 1 };
+                    let block = Block::new(
+                        vb.pp(b.to_string()),
+                        config.depth.bottleneck(),
+                        *c_in,
+                        width,
+                        stride,
+                    )?;
+                    *c_in = width * config.expansion();
+                    Ok(block)
+                })
+                .collect()
+        };
+        let stages = [
+            stage(0, &mut c_in)?,
+            stage(1, &mut c_in)?,
+            stage(2, &mut c_in)?,
+            stage(3, &mut c_in)?,
+        ];
+        Ok(ResNet {
+            config,
+            stem,
+            stages,
+        })
+    }
+
+    /// The configuration it was built with.
+    pub fn config(&self) -> &ResNetConfig {
+        &self.config
+    }
+
+    /// Runs the backbone on normalised `[batch, 3, H, W]` images; BatchNorm uses batch statistics
+    /// (and updates its running statistics) when `train`.
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Features> {
+        let mut x = self.stem.forward(x, train)?.relu()?;
+        if !self.config.small_stem {
+            x = max_pool_3x3_s2(&x)?;
+        }
+        let mut levels = Vec::with_capacity(3);
+        for (i, stage) in self.stages.iter().enumerate() {
+            for block in stage {
+                x = block.forward(&x, train)?;
+            }
+            if i > 0 {
+                levels.push(x.clone());
+            }
+        }
+        let levels: [Tensor; 3] = levels.try_into().expect("three stages after the first");
+        Ok(Features { levels })
+    }
+
+    /// Global-average-pooled C5: the representation that probes and export use.
+    pub fn embed(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let [_, _, c5] = self.forward(x, train)?.levels;
+        c5.mean((2, 3))
+    }
+}
+
+/// torchvision's stem max-pool (kernel 3, stride 2, padding 1) on non-negative input (it follows a
+/// ReLU, so zero padding gives the same maxima as -inf padding). Built from strided shifted views so
+/// that it has a backward pass (Candle's pools lack one for kernel != stride).
+pub fn max_pool_3x3_s2(x: &Tensor) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    let (ho, wo) = ((h - 1) / 2 + 1, (w - 1) / 2 + 1);
+    // Padded so that every shift 0..3 can take 2*out rows: 1 before, the rest after.
+    let x = x
+        .pad_with_zeros(2, 1, 2 * ho + 1 - h)?
+        .pad_with_zeros(3, 1, 2 * wo + 1 - w)?;
+    let rows = max_of_shifts(&x, 2, ho)?;
+    max_of_shifts(&rows, 3, wo)
+}
+
+/// Max over shifts 0, 1, 2 along `dim` of every second element, `out` elements each.
+fn max_of_shifts(x: &Tensor, dim: usize, out: usize) -> Result<Tensor> {
+    let mut best: Option<Tensor> = None;
+    for shift in 0..3 {
+        let s = x.narrow(dim, shift, 2 * out)?;
+        let mut dims = s.dims().to_vec();
+        dims[dim] = out;
+        dims.insert(dim + 1, 2);
+        let s = s.reshape(dims)?.narrow(dim + 1, 0, 1)?.squeeze(dim + 1)?;
+        best = Some(match best {
+            None => s,
+            Some(b) => b.maximum(&s)?,
+        });
+    }
+    Ok(best.expect("three shifts"))
+}
+
+impl Module for ResNet {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.embed(x, false)
+    }
+}

@@ -1,0 +1,323 @@
+//! The backbone, the masking and the MaskDeep loss.
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use trainer::config::TrainConfig;
+use trainer::maskdeep::{normalize, MaskDeep, Views};
+use trainer::masking::{masked_pool, visible_count, VisibleCells};
+use trainer::resnet::{max_pool_3x3_s2, Depth, ResNet, ResNetConfig};
+use trainer::{ema, params};
+
+fn torchvision_keys(arch: &str) -> BTreeMap<String, Vec<usize>> {
+    let path = format!(
+        "{}/tests/fixtures/{arch}_state_dict.txt",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.contains("num_batches_tracked") && !l.starts_with("fc."))
+        .map(|l| {
+            let (name, dims) = l.split_once(' ').unwrap();
+            let dims = dims.split(',').map(|d| d.parse().unwrap()).collect();
+            (name.to_string(), dims)
+        })
+        .collect()
+}
+
+fn backbone_keys(depth: Depth) -> BTreeMap<String, Vec<usize>> {
+    let map = VarMap::new();
+    let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+    let cfg = ResNetConfig {
+        depth,
+        small_stem: false,
+        width: 1.0,
+    };
+    ResNet::new(cfg, vb).unwrap();
+    params::sorted(&map)
+        .into_iter()
+        .map(|(n, v)| (n, v.dims().to_vec()))
+        .collect()
+}
+
+#[test]
+fn parameter_names_and_shapes_match_torchvision() {
+    for (depth, arch) in [
+        (Depth::R18, "resnet18"),
+        (Depth::R34, "resnet34"),
+        (Depth::R50, "resnet50"),
+    ] {
+        assert_eq!(backbone_keys(depth), torchvision_keys(arch), "{arch}");
+    }
+}
+
+fn tiny(preset: &str) -> TrainConfig {
+    let mut c = TrainConfig::preset(preset).unwrap();
+    c.width = 0.125;
+    c.image_size = 32;
+    c.proj_hidden = 32;
+    c.proj_dim = 16;
+    c.pred_hidden = 32;
+    c.batch_size = 4;
+    c
+}
+
+#[test]
+fn stage_outputs_have_the_documented_strides_and_channels() {
+    let cfg = ResNetConfig {
+        depth: Depth::R50,
+        small_stem: false,
+        width: 0.125,
+    };
+    let map = VarMap::new();
+    let net = ResNet::new(cfg, VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu)).unwrap();
+    params::init(&map, 0).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (2, 3, 64, 64), &Device::Cpu).unwrap();
+    let f = net.forward(&x, true).unwrap();
+    let dims: Vec<Vec<usize>> = f.levels.iter().map(|t| t.dims().to_vec()).collect();
+    assert_eq!(
+        dims,
+        vec![vec![2, 64, 8, 8], vec![2, 128, 4, 4], vec![2, 256, 2, 2]]
+    );
+    assert_eq!(cfg.channels(), [64, 128, 256]);
+}
+
+#[test]
+fn max_pool_matches_a_direct_loop_and_has_a_gradient() {
+    let dev = Device::Cpu;
+    for (h, w) in [(8, 8), (7, 9)] {
+        let x = Tensor::rand(0f32, 1.0, (2, 3, h, w), &dev).unwrap();
+        let y = max_pool_3x3_s2(&x).unwrap();
+        let data: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+        let (ho, wo) = ((h - 1) / 2 + 1, (w - 1) / 2 + 1);
+        assert_eq!(y.dims(), &[2, 3, ho, wo]);
+        let got: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+        let mut k = 0;
+        for plane in 0..6 {
+            for i in 0..ho {
+                for j in 0..wo {
+                    let mut best = f32::NEG_INFINITY;
+                    for di in 0..3 {
+                        for dj in 0..3 {
+                            let (r, c) = ((2 * i + di) as isize - 1, (2 * j + dj) as isize - 1);
+                            if r >= 0 && c >= 0 && (r as usize) < h && (c as usize) < w {
+                                best = best.max(data[plane * h * w + r as usize * w + c as usize]);
+                            }
+                        }
+                    }
+                    assert_eq!(got[k], best);
+                    k += 1;
+                }
+            }
+        }
+        let var = candle_core::Var::from_tensor(&x).unwrap();
+        let grads = max_pool_3x3_s2(var.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g = grads.get(var.as_tensor()).unwrap();
+        let total: f32 = g.sum_all().unwrap().to_scalar().unwrap();
+        assert!((total - (6 * ho * wo) as f32).abs() < 1e-3);
+    }
+}
+
+#[test]
+fn masks_have_exactly_k_cells_per_view_and_group_and_groups_differ() {
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let m = VisibleCells::sample(&mut rng, 6, 4, (7, 7), 0.25);
+    let k = visible_count(0.25, 49);
+    assert_eq!(k, 12);
+    let sets: Vec<&[bool]> = m.visible.chunks(49).collect();
+    assert_eq!(sets.len(), 24);
+    for s in &sets {
+        assert_eq!(s.iter().filter(|&&v| v).count(), k);
+    }
+    for row in sets.chunks(4) {
+        for a in 0..4 {
+            for b in a + 1..4 {
+                assert_ne!(row[a], row[b], "two groups drew the same cells");
+            }
+        }
+    }
+    assert_eq!(visible_count(0.01, 4), 1);
+}
+
+#[test]
+fn finer_level_mask_is_the_nearest_upsampled_coarse_mask() {
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    let m = VisibleCells::sample(&mut rng, 2, 3, (7, 7), 0.25);
+    let c5 = m.pooling_weights((7, 7));
+    let c4 = m.pooling_weights((14, 14));
+    for row in 0..6 {
+        for i in 0..14 {
+            for j in 0..14 {
+                let coarse = c5[row * 49 + (i / 2) * 7 + j / 2] > 0.0;
+                let fine = c4[row * 196 + i * 14 + j] > 0.0;
+                assert_eq!(coarse, fine);
+            }
+        }
+        let s: f32 = c4[row * 196..(row + 1) * 196].iter().sum();
+        assert!((s - 1.0).abs() < 1e-5, "rows average the visible cells");
+    }
+}
+
+#[test]
+fn masked_pooling_equals_a_loop_over_groups() {
+    let dev = Device::Cpu;
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let (n, c, h, w, g) = (3, 5, 4, 4, 4);
+    let m = VisibleCells::sample(&mut rng, n, g, (2, 2), 0.5);
+    let feats = Tensor::randn(0f32, 1.0, (n, c, h, w), &dev).unwrap();
+    let weights = m.pooling_tensor((h, w), DType::F32, &dev).unwrap();
+    let pooled: Vec<f32> = masked_pool(&feats, &weights)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let f: Vec<f32> = feats.flatten_all().unwrap().to_vec1().unwrap();
+    for b in 0..n {
+        for gi in 0..g {
+            let coarse = &m.visible[(b * g + gi) * 4..(b * g + gi + 1) * 4];
+            for ch in 0..c {
+                let (mut sum, mut count) = (0.0f32, 0);
+                for i in 0..h {
+                    for j in 0..w {
+                        if coarse[(i / 2) * 2 + j / 2] {
+                            sum += f[((b * c + ch) * h + i) * w + j];
+                            count += 1;
+                        }
+                    }
+                }
+                let want = sum / count as f32;
+                let got = pooled[(b * g + gi) * c + ch];
+                assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+            }
+        }
+    }
+}
+
+fn batch(cfg: &TrainConfig, seed: u64) -> Tensor {
+    let s = cfg.image_size as usize;
+    let n = cfg.global_views * cfg.batch_size;
+    let dev = Device::Cpu;
+    let values: Vec<f32> = {
+        use rand::Rng;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        (0..n * 3 * s * s)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect()
+    };
+    Tensor::from_vec(values, (n, 3, s, s), &dev).unwrap()
+}
+
+#[test]
+fn byol_preset_loss_equals_an_independent_byol_loss() {
+    let cfg = tiny("byol-r18-small");
+    let model = MaskDeep::new(&cfg, &Device::Cpu).unwrap();
+    let x = batch(&cfg, 5);
+    let views = Views {
+        global: &x,
+        local: None,
+        batch: cfg.batch_size,
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let masks = model.sample_masks(&mut rng, &views).unwrap();
+    let loss: f32 = model
+        .loss(&views, &masks, None)
+        .unwrap()
+        .total
+        .to_scalar()
+        .unwrap();
+
+    // BYOL by hand. The BatchNorm statistics depend on the batch, so the independent computation
+    // runs the networks on the same two-view batch: GAP(C5) -> projector -> predictor online,
+    // GAP(C5) -> projector on the target; loss = mean of 2 - 2 cos(p1, z2) and 2 - 2 cos(p2, z1).
+    let online = model.online.backbone.forward(&x, true).unwrap();
+    let pooled = online.levels[2].mean((2, 3)).unwrap();
+    let p = model.predictors[0]
+        .forward(
+            &model.online.projectors[0].forward(&pooled, true).unwrap(),
+            true,
+        )
+        .unwrap();
+    let t = model.target.backbone.forward(&x, true).unwrap();
+    let z = model.target.projectors[0]
+        .forward(&t.levels[2].mean((2, 3)).unwrap(), true)
+        .unwrap();
+    let b = cfg.batch_size;
+    let cos = |a: &Tensor, b: &Tensor| -> Vec<f32> {
+        let a = normalize(a).unwrap();
+        let b = normalize(b).unwrap();
+        (a * b).unwrap().sum(1).unwrap().to_vec1().unwrap()
+    };
+    let c12 = cos(&p.narrow(0, 0, b).unwrap(), &z.narrow(0, b, b).unwrap());
+    let c21 = cos(&p.narrow(0, b, b).unwrap(), &z.narrow(0, 0, b).unwrap());
+    let byol: f32 = c12
+        .iter()
+        .chain(&c21)
+        .map(|c| 2.0 - 2.0 * c)
+        .sum::<f32>()
+        / (2 * b) as f32;
+    assert!((loss - byol).abs() < 1e-5, "{loss} vs {byol}");
+}
+
+#[test]
+fn every_trainable_parameter_gets_a_gradient_and_the_target_none() {
+    let mut cfg = tiny("maskdeep-r18-small");
+    cfg.levels = vec!["c3".into(), "c4".into(), "c5".into()];
+    cfg.level_weights = vec![1.0, 1.0, 1.0];
+    let model = MaskDeep::new(&cfg, &Device::Cpu).unwrap();
+    let x = batch(&cfg, 6);
+    let views = Views {
+        global: &x,
+        local: None,
+        batch: cfg.batch_size,
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let masks = model.sample_masks(&mut rng, &views).unwrap();
+    let grads = model
+        .loss(&views, &masks, None)
+        .unwrap()
+        .total
+        .backward()
+        .unwrap();
+    for (name, var) in params::trainable(&model.online_vars) {
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name} has no gradient"));
+        let norm: f32 = g.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
+        assert!(norm.is_finite(), "{name}");
+    }
+    for (name, var) in params::sorted(&model.target_vars) {
+        assert!(grads.get(var.as_tensor()).is_none(), "target {name} got a gradient");
+    }
+}
+
+#[test]
+fn ema_update_follows_its_formula() {
+    let cfg = tiny("maskdeep-r18-small");
+    let model = MaskDeep::new(&cfg, &Device::Cpu).unwrap();
+    // Move the online weights away from the target's, then blend.
+    params::init(&model.online_vars, 99).unwrap();
+    let before: Vec<(String, Vec<f32>)> = params::trainable(&model.target_vars)
+        .iter()
+        .map(|(n, v)| (n.clone(), v.flatten_all().unwrap().to_vec1().unwrap()))
+        .collect();
+    ema::update(&model.online_vars, &model.target_vars, 0.9).unwrap();
+    let online = model.online_vars.data().lock().unwrap();
+    for ((name, old), (_, new)) in before.iter().zip(params::trainable(&model.target_vars)) {
+        let o: Vec<f32> = online[name].flatten_all().unwrap().to_vec1().unwrap();
+        let new: Vec<f32> = new.flatten_all().unwrap().to_vec1().unwrap();
+        for i in 0..old.len() {
+            let want = 0.9 * old[i] + 0.1 * o[i];
+            assert!((new[i] - want).abs() < 1e-6, "{name}[{i}]");
+        }
+    }
+}
