@@ -17,6 +17,7 @@ pub mod maskdeep;
 pub mod masking;
 pub mod optim;
 pub mod params;
+pub mod parity;
 pub mod pretrain;
 pub mod resnet;
 pub mod schedule;

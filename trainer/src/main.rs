@@ -27,6 +27,16 @@ enum Command {
     Pretrain(PretrainArgs),
     /// Time training steps on synthetic inputs: views/s and where a step's time goes.
     Bench(BenchArgs),
+    /// Compare one small MaskDeep step on --device (f32 and bf16) with the CPU in f32: relative
+    /// errors of the encoder output, the loss and every gradient. Exits non-zero on a failure.
+    Parity {
+        /// The device to check against the CPU (cuda, cuda:N).
+        #[arg(long, default_value = "cuda")]
+        device: String,
+        /// Print one JSON object per comparison.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Where the configuration comes from.
@@ -79,6 +89,10 @@ struct PretrainArgs {
     /// or the same preset and --set values).
     #[arg(long)]
     resume: bool,
+    /// Stop after this many steps of this invocation (checkpointing first); the schedules still
+    /// run over the whole run, so --resume later continues exactly. For time-limited job slots.
+    #[arg(long)]
+    stop_after: Option<u64>,
     /// Print a JSON summary at the end instead of text.
     #[arg(long)]
     json: bool,
@@ -121,6 +135,7 @@ fn run(cli: Cli) -> Result<()> {
                 out: args.out,
                 device: trainer::device::parse(&args.config.device)?,
                 resume: args.resume,
+                stop_after: args.stop_after,
                 progress: !args.json,
             };
             let summary = pretrain::run(&job)?;
@@ -180,6 +195,26 @@ fn run(cli: Cli) -> Result<()> {
                         t.heads_ms, t.target_ms, t.backward_ms, t.optimizer_ms
                     );
                 }
+            }
+        }
+        Command::Parity { device, json } => {
+            let dev = trainer::device::parse(&device)?;
+            let mut failed = false;
+            for bf16 in [false, true] {
+                let r = trainer::parity::check(&dev, &device, bf16)?;
+                failed |= !r.pass;
+                if json {
+                    println!("{}", serde_json::to_string(&r)?);
+                } else {
+                    println!(
+                        "parity {} {}: output {:.2e}  loss {:.2e}  gradients {:.2e} (worst {})  bound {:.0e}  {}",
+                        r.device, r.dtype, r.output_rel, r.loss_rel, r.grad_rel, r.worst_param,
+                        r.bound, if r.pass { "PASS" } else { "FAIL" }
+                    );
+                }
+            }
+            if failed {
+                bail!("parity check failed");
             }
         }
     }

@@ -31,6 +31,8 @@ pub struct PretrainJob {
     pub out: PathBuf,
     pub device: Device,
     pub resume: bool,
+    /// Stop after this many steps of this invocation (the schedules still span the whole run).
+    pub stop_after: Option<u64>,
     /// Draw a progress bar on the terminal.
     pub progress: bool,
 }
@@ -133,7 +135,8 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
         .with_context(|| format!("cannot open {}", metrics_path.display()))?;
 
     let bar = progress_bar(job.progress, total, start);
-    let mut batches = Batches::open(&job.data, cfg, start as usize, total as usize)?;
+    let end = job.stop_after.map_or(total, |n| total.min(start + n));
+    let mut batches = Batches::open(&job.data, cfg, start as usize, end as usize)?;
     let views_per_sample = cfg.global_views + cfg.local_views;
     let (mut wait, mut busy) = (Duration::ZERO, Duration::ZERO);
     let mut last_loss = f64::NAN;
@@ -203,7 +206,7 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
         bar.inc(1);
         let epoch_end = step % plan.steps_per_epoch as u64 == 0;
         let periodic = cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0;
-        if epoch_end || periodic || step == total {
+        if epoch_end || periodic || step == end {
             let state = TrainState {
                 step,
                 epoch: batch.epoch,

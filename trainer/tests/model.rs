@@ -321,3 +321,35 @@ fn ema_update_follows_its_formula() {
         }
     }
 }
+
+#[test]
+fn the_loss_decreases_when_training_on_a_tiny_fixed_batch() {
+    use trainer::optim::{Optimizer, Rule};
+    let cfg = tiny("maskdeep-r18-small");
+    let model = MaskDeep::new(&cfg, &Device::Cpu).unwrap();
+    let mut opt = Optimizer::new(
+        Rule::Sgd,
+        params::trainable(&model.online_vars),
+        0.9,
+        0.0,
+    )
+    .unwrap();
+    let x = batch(&cfg, 8);
+    let views = Views {
+        global: &x,
+        local: None,
+        batch: cfg.batch_size,
+    };
+    let mut losses = Vec::new();
+    for step in 0..15 {
+        let mut rng = ChaCha8Rng::seed_from_u64(step);
+        let masks = model.sample_masks(&mut rng, &views).unwrap();
+        let loss = model.loss(&views, &masks, None).unwrap().total;
+        losses.push(loss.to_scalar::<f32>().unwrap());
+        opt.step(&loss.backward().unwrap(), 0.05).unwrap();
+        ema::update(&model.online_vars, &model.target_vars, 0.99).unwrap();
+    }
+    let first: f32 = losses[..3].iter().sum::<f32>() / 3.0;
+    let last: f32 = losses[12..].iter().sum::<f32>() / 3.0;
+    assert!(last < 0.8 * first, "loss {first} -> {last}: {losses:?}");
+}

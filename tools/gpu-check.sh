@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Every check of the CUDA trainer on the GPU machine, in one run (about 6-8 minutes); ends with a
+# short table. Needs carry/cuda-bundle.tar.xz (tools/build-cuda.sh) and carry/photos/ (a few JPEGs)
+# in the repository; the machine needs the NVIDIA driver and PyTorch (cu13) for its libraries and
+# the reference step.
+#   tools/gpu-check.sh [OUT_DIR]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-${OUT:-/tmp/gpu-check}}
+mkdir -p "$out"
+work=$(mktemp -d)
+log="$out/gpu-check.log"
+: >"$log"
+table=()
+row() { table+=("$(printf '%-44s %s' "$1" "$2")"); }
+note() { echo "== $*" | tee -a "$log"; }
+
+tar -C "$work" -xJf carry/cuda-bundle.tar.xz
+bin=$work/bundle
+nv=$(python3 -c 'import nvidia; print(list(nvidia.__path__)[0])')
+export LD_LIBRARY_PATH="$nv/cu13/lib:$nv/cudnn/lib:$nv/cublas/lib:${LD_LIBRARY_PATH:-}"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$log"
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)
+row "GPU" "$gpu"
+
+# 1. Parity: CPU f32 vs CUDA f32 and bf16.
+for t in cuda cudnn; do
+    note "parity ($t build)"
+    if timeout 120 "$bin/trainer-$t" parity --device cuda >"$work/parity-$t" 2>&1; then :; fi
+    cat "$work/parity-$t" | tee -a "$log"
+    while read -r line; do
+        case "$line" in parity*) row "parity $t $(echo "$line" | awk '{print $3}' | tr -d :)" \
+            "$(echo "$line" | sed -E 's/^parity [^ ]+ [^ ]+: //')";; esac
+    done <"$work/parity-$t"
+done
+t=cudnn
+"$bin/trainer-cudnn" parity --device cuda >/dev/null 2>&1 || t=cuda
+
+# 2. Short pretrain on shards packed from real photos, stopped and resumed.
+note "pack photos"
+"$bin/loader" pack carry/photos --unlabelled --out "$work/shards" --short-side 256 --threads 16 2>&1 | tail -n 1 | tee -a "$log"
+note "pretrain (trainer-$t): 40 steps, stopped at 25 and resumed"
+common=(--preset maskdeep-r18-imagenet --data "$work/shards" --out "$work/run" --device cuda
+    --set batch_size=64 --set max_steps=40 --set warmup_epochs=0.5 --set threads=16 --set checkpoint_every=0 --json)
+timeout 200 "$bin/trainer-$t" pretrain "${common[@]}" --stop-after 25 2>&1 | tail -n 2 | tee -a "$log"
+timeout 150 "$bin/trainer-$t" pretrain "${common[@]}" --resume 2>&1 | tail -n 2 | tee -a "$log"
+if [ -f "$work/run/metrics.jsonl" ]; then
+    cp "$work/run/metrics.jsonl" "$out/pretrain-metrics.jsonl"
+    row "pretrain r18 224px b64 (40 steps, resumed)" "$(python3 - "$work/run/metrics.jsonl" <<'PY'
+import json, sys
+m = [json.loads(l) for l in open(sys.argv[1])]
+first = sum(x["loss"] for x in m[:5]) / 5
+last = sum(x["loss"] for x in m[-5:]) / 5
+wait = sorted(x["data_wait"] for x in m[5:])
+vps = sorted(x["views_per_second"] for x in m[5:])
+print(f"steps {m[-1]['step']}, loss {first:.3f} -> {last:.3f}, median data wait {100*wait[len(wait)//2]:.1f}%, median {vps[len(vps)//2]:.0f} views/s")
+PY
+)"
+    ls "$work/run/checkpoints" | tee -a "$log"
+else
+    row "pretrain" "FAILED (see log)"
+fi
+
+# 3. Throughput: trainer bench vs the PyTorch step, and the input pipeline on all cores.
+bench() { # label, args...
+    local label=$1; shift
+    local json
+    json=$(timeout 120 "$bin/trainer-$t" bench --device cuda --steps 3 --groups 1,4 --json "$@" 2>>"$log" | tail -n 1)
+    echo "$label $json" >>"$log"
+    local v
+    v=$(echo "$json" | python3 -c 'import json,sys; d=json.load(sys.stdin); g={x["groups"]:x for x in d["groups"]}; print(f"{d[\"views_per_second\"]:.0f} views/s (encoder ms G1 {g[1][\"online_encoder_ms\"]:.1f} / G4 {g[4][\"online_encoder_ms\"]:.1f})")' 2>/dev/null || echo FAILED)
+    row "$label" "$v"
+}
+torch_step() { # label, args...
+    local label=$1; shift
+    local v
+    v=$(timeout 120 python3 tools/bench_torch_step.py --device cuda --steps 5 "$@" 2>>"$log" | tail -n 1 |
+        python3 -c 'import json,sys; print(f"{json.load(sys.stdin)[\"views_per_second\"]:.0f} views/s")' 2>/dev/null || echo FAILED)
+    row "$label" "$v"
+}
+note "throughput"
+for b in 64 128; do
+    bench "maskdeep r50 224 b$b fp32" --preset maskdeep-r50-imagenet --batch $b
+    bench "maskdeep r50 224 b$b bf16" --preset maskdeep-r50-imagenet --batch $b --set bf16=true
+    torch_step "pytorch r50 224 b$b bf16 channels_last" --arch resnet50 --size 224 --batch $b --bf16 --channels-last
+done
+bench "maskdeep r18 224 b128 bf16" --preset maskdeep-r18-imagenet --batch 128 --set bf16=true
+torch_step "pytorch r18 224 b128 bf16 channels_last" --arch resnet18 --size 224 --batch 128 --bf16 --channels-last
+v=$("$bin/loader" bench "$work/shards" --preset byol --threads 16 --samples 2048 --repeats 1 --json 2>>"$log" | tail -n 1 |
+    python3 -c 'import json,sys; d=json.load(sys.stdin); print(f"{d[\"samples_per_second\"]:.0f} samples/s = {d[\"views_per_second\"]:.0f} views/s")' 2>/dev/null || echo FAILED)
+row "input pipeline byol 224, 16 threads" "$v"
+
+echo
+echo "| check | result |" | tee "$out/table.md"
+echo "|---|---|" | tee -a "$out/table.md"
+for r in "${table[@]}"; do
+    printf '| %s | %s |\n' "$(echo "$r" | cut -c1-44 | sed 's/ *$//')" "$(echo "$r" | cut -c46-)" | tee -a "$out/table.md"
+done
+rm -rf "$work"

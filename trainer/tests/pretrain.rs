@@ -1,0 +1,155 @@
+//! The pretraining loop on real shards: exact resumption, NaN handling, config errors.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use shared::manifest::PackOptions;
+use shared::pack::{pack, PackJob};
+use shared::resize::Filter;
+use shared::shard::Encoding;
+use shared::synth::{write_dataset, SynthSpec};
+use trainer::checkpoint;
+use trainer::config::TrainConfig;
+use trainer::pretrain::{run, PretrainJob};
+
+fn shards(dir: &Path) -> PathBuf {
+    let spec = SynthSpec {
+        seed: 3,
+        classes: 3,
+        train_per_class: 8,
+        val_per_class: 0,
+        size: 40,
+    };
+    write_dataset(&spec, &dir.join("syn"), &|| {}).unwrap();
+    let sources = shared::source::list_class_folders(&dir.join("syn/train")).unwrap();
+    let options = PackOptions {
+        short_side: None,
+        max_side: None,
+        upscale: false,
+        filter: Filter::Bilinear,
+        encoding: Encoding::Raw,
+        quality: 90,
+        max_pixels: 1 << 20,
+        shard_size: 1 << 16,
+    };
+    let job = PackJob {
+        sources: &sources,
+        out: dir.join("shards"),
+        options,
+        part: None,
+        threads: 2,
+    };
+    pack(&job, &mut |_| {}).unwrap();
+    dir.join("shards")
+}
+
+fn tiny() -> TrainConfig {
+    let mut c = TrainConfig::preset("maskdeep-r18-small").unwrap();
+    for kv in [
+        "width=0.125",
+        "image_size=32",
+        "proj_hidden=32",
+        "proj_dim=16",
+        "pred_hidden=32",
+        "batch_size=8",
+        "epochs=2",
+        "warmup_epochs=1",
+        "threads=2",
+        "checkpoint_every=0",
+    ] {
+        c.set(kv).unwrap();
+    }
+    c
+}
+
+fn job(cfg: &TrainConfig, data: &Path, out: &Path) -> PretrainJob {
+    PretrainJob {
+        config: cfg.clone(),
+        data: data.to_path_buf(),
+        out: out.to_path_buf(),
+        device: Device::Cpu,
+        resume: false,
+        stop_after: None,
+        progress: false,
+    }
+}
+
+fn read(path: PathBuf) -> Vec<u8> {
+    std::fs::read(path).unwrap()
+}
+
+#[test]
+fn a_stopped_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = shards(dir.path());
+    let cfg = tiny();
+
+    let whole = run(&job(&cfg, &data, &dir.path().join("whole"))).unwrap();
+    assert_eq!(whole.steps, 6, "24 images, batch 8, 2 epochs");
+
+    let split_dir = dir.path().join("split");
+    let mut first = job(&cfg, &data, &split_dir);
+    first.stop_after = Some(4);
+    assert_eq!(run(&first).unwrap().steps, 4);
+    let mut second = job(&cfg, &data, &split_dir);
+    second.resume = true;
+    let resumed = run(&second).unwrap();
+    assert_eq!(resumed.steps, 6);
+
+    for file in ["online.safetensors", "target.safetensors", "optimizer.safetensors"] {
+        assert!(
+            read(whole.checkpoint.join(file)) == read(resumed.checkpoint.join(file)),
+            "{file} differs after resuming"
+        );
+    }
+    let lines = std::fs::read_to_string(split_dir.join("metrics.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 6, "one metrics line per step, none twice");
+    assert_eq!(whole.final_loss, resumed.final_loss);
+
+    // A fresh run into a folder that has one is refused.
+    let err = run(&job(&cfg, &data, &split_dir)).unwrap_err().to_string();
+    assert!(err.contains("--resume"), "{err}");
+    // Resuming with another config is refused.
+    let mut other = cfg.clone();
+    other.lr = 0.5;
+    let mut j = job(&other, &data, &split_dir);
+    j.resume = true;
+    assert!(run(&j).unwrap_err().to_string().contains("config differs"));
+}
+
+#[test]
+fn a_diverging_loss_stops_the_run_and_keeps_the_last_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = shards(dir.path());
+    let mut cfg = tiny();
+    for kv in [
+        "optimizer=\"sgd\"",
+        "lr=1e30",
+        "warmup_epochs=0",
+        "checkpoint_every=1",
+    ] {
+        cfg.set(kv).unwrap();
+    }
+    let out = dir.path().join("run");
+    let err = run(&job(&cfg, &data, &out)).unwrap_err().to_string();
+    assert!(err.contains("loss became"), "{err}");
+    let kept = checkpoint::list(&out).unwrap();
+    assert!(!kept.is_empty(), "the last good checkpoint is kept");
+    let state = checkpoint::read_state(kept.last().unwrap()).unwrap();
+    assert!(state.loss.is_finite());
+}
+
+#[test]
+fn bad_config_values_are_refused_with_the_key_named() {
+    let mut c = tiny();
+    let err = c.set("no_such_key=1").unwrap_err().to_string();
+    assert!(err.contains("no_such_key"), "{err}");
+    let err = c.set("batch_size=\"big\"").unwrap_err().to_string();
+    assert!(err.contains("batch_size"), "{err}");
+    c.set("visible_ratio=0").unwrap();
+    assert!(c.validate().unwrap_err().to_string().contains("visible_ratio"));
+    let mut c = tiny();
+    c.set("levels=[\"c6\"]").unwrap();
+    assert!(c.validate().unwrap_err().to_string().contains("c6"));
+    assert!(TrainConfig::preset("maskdeep-r99-imagenet").is_err());
+}
