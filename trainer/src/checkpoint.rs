@@ -134,3 +134,24 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
         ),
     }
 }
+
+/// The run configuration a checkpoint was trained with (`RUNDIR/config.json` above
+/// `RUNDIR/checkpoints/step-N`).
+pub fn run_config(checkpoint: &Path) -> Result<crate::config::TrainConfig> {
+    let run = checkpoint
+        .parent()
+        .and_then(Path::parent)
+        .context("a checkpoint folder lies in RUNDIR/checkpoints/")?;
+    crate::config::TrainConfig::load(&run.join(crate::pretrain::CONFIG_FILE))
+}
+
+/// Rebuilds the model of a checkpoint (its run's config) on `device` with its weights loaded.
+pub fn load_model(
+    checkpoint: &Path,
+    device: &candle_core::Device,
+) -> Result<(MaskDeep, TrainState)> {
+    let cfg = run_config(checkpoint)?;
+    let mut model = MaskDeep::new(&cfg, device)?;
+    let state = load(checkpoint, &mut model, None)?;
+    Ok((model, state))
+}

@@ -12,6 +12,8 @@ pub mod conv;
 pub mod data;
 pub mod device;
 pub mod ema;
+pub mod eval;
+pub mod export;
 pub mod heads;
 pub mod maskdeep;
 pub mod masking;

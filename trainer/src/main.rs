@@ -6,7 +6,9 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
-use trainer::bench;
+use shared::dataset::Dataset;
+use trainer::maskdeep::MaskDeep;
+use trainer::{bench, checkpoint, eval};
 use trainer::config::{TrainConfig, PRESETS};
 use trainer::pretrain::{self, PretrainJob};
 
@@ -27,6 +29,21 @@ enum Command {
     Pretrain(PretrainArgs),
     /// Time training steps on synthetic inputs: views/s and where a step's time goes.
     Bench(BenchArgs),
+    /// Evaluate a frozen backbone on labelled shards: weighted kNN or a linear probe.
+    #[command(subcommand)]
+    Eval(EvalCommand),
+    /// Write a checkpoint's online backbone for another framework.
+    Export {
+        /// A checkpoint folder, or a run folder (its newest checkpoint).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Only `torchvision`: torchvision's parameter names and layouts, safetensors.
+        #[arg(long, default_value = "torchvision")]
+        format: String,
+        /// The .safetensors file to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Compare one small MaskDeep step on --device (f32 and bf16) with the CPU in f32: relative
     /// errors of the encoder output, the loss and every gradient. Exits non-zero on a failure.
     Parity {
@@ -96,6 +113,95 @@ struct PretrainArgs {
     /// Print a JSON summary at the end instead of text.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Subcommand)]
+enum EvalCommand {
+    /// Weighted kNN on L2-normalised features (DINO / solo-learn protocol): top-1 and top-5.
+    Knn {
+        #[command(flatten)]
+        common: EvalArgs,
+        /// Neighbour counts to report.
+        #[arg(long, value_delimiter = ',', default_value = "20,200")]
+        k: Vec<usize>,
+        /// Temperature of the neighbours' weights exp(cos / T).
+        #[arg(long, default_value_t = 0.07)]
+        temperature: f64,
+    },
+    /// A linear classifier on frozen features (precomputed once; SGD, cosine schedule).
+    Linear {
+        #[command(flatten)]
+        common: EvalArgs,
+        /// Passes over the training features.
+        #[arg(long, default_value_t = 100)]
+        epochs: usize,
+        /// Peak learning rate (features are L2-normalised).
+        #[arg(long, default_value_t = 1.0)]
+        lr: f64,
+    },
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// A checkpoint folder, or a run folder (its newest checkpoint).
+    #[arg(long, required_unless_present = "random")]
+    checkpoint: Option<PathBuf>,
+    /// Evaluate a randomly initialised backbone of the --preset's architecture instead (the
+    /// baseline every report shows).
+    #[arg(long, requires = "preset")]
+    random: bool,
+    /// With --random: the preset (and --set values) giving the architecture and image size.
+    #[arg(long)]
+    preset: Option<String>,
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// Labelled packed shards whose features are the kNN memory / probe training set.
+    #[arg(long)]
+    train: PathBuf,
+    /// Labelled packed shards to score.
+    #[arg(long)]
+    val: PathBuf,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 256)]
+    batch: usize,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+impl EvalArgs {
+    /// The backbone to evaluate and a description of it, with the features of both sets.
+    fn features(&self) -> Result<(String, eval::Features, eval::Features)> {
+        let device = trainer::device::parse(&self.device)?;
+        let (model, what) = match (&self.checkpoint, self.random) {
+            (Some(path), false) => {
+                let ckpt = checkpoint::resolve(path)?;
+                let (model, state) = checkpoint::load_model(&ckpt, &device)?;
+                let what = format!("{} step {}", model.config().preset, state.step);
+                (model, what)
+            }
+            (None, true) => {
+                let cfg = ConfigArgs {
+                    preset: self.preset.clone(),
+                    config: None,
+                    sets: self.sets.clone(),
+                    device: self.device.clone(),
+                }
+                .resolve()?;
+                let what = format!("random {}", cfg.arch.name());
+                (MaskDeep::new(&cfg, &device)?, what)
+            }
+            _ => bail!("give --checkpoint or --random (not both)"),
+        };
+        let size = model.config().image_size;
+        let open = |p: &PathBuf| Dataset::open(p).map_err(anyhow::Error::from);
+        let train = eval::extract(&model.online.backbone, &open(&self.train)?, size, self.batch, &device)?;
+        let val = eval::extract(&model.online.backbone, &open(&self.val)?, size, self.batch, &device)?;
+        Ok((what, train, val))
+    }
 }
 
 #[derive(Args)]
@@ -196,6 +302,49 @@ fn run(cli: Cli) -> Result<()> {
                     );
                 }
             }
+        }
+        Command::Eval(EvalCommand::Knn {
+            common,
+            k,
+            temperature,
+        }) => {
+            let (what, train, val) = common.features()?;
+            let mut results = Vec::new();
+            for &kk in &k {
+                let acc = eval::knn(&train, &val, kk, temperature)?;
+                results.push(serde_json::json!({"k": kk, "top1": acc.top1, "top5": acc.top5}));
+                if !common.json {
+                    println!("{what}: kNN k={kk}: top-1 {:.2}%  top-5 {:.2}%", acc.top1, acc.top5);
+                }
+            }
+            if common.json {
+                println!("{}", serde_json::json!({"model": what, "knn": results}));
+            }
+        }
+        Command::Eval(EvalCommand::Linear { common, epochs, lr }) => {
+            let (what, train, val) = common.features()?;
+            let acc = eval::linear_probe(&train, &val, epochs, lr, 0)?;
+            if common.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"model": what, "linear": {"top1": acc.top1, "top5": acc.top5, "epochs": epochs}})
+                );
+            } else {
+                println!("{what}: linear probe: top-1 {:.2}%  top-5 {:.2}%", acc.top1, acc.top5);
+            }
+        }
+        Command::Export {
+            checkpoint: path,
+            format,
+            out,
+        } => {
+            if format != "torchvision" {
+                bail!("unknown export format `{format}`: only torchvision");
+            }
+            let ckpt = checkpoint::resolve(&path)?;
+            let (model, state) = checkpoint::load_model(&ckpt, &candle_core::Device::Cpu)?;
+            trainer::export::write_torchvision(&model, state.step, &out)?;
+            println!("wrote {} ({} backbone)", out.display(), model.config().arch.name());
         }
         Command::Parity { device, json } => {
             let dev = trainer::device::parse(&device)?;
