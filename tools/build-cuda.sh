@@ -69,8 +69,8 @@ build() {
         mkdir -p "$TARGET/bin"
         cp "$TARGET/gpu/release/trainer" "$TARGET/bin/trainer-$feature"
     done
-    cargo build --release -p loader --target-dir "$TARGET/cpu"
-    cp "$TARGET/cpu/release/loader" "$TARGET/bin/loader"
+    cargo build --release -p loader --target-dir "$TARGET/gpu"
+    cp "$TARGET/gpu/release/loader" "$TARGET/bin/loader"
 }
 
 bundle() {

@@ -5,6 +5,7 @@
 //! checkpoints ([`checkpoint`]).
 
 pub mod batchnorm;
+pub mod batchnorm_cpu;
 pub mod bench;
 pub mod checkpoint;
 pub mod config;

@@ -4,6 +4,11 @@
 
 use std::path::PathBuf;
 
+/// mimalloc reuses freed tensor buffers instead of returning them to the OS and page-faulting them
+/// back in at the next step (the system allocator's behaviour for large blocks).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
 use shared::dataset::Dataset;
