@@ -11,8 +11,9 @@ mkdir -p "$out"
 work=$(mktemp -d)
 log="$out/gpu-check.log"
 : >"$log"
-table=()
-row() { table+=("$(printf '%-44s %s' "$1" "$2")"); }
+# Each result is appended to the table as soon as it is known (a cut-short run keeps what it got).
+printf '| check | result |\n|---|---|\n' >"$out/table.md"
+row() { printf '| %s | %s |\n' "$1" "$2" | tee -a "$out/table.md"; }
 note() { echo "== $*" | tee -a "$log"; }
 
 tar -C "$work" -xJf carry/cuda-bundle.tar.xz
@@ -46,16 +47,7 @@ timeout 200 "$bin/trainer-$t" pretrain "${common[@]}" --stop-after 25 2>&1 | tai
 timeout 150 "$bin/trainer-$t" pretrain "${common[@]}" --resume 2>&1 | tail -n 2 | tee -a "$log"
 if [ -f "$work/run/metrics.jsonl" ]; then
     cp "$work/run/metrics.jsonl" "$out/pretrain-metrics.jsonl"
-    row "pretrain r18 224px b64 (40 steps, resumed)" "$(python3 - "$work/run/metrics.jsonl" <<'PY'
-import json, sys
-m = [json.loads(l) for l in open(sys.argv[1])]
-first = sum(x["loss"] for x in m[:5]) / 5
-last = sum(x["loss"] for x in m[-5:]) / 5
-wait = sorted(x["data_wait"] for x in m[5:])
-vps = sorted(x["views_per_second"] for x in m[5:])
-print(f"steps {m[-1]['step']}, loss {first:.3f} -> {last:.3f}, median data wait {100*wait[len(wait)//2]:.1f}%, median {vps[len(vps)//2]:.0f} views/s")
-PY
-)"
+    row "pretrain r18 224px b64 (40 steps, resumed)" "$(python3 tools/gpu_summary.py pretrain "$work/run/metrics.jsonl")"
     ls "$work/run/checkpoints" | tee -a "$log"
 else
     row "pretrain" "FAILED (see log)"
@@ -65,35 +57,29 @@ fi
 bench() { # label, args...
     local label=$1; shift
     local json
-    json=$(timeout 120 "$bin/trainer-$t" bench --device cuda --steps 3 --groups 1,4 --json "$@" 2>>"$log" | tail -n 1)
+    json=$(timeout 100 "$bin/trainer-$t" bench --device cuda --steps 3 --json "$@" 2>>"$log" | tail -n 1)
     echo "$label $json" >>"$log"
-    local v
-    v=$(echo "$json" | python3 -c 'import json,sys; d=json.load(sys.stdin); g={x["groups"]:x for x in d["groups"]}; print(f"{d[\"views_per_second\"]:.0f} views/s (encoder ms G1 {g[1][\"online_encoder_ms\"]:.1f} / G4 {g[4][\"online_encoder_ms\"]:.1f})")' 2>/dev/null || echo FAILED)
-    row "$label" "$v"
+    if [ -z "$json" ] && tail -n 30 "$log" | grep -q OUT_OF_MEMORY; then
+        row "$label" "out of GPU memory"
+    else
+        row "$label" "$(echo "$json" | python3 tools/gpu_summary.py bench)"
+    fi
 }
 torch_step() { # label, args...
     local label=$1; shift
-    local v
-    v=$(timeout 120 python3 tools/bench_torch_step.py --device cuda --steps 5 "$@" 2>>"$log" | tail -n 1 |
-        python3 -c 'import json,sys; print(f"{json.load(sys.stdin)[\"views_per_second\"]:.0f} views/s")' 2>/dev/null || echo FAILED)
-    row "$label" "$v"
+    row "$label" "$(timeout 120 python3 tools/bench_torch_step.py --device cuda --steps 5 "$@" 2>>"$log" | python3 tools/gpu_summary.py torch)"
 }
 note "throughput"
-for b in 64 128; do
-    bench "maskdeep r50 224 b$b fp32" --preset maskdeep-r50-imagenet --batch $b
-    bench "maskdeep r50 224 b$b bf16" --preset maskdeep-r50-imagenet --batch $b --set bf16=true
-    torch_step "pytorch r50 224 b$b bf16 channels_last" --arch resnet50 --size 224 --batch $b --bf16 --channels-last
-done
-bench "maskdeep r18 224 b128 bf16" --preset maskdeep-r18-imagenet --batch 128 --set bf16=true
+bench "maskdeep r50 224 b64 bf16" --preset maskdeep-r50-imagenet --batch 64 --set bf16=true --groups 1,8
+torch_step "pytorch r50 224 b64 bf16 channels_last" --arch resnet50 --size 224 --batch 64 --bf16 --channels-last
+bench "maskdeep r50 224 b64 fp32" --preset maskdeep-r50-imagenet --batch 64 --groups 1
+bench "maskdeep r50 224 b128 bf16" --preset maskdeep-r50-imagenet --batch 128 --set bf16=true --groups 1
+torch_step "pytorch r50 224 b128 bf16 channels_last" --arch resnet50 --size 224 --batch 128 --bf16 --channels-last
+bench "maskdeep r18 224 b128 bf16" --preset maskdeep-r18-imagenet --batch 128 --set bf16=true --groups 1
 torch_step "pytorch r18 224 b128 bf16 channels_last" --arch resnet18 --size 224 --batch 128 --bf16 --channels-last
-v=$("$bin/loader" bench "$work/shards" --preset byol --threads 16 --samples 2048 --repeats 1 --json 2>>"$log" | tail -n 1 |
-    python3 -c 'import json,sys; d=json.load(sys.stdin); print(f"{d[\"samples_per_second\"]:.0f} samples/s = {d[\"views_per_second\"]:.0f} views/s")' 2>/dev/null || echo FAILED)
+v=$("$bin/loader" bench "$work/shards" --preset byol --threads 16 --samples 2048 --repeats 1 --json 2>>"$log" | python3 tools/gpu_summary.py loader)
 row "input pipeline byol 224, 16 threads" "$v"
 
 echo
-echo "| check | result |" | tee "$out/table.md"
-echo "|---|---|" | tee -a "$out/table.md"
-for r in "${table[@]}"; do
-    printf '| %s | %s |\n' "$(echo "$r" | cut -c1-44 | sed 's/ *$//')" "$(echo "$r" | cut -c46-)" | tee -a "$out/table.md"
-done
+cat "$out/table.md"
 rm -rf "$work"

@@ -223,7 +223,7 @@ struct BenchArgs {
     #[arg(long, default_value_t = 5)]
     steps: usize,
     /// Also time these group counts, to show that the encoder's time does not grow with G.
-    #[arg(long, value_delimiter = ',', default_value = "1,4")]
+    #[arg(long, value_delimiter = ',')]
     groups: Vec<usize>,
     /// Print one JSON object (`views_per_second` at the top level).
     #[arg(long)]
