@@ -35,3 +35,25 @@ pub fn write_torchvision(model: &MaskDeep, steps: u64, path: &Path) -> Result<()
     std::fs::rename(&tmp, path)?;
     Ok(())
 }
+
+/// A fixed input (`probe.input`, `[2, 3, size, size]`, seeded) and the backbone's eval-mode
+/// GAP(C5) features of it (`probe.features`), for checking an export in another framework.
+pub fn probe(model: &MaskDeep) -> Result<HashMap<String, Tensor>> {
+    use rand::{Rng, SeedableRng};
+    let size = model.config().image_size as usize;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let values: Vec<f32> = (0..2 * 3 * size * size)
+        .map(|_| rng.random_range(-2.0..2.0))
+        .collect();
+    let input = Tensor::from_vec(values, (2, 3, size, size), &Device::Cpu)?;
+    let features = model
+        .online
+        .backbone
+        .embed(&input.to_device(model.device())?, false)?
+        .detach()
+        .to_device(&Device::Cpu)?;
+    Ok(HashMap::from([
+        ("probe.input".to_string(), input),
+        ("probe.features".to_string(), features),
+    ]))
+}

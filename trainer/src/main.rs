@@ -48,6 +48,10 @@ enum Command {
         /// The .safetensors file to write.
         #[arg(long)]
         out: PathBuf,
+        /// Also write a fixed input and the backbone's features of it to this .safetensors file,
+        /// to check the export in another framework (tools/check_export.py).
+        #[arg(long)]
+        probe: Option<PathBuf>,
     },
     /// Compare one small MaskDeep step on --device (f32 and bf16) with the CPU in f32: relative
     /// errors of the encoder output, the loss and every gradient. Exits non-zero on a failure.
@@ -342,6 +346,7 @@ fn run(cli: Cli) -> Result<()> {
             checkpoint: path,
             format,
             out,
+            probe,
         } => {
             if format != "torchvision" {
                 bail!("unknown export format `{format}`: only torchvision");
@@ -349,6 +354,9 @@ fn run(cli: Cli) -> Result<()> {
             let ckpt = checkpoint::resolve(&path)?;
             let (model, state) = checkpoint::load_model(&ckpt, &candle_core::Device::Cpu)?;
             trainer::export::write_torchvision(&model, state.step, &out)?;
+            if let Some(path) = probe {
+                candle_core::safetensors::save(&trainer::export::probe(&model)?, &path)?;
+            }
             println!("wrote {} ({} backbone)", out.display(), model.config().arch.name());
         }
         Command::Parity { device, json } => {

@@ -1,0 +1,151 @@
+//! synth -> pack -> pretrain -> eval -> export through the real binaries, on a tiny dataset.
+
+use e2e::{bin, json, loader_ok, p, synth};
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn trainer(args: &[&str]) -> Output {
+    let out = Command::new(bin("trainer"))
+        .args(args)
+        .output()
+        .expect("run trainer");
+    assert!(
+        out.status.success(),
+        "trainer {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+const TINY: &[&str] = &[
+    "--set",
+    "width=0.125",
+    "--set",
+    "image_size=32",
+    "--set",
+    "proj_hidden=32",
+    "--set",
+    "pred_hidden=32",
+    "--set",
+    "proj_dim=16",
+    "--set",
+    "batch_size=8",
+];
+
+fn pack(src: &Path, out: &Path) {
+    loader_ok(&["pack", p(src), "--out", p(out), "--short-side", "40"]);
+}
+
+#[test]
+fn synth_pack_pretrain_eval_export() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    synth(&d.join("data"), 3, 8, 40);
+    pack(&d.join("data/train"), &d.join("train"));
+    pack(&d.join("data/val"), &d.join("val"));
+
+    let run = d.join("run");
+    let (train, val) = (d.join("train"), d.join("val"));
+    let mut args = vec![
+        "pretrain",
+        "--preset",
+        "maskdeep-r18-small",
+        "--data",
+        p(&train),
+        "--out",
+        p(&run),
+        "--set",
+        "max_steps=3",
+        "--json",
+    ];
+    args.extend_from_slice(TINY);
+    let summary = json(&trainer(&args));
+    assert_eq!(summary["steps"], 3);
+    assert!(summary["final_loss"].as_f64().unwrap().is_finite());
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 3);
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    assert_eq!(saved["width"], 0.125);
+
+    let eval = |extra: &[&str]| {
+        let mut a = vec!["eval", "knn", "--train", p(&train), "--val", p(&val), "--json"];
+        a.extend_from_slice(extra);
+        json(&trainer(&a))
+    };
+    let trained = eval(&["--checkpoint", p(&run), "--k", "5"]);
+    let mut random_args = vec!["--random", "--preset", "maskdeep-r18-small", "--k", "5"];
+    random_args.extend_from_slice(TINY);
+    let random = eval(&random_args);
+    for r in [&trained, &random] {
+        let top1 = r["knn"][0]["top1"].as_f64().unwrap();
+        assert!((0.0..=100.0).contains(&top1), "{r}");
+    }
+    assert!(random["model"].as_str().unwrap().starts_with("random"));
+
+    let exported = d.join("backbone.safetensors");
+    trainer(&[
+        "export",
+        "--checkpoint",
+        p(&run),
+        "--format",
+        "torchvision",
+        "--out",
+        p(&exported),
+    ]);
+    let bytes = std::fs::read(&exported).unwrap();
+    // safetensors: an 8-byte header length, then a JSON header naming every tensor.
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    for key in [
+        "conv1.weight",
+        "bn1.running_var",
+        "bn1.num_batches_tracked",
+        "layer4.1.bn2.bias",
+    ] {
+        assert!(header.get(key).is_some(), "{key} missing from the export");
+    }
+    assert!(header.get("fc.weight").is_none());
+    assert!(!header
+        .as_object()
+        .unwrap()
+        .keys()
+        .any(|k| k.starts_with("backbone.") || k.starts_with("projector")));
+}
+
+#[test]
+fn helpful_errors_for_wrong_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(bin("trainer"))
+        .args([
+            "pretrain",
+            "--preset",
+            "nope",
+            "--data",
+            p(dir.path()),
+            "--out",
+            p(&dir.path().join("r")),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("maskdeep-r18-small"), "lists the presets: {err}");
+
+    let out = Command::new(bin("trainer"))
+        .args([
+            "pretrain",
+            "--preset",
+            "maskdeep-r18-small",
+            "--data",
+            p(dir.path()),
+            "--out",
+            p(&dir.path().join("r")),
+            "--device",
+            "cuda",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--features cuda"));
+}
