@@ -69,7 +69,15 @@ fn synth_pack_pretrain_eval_export() {
     assert_eq!(saved["width"], 0.125);
 
     let eval = |extra: &[&str]| {
-        let mut a = vec!["eval", "knn", "--train", p(&train), "--val", p(&val), "--json"];
+        let mut a = vec![
+            "eval",
+            "knn",
+            "--train",
+            p(&train),
+            "--val",
+            p(&val),
+            "--json",
+        ];
         a.extend_from_slice(extra);
         json(&trainer(&a))
     };
@@ -130,7 +138,10 @@ fn helpful_errors_for_wrong_use() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("maskdeep-r18-small"), "lists the presets: {err}");
+    assert!(
+        err.contains("maskdeep-r18-small"),
+        "lists the presets: {err}"
+    );
 
     let out = Command::new(bin("trainer"))
         .args([

@@ -38,7 +38,8 @@ impl BatchNorm {
         let (n, c) = (dims[0], dims[1]);
         let x32 = x.to_dtype(DType::F32)?.reshape((n, c, ()))?;
         if train && x.device().is_cpu() {
-            let (y, mean, var) = crate::batchnorm_cpu::forward_train(&x32, &self.weight, &self.bias)?;
+            let (y, mean, var) =
+                crate::batchnorm_cpu::forward_train(&x32, &self.weight, &self.bias)?;
             let count = x32.elem_count() / c;
             self.update_running(&mean, &var, count)?;
             return y.to_dtype(x.dtype())?.reshape(dims);

@@ -161,7 +161,11 @@ impl CustomOp3 for Backward {
 
 /// Train-mode BatchNorm of contiguous f32 `x [n, c, l]` on the CPU: the output `[n, c, l]` and the
 /// batch mean and biased variance `[c]` each (detached).
-pub fn forward_train(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+pub fn forward_train(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let (n, c, l) = x.dims3()?;
     let m = n * c * l;
     let out = x.contiguous()?.apply_op3(weight, bias, Forward)?;

@@ -25,6 +25,14 @@ pub struct StepTimes {
     pub optimizer_ms: f64,
 }
 
+/// One timed step.
+struct Sample {
+    forward: ForwardTimes,
+    backward: Duration,
+    optimizer: Duration,
+    step: Duration,
+}
+
 /// Times `steps` steps (after one warm-up step) of `cfg` with `groups` groups.
 pub fn time_steps(cfg: &TrainConfig, device: &Device, steps: usize) -> Result<StepTimes> {
     let model = MaskDeep::new(cfg, device)?;
@@ -40,7 +48,12 @@ pub fn time_steps(cfg: &TrainConfig, device: &Device, steps: usize) -> Result<St
     let global = Tensor::randn(0f32, 1.0, (cfg.global_views * b, 3, s, s), device)?;
     let l = cfg.local_size as usize;
     let local = if cfg.local_views > 0 {
-        Some(Tensor::randn(0f32, 1.0, (cfg.local_views * b, 3, l, l), device)?)
+        Some(Tensor::randn(
+            0f32,
+            1.0,
+            (cfg.local_views * b, 3, l, l),
+            device,
+        )?)
     } else {
         None
     };
@@ -49,7 +62,7 @@ pub fn time_steps(cfg: &TrainConfig, device: &Device, steps: usize) -> Result<St
         local: local.as_ref(),
         batch: b,
     };
-    let mut samples: Vec<(ForwardTimes, Duration, Duration, Duration)> = Vec::new();
+    let mut samples: Vec<Sample> = Vec::new();
     for step in 0..=steps {
         let mut times = ForwardTimes::default();
         let mut rng = pretrain::mask_rng(cfg.seed, step as u64);
@@ -65,24 +78,29 @@ pub fn time_steps(cfg: &TrainConfig, device: &Device, steps: usize) -> Result<St
         device.synchronize()?;
         let t_opt = Instant::now();
         if step > 0 {
-            samples.push((times, t_bwd - t_fwd, t_opt - t_bwd, t_opt - start));
+            samples.push(Sample {
+                forward: times,
+                backward: t_bwd - t_fwd,
+                optimizer: t_opt - t_bwd,
+                step: t_opt - start,
+            });
         }
     }
-    let median = |f: &dyn Fn(&(ForwardTimes, Duration, Duration, Duration)) -> Duration| {
+    let median = |f: &dyn Fn(&Sample) -> Duration| {
         let mut v: Vec<f64> = samples.iter().map(|s| f(s).as_secs_f64() * 1e3).collect();
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    let step_ms = median(&|s| s.3);
+    let step_ms = median(&|s| s.step);
     let views = (b * (cfg.global_views + cfg.local_views)) as f64;
     Ok(StepTimes {
         groups: cfg.groups,
         views_per_second: views / (step_ms / 1e3),
         step_ms,
-        online_encoder_ms: median(&|s| s.0.online_encoder),
-        heads_ms: median(&|s| s.0.heads),
-        target_ms: median(&|s| s.0.target),
-        backward_ms: median(&|s| s.1),
-        optimizer_ms: median(&|s| s.2),
+        online_encoder_ms: median(&|s| s.forward.online_encoder),
+        heads_ms: median(&|s| s.forward.heads),
+        target_ms: median(&|s| s.forward.target),
+        backward_ms: median(&|s| s.backward),
+        optimizer_ms: median(&|s| s.optimizer),
     })
 }

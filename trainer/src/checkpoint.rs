@@ -112,9 +112,8 @@ pub fn load(
         .load(checkpoint.join(TARGET))
         .with_context(|| context("target weights"))?;
     if let Some(opt) = optimizer {
-        let tensors =
-            candle_core::safetensors::load(checkpoint.join(OPTIMIZER), model.device())
-                .with_context(|| context("optimiser state"))?;
+        let tensors = candle_core::safetensors::load(checkpoint.join(OPTIMIZER), model.device())
+            .with_context(|| context("optimiser state"))?;
         opt.load_state(&tensors)
             .with_context(|| context("optimiser state"))?;
     }

@@ -154,7 +154,9 @@ impl TrainConfig {
             bail!("--set expects key=value, got `{assignment}`");
         };
         let mut json = serde_json::to_value(&*self)?;
-        let obj = json.as_object_mut().expect("config serialises to an object");
+        let obj = json
+            .as_object_mut()
+            .expect("config serialises to an object");
         if !obj.contains_key(key) {
             let keys: Vec<&String> = obj.keys().collect();
             bail!("unknown config key `{key}`; known keys: {keys:?}");
@@ -179,7 +181,10 @@ impl TrainConfig {
             self.visible_ratio > 0.0 && self.visible_ratio <= 1.0,
             "visible_ratio must be in (0, 1]",
         )?;
-        check(!self.levels.is_empty(), "levels must name at least one of c3, c4, c5")?;
+        check(
+            !self.levels.is_empty(),
+            "levels must name at least one of c3, c4, c5",
+        )?;
         self.level_indices()?;
         check(
             self.level_weights.len() == self.levels.len(),
@@ -199,15 +204,27 @@ impl TrainConfig {
         )?;
         check(self.lr > 0.0 && self.lr.is_finite(), "lr must be > 0")?;
         check(self.weight_decay >= 0.0, "weight_decay must be >= 0")?;
-        check((0.0..1.0).contains(&self.momentum), "momentum must be in [0, 1)")?;
-        check((0.0..=1.0).contains(&self.ema_base), "ema_base must be in [0, 1]")?;
-        check(self.batch_size >= 2, "batch_size must be at least 2 (BatchNorm)")?;
+        check(
+            (0.0..1.0).contains(&self.momentum),
+            "momentum must be in [0, 1)",
+        )?;
+        check(
+            (0.0..=1.0).contains(&self.ema_base),
+            "ema_base must be in [0, 1]",
+        )?;
+        check(
+            self.batch_size >= 2,
+            "batch_size must be at least 2 (BatchNorm)",
+        )?;
         check(
             self.epochs > 0 || self.max_steps > 0,
             "set epochs or max_steps above 0",
         )?;
         check(self.prefetch >= 1, "prefetch must be at least 1")?;
-        check(self.keep_checkpoints >= 1, "keep_checkpoints must be at least 1")?;
+        check(
+            self.keep_checkpoints >= 1,
+            "keep_checkpoints must be at least 1",
+        )?;
         check(
             self.proj_hidden > 0 && self.proj_dim > 0 && self.pred_hidden > 0,
             "head widths must be > 0",
@@ -250,7 +267,11 @@ impl TrainConfig {
             .collect();
         let local = ViewSpec {
             scale: (0.05, 0.14),
-            ..ViewSpec::byol(self.local_size, if self.local_size > 96 { 0.5 } else { 0.0 }, 0.0)
+            ..ViewSpec::byol(
+                self.local_size,
+                if self.local_size > 96 { 0.5 } else { 0.0 },
+                0.0,
+            )
         };
         views.extend(std::iter::repeat_n(local, self.local_views));
         views

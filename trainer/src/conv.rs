@@ -45,11 +45,7 @@ impl Conv {
         let weight = vb.get_with_hints((c_out, c_in, k, k), "weight", Init::Const(0.0))?;
         Ok(Conv {
             weight,
-            geometry: Geometry {
-                k,
-                stride,
-                padding,
-            },
+            geometry: Geometry { k, stride, padding },
         })
     }
 

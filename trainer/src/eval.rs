@@ -65,7 +65,7 @@ pub fn extract(
     let labels: Vec<u32> = (0..n)
         .map(|i| Ok(dataset.meta(i)?.label))
         .collect::<Result<_>>()?;
-    if labels.iter().any(|&l| l == u32::MAX) {
+    if labels.contains(&u32::MAX) {
         bail!(
             "{} is unlabelled: evaluation needs class labels",
             dataset.dir().display()
@@ -150,8 +150,11 @@ pub fn linear_probe(
     let classes = train.classes.max(val.classes);
     let dim = train.x.dim(1)?;
     let vars = VarMap::new();
-    let layer: Linear =
-        candle_nn::linear(dim, classes, VarBuilder::from_varmap(&vars, DType::F32, &dev))?;
+    let layer: Linear = candle_nn::linear(
+        dim,
+        classes,
+        VarBuilder::from_varmap(&vars, DType::F32, &dev),
+    )?;
     params::init(&vars, seed)?;
     let mut opt = Optimizer::new(Rule::Sgd, params::trainable(&vars), 0.9, 0.0)?;
     let n = train.labels.len();

@@ -12,10 +12,10 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
 use shared::dataset::Dataset;
-use trainer::maskdeep::MaskDeep;
-use trainer::{bench, checkpoint, eval};
 use trainer::config::{TrainConfig, PRESETS};
+use trainer::maskdeep::MaskDeep;
 use trainer::pretrain::{self, PretrainJob};
+use trainer::{bench, checkpoint, eval};
 
 #[derive(Parser)]
 #[command(
@@ -91,7 +91,10 @@ impl ConfigArgs {
         let mut cfg = match (&self.preset, &self.config) {
             (Some(name), None) => TrainConfig::preset(name)?,
             (None, Some(path)) => TrainConfig::load(path)?,
-            _ => bail!("give --preset NAME or --config FILE (presets: {})", PRESETS.join(", ")),
+            _ => bail!(
+                "give --preset NAME or --config FILE (presets: {})",
+                PRESETS.join(", ")
+            ),
         };
         for s in &self.sets {
             cfg.set(s)?;
@@ -207,8 +210,20 @@ impl EvalArgs {
         };
         let size = model.config().image_size;
         let open = |p: &PathBuf| Dataset::open(p).map_err(anyhow::Error::from);
-        let train = eval::extract(&model.online.backbone, &open(&self.train)?, size, self.batch, &device)?;
-        let val = eval::extract(&model.online.backbone, &open(&self.val)?, size, self.batch, &device)?;
+        let train = eval::extract(
+            &model.online.backbone,
+            &open(&self.train)?,
+            size,
+            self.batch,
+            &device,
+        )?;
+        let val = eval::extract(
+            &model.online.backbone,
+            &open(&self.val)?,
+            size,
+            self.batch,
+            &device,
+        )?;
         Ok((what, train, val))
     }
 }
@@ -234,7 +249,16 @@ struct BenchArgs {
     json: bool,
 }
 
+/// mimalloc's `mi_option_purge_delay` (its `mi_option_e` value in mimalloc 2.x).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
 fn main() {
+    // Keep freed memory instead of returning it to the OS after 10 ms: a training step frees and
+    // reallocates the same large buffers, and fresh pages cost a kernel page-zeroing each time.
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: sets a plain integer option; mimalloc reads it when it next considers purging.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    }
     if let Err(e) = run(Cli::parse()) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
@@ -299,15 +323,25 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 println!(
                     "{} batch {} at {} px on {}: {:.1} views/s ({:.1} ms/step)",
-                    cfg.preset, cfg.batch_size, cfg.image_size, args.config.device,
-                    main.views_per_second, main.step_ms
+                    cfg.preset,
+                    cfg.batch_size,
+                    cfg.image_size,
+                    args.config.device,
+                    main.views_per_second,
+                    main.step_ms
                 );
                 println!("groups  views/s  step ms  encoder ms  heads ms  target ms  backward ms  optim ms");
                 for t in std::iter::once(&main).chain(&sweep) {
                     println!(
                         "{:>6}  {:>7.1}  {:>7.1}  {:>10.1}  {:>8.1}  {:>9.1}  {:>11.1}  {:>8.1}",
-                        t.groups, t.views_per_second, t.step_ms, t.online_encoder_ms,
-                        t.heads_ms, t.target_ms, t.backward_ms, t.optimizer_ms
+                        t.groups,
+                        t.views_per_second,
+                        t.step_ms,
+                        t.online_encoder_ms,
+                        t.heads_ms,
+                        t.target_ms,
+                        t.backward_ms,
+                        t.optimizer_ms
                     );
                 }
             }
@@ -323,7 +357,10 @@ fn run(cli: Cli) -> Result<()> {
                 let acc = eval::knn(&train, &val, kk, temperature)?;
                 results.push(serde_json::json!({"k": kk, "top1": acc.top1, "top5": acc.top5}));
                 if !common.json {
-                    println!("{what}: kNN k={kk}: top-1 {:.2}%  top-5 {:.2}%", acc.top1, acc.top5);
+                    println!(
+                        "{what}: kNN k={kk}: top-1 {:.2}%  top-5 {:.2}%",
+                        acc.top1, acc.top5
+                    );
                 }
             }
             if common.json {
@@ -339,7 +376,10 @@ fn run(cli: Cli) -> Result<()> {
                     serde_json::json!({"model": what, "linear": {"top1": acc.top1, "top5": acc.top5, "epochs": epochs}})
                 );
             } else {
-                println!("{what}: linear probe: top-1 {:.2}%  top-5 {:.2}%", acc.top1, acc.top5);
+                println!(
+                    "{what}: linear probe: top-1 {:.2}%  top-5 {:.2}%",
+                    acc.top1, acc.top5
+                );
             }
         }
         Command::Export {
@@ -357,7 +397,11 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(path) = probe {
                 candle_core::safetensors::save(&trainer::export::probe(&model)?, &path)?;
             }
-            println!("wrote {} ({} backbone)", out.display(), model.config().arch.name());
+            println!(
+                "wrote {} ({} backbone)",
+                out.display(),
+                model.config().arch.name()
+            );
         }
         Command::Parity { device, json } => {
             let dev = trainer::device::parse(&device)?;

@@ -136,7 +136,11 @@ impl MaskDeep {
     /// Samples the visible cells for a step: one set per (online view, sample, group) on the
     /// coarsest masked level of each view size; all visible when `visible_ratio` is 1.
     pub fn sample_masks(&self, rng: &mut impl Rng, views: &Views) -> Result<Vec<VisibleCells>> {
-        let coarsest = *self.levels.iter().max().expect("validated: at least one level");
+        let coarsest = *self
+            .levels
+            .iter()
+            .max()
+            .expect("validated: at least one level");
         let stride = self.cfg.resnet().strides()[coarsest];
         let mut out = Vec::new();
         let mut add = |t: &Tensor| -> Result<()> {
@@ -161,10 +165,14 @@ impl MaskDeep {
         &self,
         views: &Views,
         masks: &[VisibleCells],
-        mut times: Option<&mut ForwardTimes>,
+        times: Option<&mut ForwardTimes>,
     ) -> Result<Loss> {
         let mut clock = Clock::new(&self.device, times.is_some());
-        let dtype = if self.cfg.bf16 { DType::BF16 } else { DType::F32 };
+        let dtype = if self.cfg.bf16 {
+            DType::BF16
+        } else {
+            DType::F32
+        };
         let mut inputs = vec![views.global];
         inputs.extend(views.local);
         let feats = inputs
@@ -204,7 +212,7 @@ impl MaskDeep {
             targets.push(normalize(&z)?.detach());
         }
         let t_target = clock.lap()?;
-        if let Some(t) = times.as_deref_mut() {
+        if let Some(t) = times {
             t.online_encoder += t_enc;
             t.heads += t_heads;
             t.target += t_target;

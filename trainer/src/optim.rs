@@ -111,7 +111,10 @@ impl Optimizer {
                     slot.var.set(&(&w - (&slot.first * lr)?)?)?;
                 }
                 Rule::AdamW => {
-                    let second = slot.second.as_mut().expect("AdamW slots have a second moment");
+                    let second = slot
+                        .second
+                        .as_mut()
+                        .expect("AdamW slots have a second moment");
                     slot.first = ((&slot.first * BETA1)? + (&g * (1.0 - BETA1))?)?;
                     *second = ((&*second * BETA2)? + (g.sqr()? * (1.0 - BETA2))?)?;
                     let m_hat = (&slot.first / (1.0 - BETA1.powi(self.steps as i32)))?;

@@ -45,7 +45,11 @@ fn run(cfg: &TrainConfig, device: &Device, input: &Tensor) -> candle_core::Resul
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     let masks = model.sample_masks(&mut rng, &views)?;
     let dtype = if cfg.bf16 { DType::BF16 } else { DType::F32 };
-    let c5 = model.online.backbone.forward(&x.to_dtype(dtype)?, true)?.levels[2]
+    let c5 = model
+        .online
+        .backbone
+        .forward(&x.to_dtype(dtype)?, true)?
+        .levels[2]
         .to_dtype(DType::F32)?
         .to_device(&Device::Cpu)?;
     let loss = model.loss(&views, &masks, None)?;

@@ -165,7 +165,9 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
         if !value.is_finite() {
             let keep = last_checkpoint
                 .as_ref()
-                .map_or("none yet".to_string(), |p: &PathBuf| p.display().to_string());
+                .map_or("none yet".to_string(), |p: &PathBuf| {
+                    p.display().to_string()
+                });
             bail!(
                 "the loss became {value} at step {step}: training stopped. The last good checkpoint \
                  ({keep}) is intact; lower lr or warmup faster, then --resume"
@@ -204,8 +206,8 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
             batch.epoch
         ));
         bar.inc(1);
-        let epoch_end = step % plan.steps_per_epoch as u64 == 0;
-        let periodic = cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0;
+        let epoch_end = step.is_multiple_of(plan.steps_per_epoch as u64);
+        let periodic = cfg.checkpoint_every > 0 && step.is_multiple_of(cfg.checkpoint_every);
         if epoch_end || periodic || step == end {
             let state = TrainState {
                 step,

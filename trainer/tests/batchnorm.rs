@@ -27,7 +27,12 @@ fn fused_batchnorm_matches_the_formula_forward_and_backward() {
     let probe = Tensor::randn(0f32, 1.0, (n, c, l), &dev).unwrap();
 
     let (y, mean, var) = forward_train(x.as_tensor(), w.as_tensor(), b.as_tensor()).unwrap();
-    let grads = (&y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+    let grads = (&y * &probe)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
 
     let xt = x.as_tensor();
     let m_ref = xt.mean_keepdim(2).unwrap().mean_keepdim(0).unwrap();

@@ -26,22 +26,35 @@ fn gemm_convolution_matches_candle_forward_and_backward() {
         (1, 2, 0, 7, 7),
     ] {
         let (n, c_in, c_out) = (3, 4, 5);
-        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, c_in, h, w), &dev).unwrap()).unwrap();
+        let x =
+            Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, c_in, h, w), &dev).unwrap()).unwrap();
         let wt = Var::from_tensor(&Tensor::randn(0f32, 1.0, (c_out, c_in, k, k), &dev).unwrap())
             .unwrap();
         // A fixed random weighting of the outputs makes the gradients non-trivial.
-        let g = Geometry {
-            k,
-            stride,
-            padding,
-        };
+        let g = Geometry { k, stride, padding };
         let ours = conv2d_gemm(x.as_tensor(), wt.as_tensor(), g).unwrap();
-        let reference = x.as_tensor().conv2d(wt.as_tensor(), padding, stride, 1, 1).unwrap();
+        let reference = x
+            .as_tensor()
+            .conv2d(wt.as_tensor(), padding, stride, 1, 1)
+            .unwrap();
         assert_eq!(ours.dims(), reference.dims(), "k{k} s{stride} p{padding}");
-        assert!(max_rel_diff(&ours, &reference) < 1e-5, "forward k{k} s{stride}");
+        assert!(
+            max_rel_diff(&ours, &reference) < 1e-5,
+            "forward k{k} s{stride}"
+        );
         let probe = Tensor::randn(0f32, 1.0, reference.dims(), &dev).unwrap();
-        let g_ours = (ours * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-        let g_ref = (reference * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let g_ours = (ours * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g_ref = (reference * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         for (what, v) in [("input", &x), ("weight", &wt)] {
             let a = g_ours.get(v.as_tensor()).unwrap();
             let b = g_ref.get(v.as_tensor()).unwrap();

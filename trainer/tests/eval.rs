@@ -8,7 +8,13 @@ use trainer::maskdeep::normalize;
 
 /// `per_class` points per class around the class's own axis (separable when `noise` is small),
 /// or pure noise when `informative` is false.
-fn features(classes: usize, per_class: usize, noise: f32, informative: bool, seed: u64) -> Features {
+fn features(
+    classes: usize,
+    per_class: usize,
+    noise: f32,
+    informative: bool,
+    seed: u64,
+) -> Features {
     let dim = 16;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut x = Vec::new();

@@ -259,12 +259,7 @@ fn byol_preset_loss_equals_an_independent_byol_loss() {
     };
     let c12 = cos(&p.narrow(0, 0, b).unwrap(), &z.narrow(0, b, b).unwrap());
     let c21 = cos(&p.narrow(0, b, b).unwrap(), &z.narrow(0, 0, b).unwrap());
-    let byol: f32 = c12
-        .iter()
-        .chain(&c21)
-        .map(|c| 2.0 - 2.0 * c)
-        .sum::<f32>()
-        / (2 * b) as f32;
+    let byol: f32 = c12.iter().chain(&c21).map(|c| 2.0 - 2.0 * c).sum::<f32>() / (2 * b) as f32;
     assert!((loss - byol).abs() < 1e-5, "{loss} vs {byol}");
 }
 
@@ -296,7 +291,10 @@ fn every_trainable_parameter_gets_a_gradient_and_the_target_none() {
         assert!(norm.is_finite(), "{name}");
     }
     for (name, var) in params::sorted(&model.target_vars) {
-        assert!(grads.get(var.as_tensor()).is_none(), "target {name} got a gradient");
+        assert!(
+            grads.get(var.as_tensor()).is_none(),
+            "target {name} got a gradient"
+        );
     }
 }
 
@@ -327,13 +325,8 @@ fn the_loss_decreases_when_training_on_a_tiny_fixed_batch() {
     use trainer::optim::{Optimizer, Rule};
     let cfg = tiny("maskdeep-r18-small");
     let model = MaskDeep::new(&cfg, &Device::Cpu).unwrap();
-    let mut opt = Optimizer::new(
-        Rule::Sgd,
-        params::trainable(&model.online_vars),
-        0.9,
-        0.0,
-    )
-    .unwrap();
+    let mut opt =
+        Optimizer::new(Rule::Sgd, params::trainable(&model.online_vars), 0.9, 0.0).unwrap();
     let x = batch(&cfg, 8);
     let views = Views {
         global: &x,

@@ -96,14 +96,22 @@ fn a_stopped_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_one() {
     let resumed = run(&second).unwrap();
     assert_eq!(resumed.steps, 6);
 
-    for file in ["online.safetensors", "target.safetensors", "optimizer.safetensors"] {
+    for file in [
+        "online.safetensors",
+        "target.safetensors",
+        "optimizer.safetensors",
+    ] {
         assert!(
             read(whole.checkpoint.join(file)) == read(resumed.checkpoint.join(file)),
             "{file} differs after resuming"
         );
     }
     let lines = std::fs::read_to_string(split_dir.join("metrics.jsonl")).unwrap();
-    assert_eq!(lines.lines().count(), 6, "one metrics line per step, none twice");
+    assert_eq!(
+        lines.lines().count(),
+        6,
+        "one metrics line per step, none twice"
+    );
     assert_eq!(whole.final_loss, resumed.final_loss);
 
     // A fresh run into a folder that has one is refused.
@@ -147,7 +155,11 @@ fn bad_config_values_are_refused_with_the_key_named() {
     let err = c.set("batch_size=\"big\"").unwrap_err().to_string();
     assert!(err.contains("batch_size"), "{err}");
     c.set("visible_ratio=0").unwrap();
-    assert!(c.validate().unwrap_err().to_string().contains("visible_ratio"));
+    assert!(c
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("visible_ratio"));
     let mut c = tiny();
     c.set("levels=[\"c6\"]").unwrap();
     assert!(c.validate().unwrap_err().to_string().contains("c6"));
