@@ -165,3 +165,39 @@ fn bad_config_values_are_refused_with_the_key_named() {
     assert!(c.validate().unwrap_err().to_string().contains("c6"));
     assert!(TrainConfig::preset("maskdeep-r99-imagenet").is_err());
 }
+
+#[test]
+fn pretraining_reads_view_shards_and_checks_they_fit_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = shards(dir.path());
+    let cfg = tiny();
+    let views_dir = dir.path().join("views");
+    let views_job = shared::viewshards::ViewsJob {
+        source: data.clone(),
+        views: cfg.view_specs(),
+        seed: cfg.seed,
+        epochs: 1,
+        batch_size: cfg.batch_size,
+        threads: 2,
+        shard_size: 1 << 20,
+        out: views_dir.clone(),
+    };
+    shared::viewshards::write_views(&views_job, &mut |_, _| {}).unwrap();
+
+    // One epoch of views: 3 steps; the config asks for 2 epochs, so it is refused, naming the fix.
+    let err = run(&job(&cfg, &views_dir, &dir.path().join("r1")))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("loader views"), "{err}");
+    let mut one = cfg.clone();
+    one.epochs = 1;
+    let summary = run(&job(&one, &views_dir, &dir.path().join("r2"))).unwrap();
+    assert_eq!(summary.steps, 3);
+    // Another view size does not fit the shards.
+    let mut other = one.clone();
+    other.image_size = 48;
+    let err = run(&job(&other, &views_dir, &dir.path().join("r3")))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("image_size"), "{err}");
+}
