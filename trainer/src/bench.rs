@@ -3,14 +3,13 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 
 use crate::config::TrainConfig;
 use crate::maskdeep::{ForwardTimes, MaskDeep, Views};
-use crate::optim::{Optimizer, Rule};
-use crate::{ema, params, pretrain};
+use crate::{ema, pretrain};
 
 /// Median timings of one configuration.
 #[derive(Clone, Debug, Serialize)]
@@ -36,13 +35,7 @@ struct Sample {
 /// Times `steps` steps (after one warm-up step) of `cfg` with `groups` groups.
 pub fn time_steps(cfg: &TrainConfig, device: &Device, steps: usize) -> Result<StepTimes> {
     let model = MaskDeep::new(cfg, device)?;
-    let rule = Rule::parse(&cfg.optimizer, cfg.trust).context("optimizer")?;
-    let mut opt = Optimizer::new(
-        rule,
-        params::trainable(&model.online_vars),
-        cfg.momentum,
-        cfg.weight_decay,
-    )?;
+    let mut opt = model.optimizer()?;
     let b = cfg.batch_size;
     let s = cfg.image_size as usize;
     let global = Tensor::randn(0f32, 1.0, (cfg.global_views * b, 3, s, s), device)?;

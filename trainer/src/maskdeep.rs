@@ -123,6 +123,20 @@ impl MaskDeep {
         })
     }
 
+    /// The optimiser of the online parameters that the config names.
+    pub fn optimizer(&self) -> Result<crate::optim::Optimizer> {
+        let rule =
+            crate::optim::Rule::parse(&self.cfg.optimizer, self.cfg.trust).ok_or_else(|| {
+                candle_core::Error::Msg(format!("unknown optimizer `{}`", self.cfg.optimizer))
+            })?;
+        crate::optim::Optimizer::new(
+            rule,
+            params::trainable(&self.online_vars),
+            self.cfg.momentum,
+            self.cfg.weight_decay,
+        )
+    }
+
     /// The configuration.
     pub fn config(&self) -> &TrainConfig {
         &self.cfg

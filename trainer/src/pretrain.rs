@@ -16,8 +16,7 @@ use crate::checkpoint::{self, TrainState};
 use crate::config::TrainConfig;
 use crate::data::{self, Batches};
 use crate::maskdeep::{MaskDeep, Views};
-use crate::optim::{Optimizer, Rule};
-use crate::{ema, params, schedule};
+use crate::{ema, schedule};
 
 /// Name of the saved config in a run folder.
 pub const CONFIG_FILE: &str = "config.json";
@@ -110,13 +109,7 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
     let base_lr = cfg.scaled_lr();
 
     let mut model = MaskDeep::new(cfg, &job.device)?;
-    let rule = Rule::parse(&cfg.optimizer, cfg.trust).context("optimizer")?;
-    let mut optimizer = Optimizer::new(
-        rule,
-        params::trainable(&model.online_vars),
-        cfg.momentum,
-        cfg.weight_decay,
-    )?;
+    let mut optimizer = model.optimizer()?;
     let mut start = 0u64;
     let mut last_checkpoint = None;
     if job.resume {
