@@ -54,6 +54,8 @@ fn synth_pack_pretrain_eval_export() {
         p(&train),
         "--out",
         p(&run),
+        "--val",
+        p(&val),
         "--set",
         "max_steps=3",
         "--json",
@@ -63,7 +65,17 @@ fn synth_pack_pretrain_eval_export() {
     assert_eq!(summary["steps"], 3);
     assert!(summary["final_loss"].as_f64().unwrap().is_finite());
     let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
-    assert_eq!(metrics.lines().count(), 3);
+    let lines: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.iter().filter(|l| l.get("loss").is_some()).count(), 3);
+    let knn: Vec<_> = lines
+        .iter()
+        .filter(|l| l.get("knn_top1").is_some())
+        .collect();
+    assert_eq!(knn.len(), 1, "kNN at the end of the run: {metrics}");
+    assert_eq!(knn[0]["step"], 3);
     let saved: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
     assert_eq!(saved["width"], 0.125);

@@ -35,7 +35,8 @@ run=(--set width=0.25 --set image_size=32 --set batch_size=64 --set proj_hidden=
 for method in maskdeep byol; do
     echo "== pretraining $method (ResNet-18, small stem) on $out/train"
     rm -rf "$out/$method"
-    "$trainer" pretrain --preset "$method-r18-small" --data "$out/train" --out "$out/$method" "${run[@]}"
+    "$trainer" pretrain --preset "$method-r18-small" --data "$out/train" --val "$out/val" \
+        --out "$out/$method" "${run[@]}"
 done
 
 echo "== kNN evaluation on the val split"

@@ -71,6 +71,9 @@ pub struct TrainConfig {
     pub keep_checkpoints: usize,
     /// Mixed precision: bf16 encoder on CUDA.
     pub bf16: bool,
+    /// Run a kNN evaluation every this many epochs when `trainer pretrain --val` is given (0: only
+    /// at the end).
+    pub knn_every: u64,
 }
 
 /// Names of the presets, for `--help`.
@@ -127,6 +130,7 @@ impl TrainConfig {
             checkpoint_every: 1000,
             keep_checkpoints: 3,
             bf16: false,
+            knn_every: 1,
         };
         if method == "byol" {
             c.groups = 1;

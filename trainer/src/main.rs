@@ -118,6 +118,12 @@ struct PretrainArgs {
     /// or the same preset and --set values).
     #[arg(long)]
     resume: bool,
+    /// Labelled packed shards to score with kNN every `knn_every` epochs (logged to metrics.jsonl).
+    #[arg(long)]
+    val: Option<PathBuf>,
+    /// Labelled packed shards whose features are the kNN memory (default: --data).
+    #[arg(long, requires = "val")]
+    knn_train: Option<PathBuf>,
     /// Stop after this many steps of this invocation (checkpointing first); the schedules still
     /// run over the whole run, so --resume later continues exactly. For time-limited job slots.
     #[arg(long)]
@@ -270,11 +276,15 @@ fn run(cli: Cli) -> Result<()> {
         Command::Pretrain(args) => {
             let job = PretrainJob {
                 config: args.config.resolve()?,
-                data: args.data,
+                data: args.data.clone(),
                 out: args.out,
                 device: trainer::device::parse(&args.config.device)?,
                 resume: args.resume,
                 stop_after: args.stop_after,
+                knn: args.val.map(|val| pretrain::KnnSets {
+                    train: args.knn_train.unwrap_or_else(|| args.data.clone()),
+                    val,
+                }),
                 progress: !args.json,
             };
             let summary = pretrain::run(&job)?;

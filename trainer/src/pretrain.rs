@@ -16,7 +16,8 @@ use crate::checkpoint::{self, TrainState};
 use crate::config::TrainConfig;
 use crate::data::{self, Batches};
 use crate::maskdeep::{MaskDeep, Views};
-use crate::{ema, schedule};
+use crate::{ema, eval, schedule};
+use shared::dataset::Dataset;
 
 /// Name of the saved config in a run folder.
 pub const CONFIG_FILE: &str = "config.json";
@@ -32,8 +33,27 @@ pub struct PretrainJob {
     pub resume: bool,
     /// Stop after this many steps of this invocation (the schedules still span the whole run).
     pub stop_after: Option<u64>,
+    /// Labelled shards to score with kNN during training (`knn_every`), with the labelled shards
+    /// whose features form the kNN memory.
+    pub knn: Option<KnnSets>,
     /// Draw a progress bar on the terminal.
     pub progress: bool,
+}
+
+/// The packed, labelled shards of a kNN evaluation during training.
+pub struct KnnSets {
+    pub train: PathBuf,
+    pub val: PathBuf,
+}
+
+/// A kNN line of `metrics.jsonl`.
+#[derive(Serialize)]
+struct KnnMetrics {
+    step: u64,
+    epoch: u64,
+    knn_k: usize,
+    knn_top1: f64,
+    knn_top5: f64,
 }
 
 /// One line of `metrics.jsonl`.
@@ -131,6 +151,10 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
     let end = job.stop_after.map_or(total, |n| total.min(start + n));
     let mut batches = Batches::open(&job.data, cfg, start as usize, end as usize)?;
     let views_per_sample = cfg.global_views + cfg.local_views;
+    let knn_sets = match &job.knn {
+        Some(sets) => Some((Dataset::open(&sets.train)?, Dataset::open(&sets.val)?)),
+        None => None,
+    };
     let (mut wait, mut busy) = (Duration::ZERO, Duration::ZERO);
     let mut last_loss = f64::NAN;
     let mut step = start;
@@ -201,6 +225,25 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
         bar.inc(1);
         let epoch_end = step.is_multiple_of(plan.steps_per_epoch as u64);
         let periodic = cfg.checkpoint_every > 0 && step.is_multiple_of(cfg.checkpoint_every);
+        let epochs_done = step / plan.steps_per_epoch as u64;
+        let knn_due = epoch_end && cfg.knn_every > 0 && epochs_done.is_multiple_of(cfg.knn_every);
+        if let Some((train, val)) = &knn_sets {
+            if knn_due || step == total {
+                let (top1, top5) = knn_accuracy(&model, train, val, &job.device)?;
+                let line = KnnMetrics {
+                    step,
+                    epoch: batch.epoch,
+                    knn_k: KNN_K,
+                    knn_top1: top1,
+                    knn_top5: top5,
+                };
+                serde_json::to_writer(&mut metrics, &line)?;
+                writeln!(metrics)?;
+                bar.println(format!(
+                    "step {step}: kNN (k={KNN_K}) top-1 {top1:.2}%  top-5 {top5:.2}%"
+                ));
+            }
+        }
         if epoch_end || periodic || step == end {
             let state = TrainState {
                 step,
@@ -228,6 +271,25 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
         views_per_second: (ran as usize * cfg.batch_size * views_per_sample) as f64 / elapsed,
         data_wait: wait.as_secs_f64() / elapsed,
     })
+}
+
+/// Neighbours of the kNN evaluation during training (DINO's and solo-learn's setting).
+const KNN_K: usize = 20;
+
+/// kNN top-1 and top-5 of the online backbone (eval mode: the running statistics do not change).
+fn knn_accuracy(
+    model: &MaskDeep,
+    train: &Dataset,
+    val: &Dataset,
+    device: &Device,
+) -> Result<(f64, f64)> {
+    let size = model.config().image_size;
+    let backbone = &model.online.backbone;
+    let batch = 256;
+    let train = eval::extract(backbone, train, size, batch, device)?;
+    let val = eval::extract(backbone, val, size, batch, device)?;
+    let acc = eval::knn(&train, &val, KNN_K, 0.07)?;
+    Ok((acc.top1, acc.top5))
 }
 
 /// The random stream of step `step`'s masks: a function of (seed, step) only, so that a resumed

@@ -70,6 +70,7 @@ fn job(cfg: &TrainConfig, data: &Path, out: &Path) -> PretrainJob {
         device: Device::Cpu,
         resume: false,
         stop_after: None,
+        knn: None,
         progress: false,
     }
 }
