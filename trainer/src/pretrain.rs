@@ -165,7 +165,7 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
         };
         let t1 = Instant::now();
         for (index, reason) in &batch.skipped {
-            bar.println(format!("warning: skipped record {index}: {reason}"));
+            say(&bar, format!("warning: skipped record {index}: {reason}"));
         }
         let lr = schedule::learning_rate(base_lr, step, warmup, total);
         let tau = schedule::ema_momentum(cfg.ema_base, step, total);
@@ -239,9 +239,10 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
                 };
                 serde_json::to_writer(&mut metrics, &line)?;
                 writeln!(metrics)?;
-                bar.println(format!(
-                    "step {step}: kNN (k={KNN_K}) top-1 {top1:.2}%  top-5 {top5:.2}%"
-                ));
+                say(
+                    &bar,
+                    format!("step {step}: kNN (k={KNN_K}) top-1 {top1:.2}%  top-5 {top5:.2}%"),
+                );
             }
         }
         if epoch_end || periodic || step == end {
@@ -316,6 +317,15 @@ fn truncate_metrics(path: &Path, start: u64) -> Result<()> {
         .collect();
     shared::fsutil::write_atomic(path, kept.as_bytes())?;
     Ok(())
+}
+
+/// Prints a line above the progress bar, or to stderr when there is no bar (no terminal, --json).
+fn say(bar: &ProgressBar, line: String) {
+    if bar.is_hidden() {
+        eprintln!("{line}");
+    } else {
+        bar.println(line);
+    }
 }
 
 fn progress_bar(enabled: bool, total: u64, start: u64) -> ProgressBar {
