@@ -23,8 +23,17 @@ pub struct Features {
     pub classes: usize,
 }
 
+/// Per-thread scratch of [`centre_view`]: the resizer and its HWC output.
+type Scratch = (fast_image_resize::Resizer, Vec<u8>);
+
 /// The centre square of image `i`, resized to `size` x `size`, as u8 CHW.
-fn centre_view(dataset: &Dataset, i: usize, size: u32, out: &mut [u8]) -> Result<()> {
+fn centre_view(
+    dataset: &Dataset,
+    i: usize,
+    size: u32,
+    (resizer, hwc): &mut Scratch,
+    out: &mut [u8],
+) -> Result<()> {
     let img = dataset.image(i)?;
     let side = img.width.min(img.height);
     let crop = shared::augment::CropBox {
@@ -33,16 +42,7 @@ fn centre_view(dataset: &Dataset, i: usize, size: u32, out: &mut [u8]) -> Result
         height: side,
         width: side,
     };
-    let mut resizer = fast_image_resize::Resizer::new();
-    let mut hwc = Vec::new();
-    shared::augment::crop_resize(
-        &mut resizer,
-        img.as_ref(),
-        crop,
-        size,
-        Filter::Bilinear,
-        &mut hwc,
-    )?;
+    shared::augment::crop_resize(resizer, img.as_ref(), crop, size, Filter::Bilinear, hwc)?;
     let plane = (size * size) as usize;
     for (p, px) in hwc.chunks_exact(3).enumerate() {
         for c in 0..3 {
@@ -77,10 +77,10 @@ pub fn extract(
     for start in (0..n).step_by(batch) {
         let end = (start + batch).min(n);
         let mut bytes = vec![0u8; (end - start) * per];
-        bytes
-            .par_chunks_mut(per)
-            .enumerate()
-            .try_for_each(|(j, out)| centre_view(dataset, start + j, size, out))?;
+        bytes.par_chunks_mut(per).enumerate().try_for_each_init(
+            || (fast_image_resize::Resizer::new(), Vec::new()),
+            |scratch, (j, out)| centre_view(dataset, start + j, size, scratch, out),
+        )?;
         let x = normalise(&bytes, end - start, size as usize, device)?;
         let f = backbone.embed(&x, false)?.to_dtype(DType::F32)?;
         chunks.push(normalize(&f)?.detach().to_device(&Device::Cpu)?);
