@@ -7,7 +7,7 @@ use candle_nn::{VarBuilder, VarMap};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use trainer::config::TrainConfig;
-use trainer::maskdeep::{normalize, MaskDeep, Views};
+use trainer::maskdeep::{normalize, Loss, MaskDeep, Views};
 use trainer::masking::{masked_pool, visible_count, VisibleCells};
 use trainer::resnet::{max_pool_3x3_s2, Depth, ResNet, ResNetConfig};
 use trainer::{ema, params};
@@ -217,24 +217,24 @@ fn batch(cfg: &TrainConfig, seed: u64) -> Tensor {
     Tensor::from_vec(values, (n, 3, s, s), &dev).unwrap()
 }
 
+/// The model's loss on the global views `x` with masks drawn from `mask_seed`.
+fn loss_on(model: &MaskDeep, x: &Tensor, mask_seed: u64) -> Loss {
+    let views = Views {
+        global: x,
+        local: None,
+        batch: model.config().batch_size,
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(mask_seed);
+    let masks = model.sample_masks(&mut rng, &views).unwrap();
+    model.loss(&views, &masks, None).unwrap()
+}
+
 #[test]
 fn byol_preset_loss_equals_an_independent_byol_loss() {
     let cfg = tiny("byol-r18-small");
     let model = MaskDeep::new(&cfg, &Device::Cpu).unwrap();
     let x = batch(&cfg, 5);
-    let views = Views {
-        global: &x,
-        local: None,
-        batch: cfg.batch_size,
-    };
-    let mut rng = ChaCha8Rng::seed_from_u64(0);
-    let masks = model.sample_masks(&mut rng, &views).unwrap();
-    let loss: f32 = model
-        .loss(&views, &masks, None)
-        .unwrap()
-        .total
-        .to_scalar()
-        .unwrap();
+    let loss: f32 = loss_on(&model, &x, 0).total.to_scalar().unwrap();
 
     // BYOL by hand. The BatchNorm statistics depend on the batch, so the independent computation
     // runs the networks on the same two-view batch: GAP(C5) -> projector -> predictor online,
@@ -270,19 +270,7 @@ fn every_trainable_parameter_gets_a_gradient_and_the_target_none() {
     cfg.level_weights = vec![1.0, 1.0, 1.0];
     let model = MaskDeep::new(&cfg, &Device::Cpu).unwrap();
     let x = batch(&cfg, 6);
-    let views = Views {
-        global: &x,
-        local: None,
-        batch: cfg.batch_size,
-    };
-    let mut rng = ChaCha8Rng::seed_from_u64(0);
-    let masks = model.sample_masks(&mut rng, &views).unwrap();
-    let grads = model
-        .loss(&views, &masks, None)
-        .unwrap()
-        .total
-        .backward()
-        .unwrap();
+    let grads = loss_on(&model, &x, 0).total.backward().unwrap();
     for (name, var) in params::trainable(&model.online_vars) {
         let g = grads
             .get(var.as_tensor())
@@ -328,16 +316,9 @@ fn the_loss_decreases_when_training_on_a_tiny_fixed_batch() {
     let mut opt =
         Optimizer::new(Rule::Sgd, params::trainable(&model.online_vars), 0.9, 0.0).unwrap();
     let x = batch(&cfg, 8);
-    let views = Views {
-        global: &x,
-        local: None,
-        batch: cfg.batch_size,
-    };
     let mut losses = Vec::new();
     for step in 0..15 {
-        let mut rng = ChaCha8Rng::seed_from_u64(step);
-        let masks = model.sample_masks(&mut rng, &views).unwrap();
-        let loss = model.loss(&views, &masks, None).unwrap().total;
+        let loss = loss_on(&model, &x, step).total;
         losses.push(loss.to_scalar::<f32>().unwrap());
         opt.step(&loss.backward().unwrap(), 0.05).unwrap();
         ema::update(&model.online_vars, &model.target_vars, 0.99).unwrap();
