@@ -407,16 +407,16 @@ fn merge(dir: &Path) -> Result<()> {
 }
 
 fn verify(dir: &Path) -> Result<()> {
-    let manifest = shared::manifest::Manifest::load(dir)?;
-    let total: u64 = manifest.shards.iter().map(|s| s.bytes).sum();
+    let (shards, records) = shared::dataset::listed_shards(dir)?;
+    let total: u64 = shards.iter().map(|s| s.bytes).sum();
     let bar = progress::bytes_bar(total, "verify");
     let damage = shared::dataset::verify(dir, &mut |n| bar.inc(n))?;
     bar.finish_and_clear();
     if damage.is_empty() {
         eprintln!(
             "ok: {} shards, {} records, {:.1} MiB: every checksum matches",
-            manifest.shards.len(),
-            manifest.records,
+            shards.len(),
+            records,
             total as f64 / (1 << 20) as f64
         );
         return Ok(());

@@ -2,8 +2,10 @@
 
 use crate::decode::{decode_rgb, RgbImage, DEFAULT_MAX_PIXELS};
 use crate::error::{Error, IoContext, Result};
+use crate::fsutil::read_json;
 use crate::manifest::{Manifest, SOURCES_FILE};
-use crate::shard::{Encoding, RecordMeta, Shard, ShardSet};
+use crate::shard::{Encoding, RecordMeta, Shard, ShardSet, ShardSummary};
+use crate::viewshards::{ViewsManifest, VIEWS_MANIFEST};
 use std::path::{Path, PathBuf};
 
 /// A packed dataset. Record `i` of the dataset is found in O(1) through the shards' record
@@ -109,13 +111,25 @@ impl Dataset {
     }
 }
 
-/// Checks every byte of the dataset in `dir`: each shard's whole-file checksum and size against
-/// the manifest, its header and index, and every record's checksum. Returns the damage found
-/// (empty when the dataset is intact); `on_shard` is called after each shard.
+/// The shards a folder's manifest lists (`views.json` for view shards from `loader views`, else
+/// the packed dataset's manifest) and the number of records they hold.
+pub fn listed_shards(dir: &Path) -> Result<(Vec<ShardSummary>, u64)> {
+    let views = dir.join(VIEWS_MANIFEST);
+    if views.is_file() {
+        let m: ViewsManifest = read_json(&views)?;
+        return Ok((m.shards, m.records));
+    }
+    let m = Manifest::load(dir)?;
+    Ok((m.shards, m.records))
+}
+
+/// Checks every byte of the packed dataset or view shards in `dir`: each shard's whole-file
+/// checksum and size against the manifest, its header and index, and every record's checksum.
+/// Returns the damage found (empty when intact); `on_shard` is called after each shard.
 pub fn verify(dir: &Path, on_shard: &mut dyn FnMut(u64)) -> Result<Vec<Damage>> {
-    let manifest = Manifest::load(dir)?;
+    let (shards, _) = listed_shards(dir)?;
     let mut damage = Vec::new();
-    for s in &manifest.shards {
+    for s in &shards {
         let path = dir.join(&s.file);
         let mut found = |record, what: String| {
             damage.push(Damage {

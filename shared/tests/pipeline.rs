@@ -290,4 +290,15 @@ fn view_shards_hold_exactly_the_streamed_batches() {
         }
     }
     assert!(vs.sample(40).is_err());
+
+    // `verify` reads views.json folders too, and finds a flipped byte.
+    assert!(shared::dataset::verify(&job.out, &mut |_| {})
+        .unwrap()
+        .is_empty());
+    let shard = job.out.join(&m.shards[0].file);
+    let mut bytes = std::fs::read(&shard).unwrap();
+    bytes[4096 + 10] ^= 1;
+    std::fs::write(&shard, bytes).unwrap();
+    let damage = shared::dataset::verify(&job.out, &mut |_| {}).unwrap();
+    assert!(damage.iter().any(|d| d.record == Some(0)), "{damage:?}");
 }
