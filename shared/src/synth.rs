@@ -411,6 +411,38 @@ impl Canvas {
     }
 }
 
+/// Draws `spec` into `dir/syn` and packs its train split, at its drawn size, into `dir/shards`
+/// (bilinear, 64 KiB shards, 2 threads): a small real dataset for tests and examples. Returns the
+/// shard folder.
+pub fn write_packed_train(
+    spec: &SynthSpec,
+    dir: &Path,
+    encoding: crate::shard::Encoding,
+) -> Result<std::path::PathBuf> {
+    write_dataset(spec, &dir.join("syn"), &|| {})?;
+    let sources = crate::source::list_class_folders(&dir.join("syn/train"))?;
+    let options = crate::manifest::PackOptions {
+        short_side: None,
+        max_side: None,
+        upscale: false,
+        filter: crate::resize::Filter::Bilinear,
+        encoding,
+        quality: 90,
+        max_pixels: 1 << 20,
+        shard_size: 1 << 16,
+    };
+    let out = dir.join("shards");
+    let job = crate::pack::PackJob {
+        sources: &sources,
+        out: out.clone(),
+        options,
+        part: None,
+        threads: 2,
+    };
+    crate::pack::pack(&job, &mut |_| {})?;
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,14 +2,11 @@
 //! step, robust to damaged records.
 
 use shared::dataset::Dataset;
-use shared::manifest::PackOptions;
-use shared::pack::{pack, PackJob};
 use shared::pipeline::{
     Batch, Output, Pipeline, PipelineConfig, ViewData, IMAGENET_MEAN, IMAGENET_STD,
 };
-use shared::resize::Filter;
 use shared::shard::Encoding;
-use shared::synth::{write_dataset, SynthSpec};
+use shared::synth::{write_packed_train, SynthSpec};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -21,27 +18,8 @@ fn packed(dir: &Path, encoding: Encoding) -> Arc<Dataset> {
         val_per_class: 0,
         size: 40,
     };
-    write_dataset(&spec, &dir.join("syn"), &|| {}).unwrap();
-    let sources = shared::source::list_class_folders(&dir.join("syn/train")).unwrap();
-    let options = PackOptions {
-        short_side: None,
-        max_side: None,
-        upscale: false,
-        filter: Filter::Bilinear,
-        encoding,
-        quality: 90,
-        max_pixels: 1 << 20,
-        shard_size: 1 << 16,
-    };
-    let job = PackJob {
-        sources: &sources,
-        out: dir.join("shards"),
-        options,
-        part: None,
-        threads: 2,
-    };
-    pack(&job, &mut |_| {}).unwrap();
-    Arc::new(Dataset::open(&dir.join("shards")).unwrap())
+    let shards = write_packed_train(&spec, dir, encoding).unwrap();
+    Arc::new(Dataset::open(&shards).unwrap())
 }
 
 fn config(threads: usize, prefetch: usize) -> PipelineConfig {

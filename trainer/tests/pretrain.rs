@@ -3,11 +3,8 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
-use shared::manifest::PackOptions;
-use shared::pack::{pack, PackJob};
-use shared::resize::Filter;
 use shared::shard::Encoding;
-use shared::synth::{write_dataset, SynthSpec};
+use shared::synth::{write_packed_train, SynthSpec};
 use trainer::checkpoint;
 use trainer::config::TrainConfig;
 use trainer::pretrain::{run, PretrainJob};
@@ -20,27 +17,7 @@ fn shards(dir: &Path) -> PathBuf {
         val_per_class: 0,
         size: 40,
     };
-    write_dataset(&spec, &dir.join("syn"), &|| {}).unwrap();
-    let sources = shared::source::list_class_folders(&dir.join("syn/train")).unwrap();
-    let options = PackOptions {
-        short_side: None,
-        max_side: None,
-        upscale: false,
-        filter: Filter::Bilinear,
-        encoding: Encoding::Raw,
-        quality: 90,
-        max_pixels: 1 << 20,
-        shard_size: 1 << 16,
-    };
-    let job = PackJob {
-        sources: &sources,
-        out: dir.join("shards"),
-        options,
-        part: None,
-        threads: 2,
-    };
-    pack(&job, &mut |_| {}).unwrap();
-    dir.join("shards")
+    write_packed_train(&spec, dir, Encoding::Raw).unwrap()
 }
 
 fn tiny() -> TrainConfig {
