@@ -45,6 +45,7 @@ enum Command {
     /// Print counts, classes, sizes and encodings of a packed dataset, or dump one record as PNG.
     Inspect(inspect::InspectArgs),
     /// Materialise E epochs of augmented multi-view batches from a packed dataset into view shards.
+    /// A killed run, started again with the same arguments, resumes after its last finished shard.
     Views(ViewsArgs),
     /// Profile the multi-view input pipeline: samples/s, views/s, time per stage, thread scaling.
     Bench(bench::BenchArgs),

@@ -7,7 +7,7 @@
 
 use crate::decode::{RgbDecoder, RgbImage};
 use crate::error::{Error, IoContext, Result};
-use crate::fsutil::{read_json, temp_path, write_atomic, write_json_atomic};
+use crate::fsutil::{read_json, write_atomic, write_json_atomic};
 use crate::manifest::{
     Failure, Manifest, PackOptions, Part, FORMAT_NAME, MANIFEST_FILE, SOURCES_FILE,
 };
@@ -143,7 +143,7 @@ pub fn pack(job: &PackJob, progress: &mut dyn FnMut(PackProgress)) -> Result<Pac
     let shards = state.as_ref().map_or_else(Vec::new, |s| s.shards.clone());
     let failures = state.as_ref().map_or_else(Vec::new, |s| s.failures.clone());
     let start = state.as_ref().map_or(range.start, |s| s.next);
-    remove_leftovers(out, &names, shards.len())?;
+    crate::shard::remove_unfinished(out, shards.len(), |n| names.shard(n))?;
     write_sources(out, job.sources, &names)?;
 
     progress(PackProgress::Start {
@@ -349,36 +349,8 @@ fn resume_state(
             file.display()
         )));
     }
-    for s in &state.shards {
-        let path = out.join(&s.file);
-        let len = fs::metadata(&path).at(&path)?.len();
-        if len != s.bytes {
-            return Err(Error::corrupt(
-                &path,
-                format!("{len} bytes, but the interrupted pack wrote {}; delete the folder and pack again", s.bytes),
-            ));
-        }
-    }
+    crate::shard::check_finished(out, &state.shards)?;
     Ok(Some(state))
-}
-
-/// Removes temporary files and shards beyond the last one recorded as complete.
-fn remove_leftovers(out: &Path, names: &Names, complete: usize) -> Result<()> {
-    for n in complete.. {
-        let shard = out.join(names.shard(n));
-        let tmp = temp_path(&shard);
-        let mut found = false;
-        for p in [shard, tmp] {
-            if p.exists() {
-                fs::remove_file(&p).at(&p)?;
-                found = true;
-            }
-        }
-        if !found {
-            return Ok(());
-        }
-    }
-    Ok(())
 }
 
 fn write_sources(out: &Path, sources: &SourceList, names: &Names) -> Result<()> {

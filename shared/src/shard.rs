@@ -312,6 +312,44 @@ impl ShardRoller {
     }
 }
 
+/// Checks that every shard an interrupted job recorded as finished is still in `dir` with the size
+/// it was written with (before a resumed job appends to them).
+pub fn check_finished(dir: &Path, shards: &[ShardSummary]) -> Result<()> {
+    for s in shards {
+        let path = dir.join(&s.file);
+        let len = fs::metadata(&path).at(&path)?.len();
+        if len != s.bytes {
+            return Err(Error::corrupt(
+                &path,
+                format!(
+                    "{len} bytes, but the interrupted job wrote {}; delete the folder and start again",
+                    s.bytes
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Removes shards `name(first)`, `name(first + 1)`, ... and their temporary files from `dir`, up
+/// to the first number with neither: what an interrupted job wrote after its last finished shard.
+pub fn remove_unfinished(dir: &Path, first: usize, name: impl Fn(usize) -> String) -> Result<()> {
+    for n in first.. {
+        let shard = dir.join(name(n));
+        let mut found = false;
+        for p in [temp_path(&shard), shard] {
+            if p.exists() {
+                fs::remove_file(&p).at(&p)?;
+                found = true;
+            }
+        }
+        if !found {
+            break;
+        }
+    }
+    Ok(())
+}
+
 fn encode_header(
     count: u64,
     index_offset: u64,

@@ -67,14 +67,62 @@ pub struct ViewsJob {
     pub out: PathBuf,
 }
 
+/// The progress file of an unfinished `loader views` job, rewritten after each finished shard.
+pub const VIEWS_PROGRESS: &str = "views.progress.json";
+
+/// What makes two `loader views` jobs the same: a killed job resumes only into the same one.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+struct JobKey {
+    /// CRC-32 of the source manifest (it lists every source shard's checksum).
+    source_manifest_crc: u32,
+    views: Vec<ViewSpec>,
+    seed: u64,
+    epochs: u64,
+    batch_size: usize,
+    shard_size: u64,
+}
+
+/// How far an interrupted job got: the shards finished and the records they hold.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct ViewsProgress {
+    job: JobKey,
+    shards: Vec<ShardSummary>,
+    /// Replaced source records of the steps before the one the next record belongs to.
+    skipped: Vec<(u32, String)>,
+}
+
+impl ViewsProgress {
+    fn records(&self) -> u64 {
+        self.shards.iter().map(|s| s.records).sum()
+    }
+}
+
 /// Streams `job.epochs` epochs of batches through the pipeline into view shards; `progress` gets
-/// (steps done, total steps).
+/// (steps done, total steps). A job killed midway and run again with the same arguments resumes
+/// after its last finished shard and writes the same bytes as an uninterrupted one.
 pub fn write_views(job: &ViewsJob, progress: &mut dyn FnMut(u64, u64)) -> Result<ViewsManifest> {
     let dataset = Arc::new(Dataset::open(&job.source)?);
     let classes = dataset.manifest().classes.clone();
     let sampler = Sampler::new(dataset.len(), job.seed, 0, 1, job.batch_size)?;
     let steps = sampler.steps_per_epoch() as u64 * job.epochs;
     std::fs::create_dir_all(&job.out).map_err(|e| Error::io(&job.out, e))?;
+    let key = JobKey {
+        source_manifest_crc: crc32fast::hash(
+            &serde_json::to_vec(dataset.manifest()).expect("serialising plain data cannot fail"),
+        ),
+        views: job.views.clone(),
+        seed: job.seed,
+        epochs: job.epochs,
+        batch_size: job.batch_size,
+        shard_size: job.shard_size,
+    };
+    let progress_file = job.out.join(VIEWS_PROGRESS);
+    let state = resume_state(&job.out, &key)?;
+    let mut skipped = state.as_ref().map_or_else(Vec::new, |s| s.skipped.clone());
+    let shards_done = state.as_ref().map_or_else(Vec::new, |s| s.shards.clone());
+    let records_done = state.as_ref().map_or(0, |s| s.records());
+    crate::shard::remove_unfinished(&job.out, shards_done.len(), view_shard_name)?;
+    let b = job.batch_size as u64;
     let config = PipelineConfig {
         views: job.views.clone(),
         batch_size: job.batch_size,
@@ -83,22 +131,19 @@ pub fn write_views(job: &ViewsJob, progress: &mut dyn FnMut(u64, u64)) -> Result
         prefetch: 2,
         rank: 0,
         world_size: 1,
-        start_step: 0,
+        start_step: (records_done / b) as usize,
         end_step: steps as usize,
         output: Output::U8,
     };
-    let mut skipped = Vec::new();
-    let mut roller = ShardRoller::new(
-        &job.out,
-        |n| format!("views-{n:05}.mds"),
-        job.shard_size,
-        Vec::new(),
-    );
+    let mut roller = ShardRoller::new(&job.out, view_shard_name, job.shard_size, shards_done);
     let mut payload = Vec::new();
-    for (done, batch) in Pipeline::start(dataset, config)?.enumerate() {
+    // Samples of the first step that the finished shards already hold.
+    let mut already = (records_done % b) as usize;
+    for batch in Pipeline::start(dataset, config)? {
         let batch = batch?;
+        let skipped_before = skipped.len();
         skipped.extend(batch.skipped.iter().cloned());
-        for j in 0..batch.sample_ids.len() {
+        for j in std::mem::take(&mut already)..batch.sample_ids.len() {
             sample_payload(&batch, &job.views, j, &mut payload);
             let record = Record {
                 height: job.views[0].size,
@@ -108,10 +153,17 @@ pub fn write_views(job: &ViewsJob, progress: &mut dyn FnMut(u64, u64)) -> Result
                 source_id: batch.sample_ids[j] as u64,
                 payload: std::mem::take(&mut payload),
             };
-            roller.push(&record)?;
+            if roller.push(&record)? {
+                let state = ViewsProgress {
+                    job: key.clone(),
+                    shards: roller.finished().to_vec(),
+                    skipped: skipped[..skipped_before].to_vec(),
+                };
+                write_json_atomic(&progress_file, &state)?;
+            }
             payload = record.payload;
         }
-        progress(done as u64 + 1, steps);
+        progress(batch.step as u64 + 1, steps);
     }
     let shards = roller.finish()?;
     let manifest = ViewsManifest {
@@ -130,7 +182,33 @@ pub fn write_views(job: &ViewsJob, progress: &mut dyn FnMut(u64, u64)) -> Result
         skipped,
     };
     write_json_atomic(&job.out.join(VIEWS_MANIFEST), &manifest)?;
+    if progress_file.exists() {
+        std::fs::remove_file(&progress_file).map_err(|e| Error::io(&progress_file, e))?;
+    }
     Ok(manifest)
+}
+
+fn view_shard_name(n: usize) -> String {
+    format!("views-{n:05}.mds")
+}
+
+/// The state of an interrupted run of the same job in `out`, if any; an interrupted run of another
+/// job is an error (its shards would be mixed with this one's).
+fn resume_state(out: &Path, key: &JobKey) -> Result<Option<ViewsProgress>> {
+    let file = out.join(VIEWS_PROGRESS);
+    if !file.exists() {
+        return Ok(None);
+    }
+    let state: ViewsProgress = read_json(&file)?;
+    if state.job != *key {
+        return Err(Error::Invalid(format!(
+            "{} belongs to an interrupted `loader views` with another source, preset, seed, \
+             epochs, batch or shard size; rerun with the same ones, or use a new --out folder",
+            file.display()
+        )));
+    }
+    crate::shard::check_finished(out, &state.shards)?;
+    Ok(Some(state))
 }
 
 /// Concatenates sample `j`'s views (u8 CHW each) from a batch into `out`.

@@ -280,3 +280,68 @@ fn view_shards_hold_exactly_the_streamed_batches() {
     let damage = shared::dataset::verify(&job.out, &mut |_| {}).unwrap();
     assert!(damage.iter().any(|d| d.record == Some(0)), "{damage:?}");
 }
+
+#[test]
+fn killed_views_job_resumes_to_the_same_bytes() {
+    use shared::viewshards::{write_views, ViewsJob, VIEWS_MANIFEST, VIEWS_PROGRESS};
+    let t = tempfile::tempdir().unwrap();
+    packed(t.path(), Encoding::Raw);
+    let c = config(2, 2);
+    let job = |out: &str| ViewsJob {
+        source: t.path().join("shards"),
+        views: c.views.clone(),
+        seed: c.seed,
+        epochs: 3,
+        batch_size: c.batch_size,
+        threads: 2,
+        // About three samples per shard: shards end in the middle of steps.
+        shard_size: 3 * 3 * 3 * (64 * 64 + 64 * 64 + 32 * 32) as u64,
+        out: t.path().join(out),
+    };
+    let whole = write_views(&job("whole"), &mut |_, _| {}).unwrap();
+
+    // Kill the job (a panic stands in for the signal) after 7 of 12 steps.
+    let killed = job("killed");
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        write_views(&killed, &mut |done, _| assert!(done < 7, "killed"))
+    }));
+    assert!(outcome.is_err());
+    assert!(killed.out.join(VIEWS_PROGRESS).exists());
+    assert!(!killed.out.join(VIEWS_MANIFEST).exists());
+
+    let mut first_step = None;
+    let resumed = write_views(&killed, &mut |done, _| {
+        first_step.get_or_insert(done);
+    })
+    .unwrap();
+    assert!(
+        first_step.unwrap() > 4,
+        "resumed from step {first_step:?}, not after the finished shards"
+    );
+    assert!(!killed.out.join(VIEWS_PROGRESS).exists());
+    assert_eq!(resumed.shards, whole.shards);
+    assert_eq!(resumed.skipped, whole.skipped);
+    for s in &whole.shards {
+        assert_eq!(
+            std::fs::read(killed.out.join(&s.file)).unwrap(),
+            std::fs::read(job("whole").out.join(&s.file)).unwrap(),
+            "{}",
+            s.file
+        );
+    }
+
+    // Another job into the same folder is refused while the interrupted one is unfinished.
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        write_views(&killed, &mut |done, _| assert!(done < 3, "killed"))
+    }));
+    assert!(outcome.is_err());
+    let other = ViewsJob {
+        seed: 7,
+        ..job("killed")
+    };
+    let err = write_views(&other, &mut |_, _| {}).unwrap_err().to_string();
+    assert!(
+        err.contains(VIEWS_PROGRESS) && err.contains("new --out"),
+        "{err}"
+    );
+}
