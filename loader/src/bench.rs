@@ -6,10 +6,12 @@ use clap::Args;
 use rayon::prelude::*;
 use shared::dataset::Dataset;
 use shared::decode::{RgbDecoder, RgbRef, DEFAULT_MAX_PIXELS};
+use shared::pipeline::{Output, Pipeline, PipelineConfig};
 use shared::sampler::view_rng;
 use shared::source::SourceList;
 use shared::views::{make_view, StageTimes, ViewOut, ViewSpec, ViewWorkspace};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Arguments of `loader bench`.
@@ -32,6 +34,10 @@ pub struct BenchArgs {
     /// Seed of the augmentations.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Batch size of the streamed measurement (shards only): the trainer's pipeline, batches
+    /// collated and queued, at the most threads.
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -39,7 +45,7 @@ pub struct BenchArgs {
 
 /// Where samples come from.
 enum Source {
-    Shards(Box<Dataset>),
+    Shards(Arc<Dataset>),
     Files(SourceList),
 }
 
@@ -123,6 +129,37 @@ fn run_once(
     Ok((start.elapsed().as_secs_f64(), times))
 }
 
+/// Streams `samples` samples (rounded up to whole batches) through the trainer's pipeline on
+/// `threads` threads, the consumer handing every batch back at once; returns samples/s.
+fn run_streamed(
+    ds: &Arc<Dataset>,
+    views: &[ViewSpec],
+    threads: usize,
+    samples: usize,
+    batch: usize,
+    seed: u64,
+) -> Result<f64> {
+    let steps = samples.div_ceil(batch);
+    let config = PipelineConfig {
+        views: views.to_vec(),
+        batch_size: batch,
+        seed,
+        threads,
+        prefetch: 4,
+        rank: 0,
+        world_size: 1,
+        start_step: 0,
+        end_step: steps,
+        output: Output::U8,
+    };
+    let start = Instant::now();
+    let mut pipeline = Pipeline::start(ds.clone(), config)?;
+    while let Some(b) = pipeline.next() {
+        pipeline.recycle(b?.views);
+    }
+    Ok((steps * batch) as f64 / start.elapsed().as_secs_f64())
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -132,7 +169,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 pub fn run(a: BenchArgs) -> Result<()> {
     let views = shared::views::preset(&a.preset)?;
     let src = if a.src.join(shared::manifest::MANIFEST_FILE).exists() {
-        Source::Shards(Box::new(Dataset::open(&a.src)?))
+        Source::Shards(Arc::new(Dataset::open(&a.src)?))
     } else {
         Source::Files(shared::source::list_unlabelled(&a.src)?)
     };
@@ -160,6 +197,16 @@ pub fn run(a: BenchArgs) -> Result<()> {
         scaling.push((t, median(rates)));
     }
     let (threads, sps) = *scaling.last().expect("at least one count");
+    let streamed = match &src {
+        Source::Shards(ds) if a.batch <= ds.len() => {
+            run_streamed(ds, &views, threads, a.samples, a.batch, a.seed)?; // warm-up
+            let rates = (0..a.repeats)
+                .map(|_| run_streamed(ds, &views, threads, a.samples, a.batch, a.seed))
+                .collect::<Result<Vec<_>>>()?;
+            Some(median(rates))
+        }
+        _ => None,
+    };
     let per_sample = (a.samples * a.repeats) as f64;
     let stages: Vec<(&str, f64)> = one_thread_times
         .stages()
@@ -178,6 +225,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "preset": a.preset,
             "views_per_sample": views.len(),
             "source": kind,
+            "streamed_samples_per_second": streamed,
+            "batch": a.batch,
             "scaling": scaling.iter().map(|(t, s)| serde_json::json!({"threads": t, "samples_per_second": s})).collect::<Vec<_>>(),
             "stage_ms_per_sample_1_thread": stages.iter().map(|(n, ms)| (n.to_string(), serde_json::json!(ms))).collect::<serde_json::Map<_, _>>(),
         });
@@ -202,6 +251,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "{t:>8} {s:>12.1} {:>12.1} {:>8.2}x",
             s * views.len() as f64,
             s / scaling[0].1
+        );
+    }
+    if let Some(rate) = streamed {
+        println!(
+            "streamed through the trainer's pipeline (batches of {}, {threads} threads): \
+             {rate:.1} samples/s, {:.0}% of the per-sample rate",
+            a.batch,
+            100.0 * rate / sps
         );
     }
     let total: f64 = stages.iter().map(|s| s.1).sum();

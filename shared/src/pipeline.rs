@@ -2,7 +2,9 @@
 //!
 //! A producer thread walks the steps in order; each batch's samples are decoded and augmented in
 //! parallel on a thread pool, and finished batches wait in a bounded queue (the prefetch depth), so
-//! a slow consumer holds the producer back. Every random choice comes from a stream keyed by
+//! a slow consumer holds the producer back. Each pool thread keeps its decoder and view buffers, and
+//! consumed batches can be handed back ([`Pipeline::recycle`]) so that their view tensors are
+//! refilled instead of allocated: streaming allocates nothing per image. Every random choice comes from a stream keyed by
 //! (seed, epoch, sample, view): batches are byte-identical whatever the thread count or prefetch.
 
 use crate::dataset::Dataset;
@@ -11,9 +13,9 @@ use crate::error::{Error, Result};
 use crate::sampler::{view_rng, Sampler};
 use crate::shard::Encoding;
 use crate::views::{make_view, StageTimes, ViewOut, ViewSpec, ViewWorkspace};
-use crossbeam_channel::{bounded, Receiver};
+use crossbeam_channel::{bounded, Receiver, Sender};
 use rayon::prelude::*;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -86,6 +88,7 @@ pub struct Batch {
 /// An iterator over batches, produced ahead on background threads.
 pub struct Pipeline {
     rx: Receiver<Result<Batch>>,
+    spare: Sender<Vec<ViewData>>,
     handle: Option<JoinHandle<()>>,
 }
 
@@ -110,6 +113,10 @@ impl Pipeline {
             .build()
             .map_err(|e| Error::Invalid(format!("cannot start {} threads: {e}", config.threads)))?;
         let (tx, rx) = bounded(config.prefetch.max(1));
+        let (spare, spare_rx) = bounded::<Vec<ViewData>>(config.prefetch.max(1) + 1);
+        let workers: Vec<Mutex<Worker>> = (0..pool.current_num_threads())
+            .map(|_| Mutex::default())
+            .collect();
         let handle = std::thread::Builder::new()
             .name("pipeline".into())
             .spawn(move || {
@@ -120,7 +127,10 @@ impl Pipeline {
                         order = (epoch, sampler.epoch_order(epoch));
                     }
                     let ids = sampler.batch(&order.1, step);
-                    let batch = pool.install(|| make_batch(&dataset, &config, step, epoch, &ids));
+                    let buffers = view_buffers(&config, ids.len(), spare_rx.try_recv().ok());
+                    let batch = pool.install(|| {
+                        make_batch(&dataset, &config, &workers, step, epoch, &ids, buffers)
+                    });
                     let failed = batch.is_err();
                     // A closed channel means the consumer is gone: stop quietly.
                     if tx.send(batch).is_err() || failed {
@@ -131,8 +141,17 @@ impl Pipeline {
             .map_err(|e| Error::Invalid(format!("cannot start the pipeline thread: {e}")))?;
         Ok(Pipeline {
             rx,
+            spare,
             handle: Some(handle),
         })
+    }
+}
+
+impl Pipeline {
+    /// Hands a consumed batch's view tensors back: a later batch refills them instead of
+    /// allocating its own. Optional; tensors that are not handed back are simply freed.
+    pub fn recycle(&self, views: Vec<ViewData>) {
+        let _ = self.spare.try_send(views);
     }
 }
 
@@ -202,58 +221,88 @@ type SampleDone = (u32, u32, Vec<(u32, String)>, StageTimes);
 /// How many following records are tried in place of a bad one.
 const MAX_REPLACEMENTS: usize = 64;
 
+/// The view tensors of a batch of `n`: `spare` ones when they have the right shapes (every byte is
+/// overwritten), new ones otherwise.
+fn view_buffers(config: &PipelineConfig, n: usize, spare: Option<Vec<ViewData>>) -> Vec<ViewData> {
+    let lens: Vec<usize> = config
+        .views
+        .iter()
+        .map(|v| n * 3 * (v.size * v.size) as usize)
+        .collect();
+    let fits = |views: &Vec<ViewData>| {
+        views.len() == lens.len()
+            && views
+                .iter()
+                .zip(&lens)
+                .all(|(d, &len)| match (d, config.output) {
+                    (ViewData::U8(d), Output::U8) => d.len() == len,
+                    (ViewData::F32(d), Output::F32 { .. }) => d.len() == len,
+                    _ => false,
+                })
+    };
+    match spare.filter(fits) {
+        Some(views) => views,
+        None => lens
+            .iter()
+            .map(|&len| match config.output {
+                Output::U8 => ViewData::U8(vec![0; len]),
+                Output::F32 { .. } => ViewData::F32(vec![0.0; len]),
+            })
+            .collect(),
+    }
+}
+
 fn make_batch(
     ds: &Dataset,
     config: &PipelineConfig,
+    workers: &[Mutex<Worker>],
     step: usize,
     epoch: u64,
     ids: &[u32],
+    mut views: Vec<ViewData>,
 ) -> Result<Batch> {
     let n = ids.len();
-    let mut views: Vec<ViewData> = config
+    let nv = views.len();
+    // One slot per (sample, view), sample-major: each view tensor split into per-sample slices.
+    let mut per_view: Vec<Box<dyn Iterator<Item = ViewOut> + '_>> = config
         .views
         .iter()
-        .map(|v| {
-            let len = n * 3 * (v.size * v.size) as usize;
-            match config.output {
-                Output::U8 => ViewData::U8(vec![0; len]),
-                Output::F32 { .. } => ViewData::F32(vec![0.0; len]),
-            }
+        .zip(views.iter_mut())
+        .map(|(spec, data)| {
+            let per = 3 * (spec.size * spec.size) as usize;
+            let it: Box<dyn Iterator<Item = ViewOut>> = match (data, config.output) {
+                (ViewData::U8(d), _) => Box::new(d.chunks_mut(per).map(ViewOut::U8)),
+                (ViewData::F32(d), Output::F32 { mean, std }) => {
+                    Box::new(d.chunks_mut(per).map(move |c| ViewOut::F32(c, mean, std)))
+                }
+                (ViewData::F32(_), Output::U8) => unreachable!("buffers match the output"),
+            };
+            it
         })
         .collect();
-    // One slot per (sample, view): split each view tensor into per-sample slices.
-    let mut slots: Vec<Vec<ViewOut>> = (0..n).map(|_| Vec::with_capacity(views.len())).collect();
-    for (spec, data) in config.views.iter().zip(views.iter_mut()) {
-        let per = 3 * (spec.size * spec.size) as usize;
-        match data {
-            ViewData::U8(d) => {
-                for (slot, chunk) in slots.iter_mut().zip(d.chunks_mut(per)) {
-                    slot.push(ViewOut::U8(chunk));
-                }
-            }
-            ViewData::F32(d) => {
-                let Output::F32 { mean, std } = config.output else {
-                    unreachable!("F32 data only for F32 output")
-                };
-                for (slot, chunk) in slots.iter_mut().zip(d.chunks_mut(per)) {
-                    slot.push(ViewOut::F32(chunk, mean, std));
-                }
-            }
+    let mut slots = Vec::with_capacity(n * nv);
+    for _ in 0..n {
+        for it in per_view.iter_mut() {
+            slots.push(it.next().expect("a slice per sample"));
         }
     }
+    drop(per_view);
     let results: Vec<Result<SampleDone>> = ids
         .par_iter()
-        .zip(slots.into_par_iter())
-        .map_init(Worker::default, |w, (&id, outs)| {
+        .zip(slots.par_chunks_mut(nv))
+        .map(|(&id, outs)| {
+            let thread = rayon::current_thread_index().unwrap_or(0) % workers.len();
+            let mut w = workers[thread].lock().unwrap_or_else(|e| e.into_inner());
+            let w = &mut *w;
             let mut times = StageTimes::default();
             let mut skipped = Vec::new();
             for k in 0..MAX_REPLACEMENTS {
                 let candidate = ((id as usize + k) % ds.len()) as u32;
                 match read_record(ds, candidate as usize, &mut w.decoder, &mut times) {
                     Ok(img) => {
-                        for (v, (spec, out)) in config.views.iter().zip(outs).enumerate() {
+                        for (v, (spec, out)) in config.views.iter().zip(outs.iter_mut()).enumerate() {
                             let mut rng = view_rng(config.seed, epoch, candidate as u64, v as u64);
-                            make_view(img, spec, &mut rng, &mut w.views, out, &mut times)?;
+                            make_view(img, spec, &mut rng, &mut w.views, out.reborrow(), &mut times)?;
                         }
                         let label = ds.meta(candidate as usize)?.label;
                         return Ok((candidate, label, skipped, times));

@@ -181,6 +181,16 @@ pub enum ViewOut<'a> {
     F32(&'a mut [f32], [f32; 3], [f32; 3]),
 }
 
+impl ViewOut<'_> {
+    /// The same destination, borrowed for one call.
+    pub fn reborrow(&mut self) -> ViewOut<'_> {
+        match self {
+            ViewOut::U8(d) => ViewOut::U8(d),
+            ViewOut::F32(d, mean, std) => ViewOut::F32(d, *mean, *std),
+        }
+    }
+}
+
 /// Makes one view of `src` with the parameters drawn from `rng`, writing it CHW into `out`.
 pub fn make_view(
     src: RgbRef,

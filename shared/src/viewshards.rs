@@ -139,7 +139,8 @@ pub fn write_views(job: &ViewsJob, progress: &mut dyn FnMut(u64, u64)) -> Result
     let mut payload = Vec::new();
     // Samples of the first step that the finished shards already hold.
     let mut already = (records_done % b) as usize;
-    for batch in Pipeline::start(dataset, config)? {
+    let mut pipeline = Pipeline::start(dataset, config)?;
+    while let Some(batch) = pipeline.next() {
         let batch = batch?;
         let skipped_before = skipped.len();
         skipped.extend(batch.skipped.iter().cloned());
@@ -164,6 +165,7 @@ pub fn write_views(job: &ViewsJob, progress: &mut dyn FnMut(u64, u64)) -> Result
             payload = record.payload;
         }
         progress(batch.step as u64 + 1, steps);
+        pipeline.recycle(batch.views);
     }
     let shards = roller.finish()?;
     let manifest = ViewsManifest {

@@ -95,6 +95,15 @@ fn identical_batches_whatever_threads_and_prefetch_and_resumable() {
         &bytes(&a[0])[1][..3 * 64 * 64]
     );
 
+    // Handing every batch back for reuse changes nothing.
+    let mut p = Pipeline::start(ds.clone(), config(2, 1)).unwrap();
+    for x in &a {
+        let y = p.next().unwrap().unwrap();
+        assert_eq!(bytes(x), bytes(&y), "recycled buffers, step {}", x.step);
+        p.recycle(y.views);
+    }
+    assert!(p.next().is_none());
+
     // Resumed at step 6: the same batches as the uninterrupted run.
     let resumed = collect(
         &ds,

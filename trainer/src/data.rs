@@ -147,6 +147,19 @@ impl Batches {
         })
     }
 
+    /// Hands a consumed batch back so that a later one reuses its buffers.
+    pub fn recycle(&self, batch: HostBatch) {
+        if let Source::Stream(pipeline) = &self.source {
+            pipeline.recycle(
+                batch
+                    .views
+                    .into_iter()
+                    .map(shared::pipeline::ViewData::U8)
+                    .collect(),
+            );
+        }
+    }
+
     /// The next batch, or `None` after the last step.
     pub fn next_batch(&mut self) -> Result<Option<HostBatch>> {
         match &mut self.source {

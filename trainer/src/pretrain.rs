@@ -175,6 +175,8 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
             local: local.as_ref(),
             batch: batch.labels.len(),
         };
+        let (epoch, skipped) = (batch.epoch, batch.skipped.len());
+        batches.recycle(batch);
         let mut rng = mask_rng(cfg.seed, step);
         let masks = model.sample_masks(&mut rng, &views)?;
         let loss = model.loss(&views, &masks, None)?;
@@ -207,20 +209,19 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
         let views_per_second = (views.batch * views_per_sample) as f64 / step_time;
         let line = Metrics {
             step,
-            epoch: batch.epoch,
+            epoch,
             loss: value,
             loss_per_level: per_level,
             lr,
             ema_momentum: tau,
             views_per_second,
             data_wait: (t1 - t0).as_secs_f64() / step_time,
-            skipped: batch.skipped.len(),
+            skipped,
         };
         serde_json::to_writer(&mut metrics, &line)?;
         writeln!(metrics)?;
         bar.set_message(format!(
-            "loss {value:.4}  {views_per_second:.0} views/s  epoch {}",
-            batch.epoch
+            "loss {value:.4}  {views_per_second:.0} views/s  epoch {epoch}"
         ));
         bar.inc(1);
         let epoch_end = step.is_multiple_of(plan.steps_per_epoch as u64);
@@ -232,7 +233,7 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
                 let (top1, top5) = knn_accuracy(&model, train, val, &job.device)?;
                 let line = KnnMetrics {
                     step,
-                    epoch: batch.epoch,
+                    epoch,
                     knn_k: KNN_K,
                     knn_top1: top1,
                     knn_top5: top5,
@@ -248,7 +249,7 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
         if epoch_end || periodic || step == end {
             let state = TrainState {
                 step,
-                epoch: batch.epoch,
+                epoch,
                 total_steps: total,
                 loss: value,
             };
