@@ -1,4 +1,4 @@
-//! synth -> pack -> pretrain -> eval -> export through the real binaries, on a tiny dataset.
+//! synth -> pack -> pretrain -> eval -> plot -> export through the real binaries, on a tiny dataset.
 
 use e2e::{bin, json, loader_ok, p, synth};
 use std::path::Path;
@@ -102,6 +102,19 @@ fn synth_pack_pretrain_eval_export() {
         assert!((0.0..=100.0).contains(&top1), "{r}");
     }
     assert!(random["model"].as_str().unwrap().starts_with("random"));
+
+    let plot = d.join("training.png");
+    trainer(&[
+        "plot",
+        "--run",
+        &format!("MaskDeep={}", p(&run)),
+        "--reference",
+        "random=10",
+        "--out",
+        p(&plot),
+    ]);
+    let png = std::fs::read(&plot).unwrap();
+    assert_eq!(&png[1..4], b"PNG", "{} is not a PNG", plot.display());
 
     let exported = d.join("backbone.safetensors");
     trainer(&[

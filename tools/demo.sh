@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job, end to end, on the embedded dataset (no download): build, draw the dataset,
 # pack train and val into shards, verify them, profile the input pipeline, pretrain MaskDeep and
-# BYOL (ResNet-18, small stem, CPU) and compare their kNN accuracy with a random backbone.
+# BYOL (ResNet-18, small stem, CPU), compare their kNN accuracy with a random backbone and plot
+# loss and kNN accuracy over training (OUT_DIR/training.png).
 # Usage: tools/demo.sh [OUT_DIR]   (default: demo-out)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,4 +47,9 @@ knn() { "$trainer" eval knn --train "$out/train" --val "$out/val" --k 20,200 "$@
     knn --checkpoint "$out/byol"
     knn --random --preset maskdeep-r18-small "${run[@]}"
 } | tee "$out/results.txt"
-echo "== done: shards in $out/train and $out/val, runs in $out/maskdeep and $out/byol, kNN results in $out/results.txt"
+
+echo "== plotting loss and kNN accuracy over training"
+random_top1=$(sed -nE 's/^random .*k=20: top-1 ([0-9.]+)%.*/\1/p' "$out/results.txt")
+"$trainer" plot --run "MaskDeep=$out/maskdeep" --run "BYOL=$out/byol" \
+    --reference "random backbone=$random_top1" --out "$out/training.png"
+echo "== done: shards in $out/train and $out/val, runs in $out/maskdeep and $out/byol, kNN results in $out/results.txt, plot in $out/training.png"

@@ -21,6 +21,7 @@ pub mod masking;
 pub mod optim;
 pub mod params;
 pub mod parity;
+pub mod plot;
 pub mod pretrain;
 pub mod resnet;
 pub mod schedule;

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use shared::dataset::Dataset;
 use trainer::config::{TrainConfig, PRESETS};
@@ -52,6 +52,18 @@ enum Command {
         /// to check the export in another framework (tools/check_export.py).
         #[arg(long)]
         probe: Option<PathBuf>,
+    },
+    /// Plot training loss and kNN accuracy of one or more runs over their steps into a PNG.
+    Plot {
+        /// A run folder (with metrics.jsonl), as NAME=DIR to name its line; repeat for more runs.
+        #[arg(long = "run", required = true)]
+        runs: Vec<String>,
+        /// A dashed reference line on the kNN panel, as NAME=PERCENT (e.g. "random=12.5").
+        #[arg(long)]
+        reference: Option<String>,
+        /// The PNG file to write.
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Compare one small MaskDeep step on --device (f32 and bf16) with the CPU in f32: relative
     /// errors of the encoder output, the loss and every gradient. Exits non-zero on a failure.
@@ -412,6 +424,34 @@ fn run(cli: Cli) -> Result<()> {
                 out.display(),
                 model.config().arch.name()
             );
+        }
+        Command::Plot {
+            runs,
+            reference,
+            out,
+        } => {
+            let curves = runs
+                .iter()
+                .map(|r| {
+                    let (name, dir) = r.split_once('=').unwrap_or((r.as_str(), r.as_str()));
+                    trainer::plot::read_run(std::path::Path::new(dir), name)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let reference = match &reference {
+                Some(r) => {
+                    let (name, value) = r
+                        .split_once('=')
+                        .with_context(|| format!("--reference `{r}`: expected NAME=PERCENT"))?;
+                    let value: f64 = value
+                        .trim()
+                        .parse()
+                        .with_context(|| format!("--reference `{r}`: `{value}` is not a number"))?;
+                    Some((name, value))
+                }
+                None => None,
+            };
+            trainer::plot::draw(&curves, reference, &out)?;
+            println!("wrote {}", out.display());
         }
         Command::Parity { device, json } => {
             let dev = trainer::device::parse(&device)?;
