@@ -123,6 +123,16 @@ fn f32_input<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&
     }
 }
 
+/// Copies one kernel row's taps; 3-tap rows (3x3 kernels) copy as a fixed-size array instead of
+/// calling `memcpy` for 12 bytes.
+#[inline(always)]
+fn copy_taps(dst: &mut [f32], src: &[f32]) {
+    match (<&mut [f32; 3]>::try_from(&mut *dst), <&[f32; 3]>::try_from(src)) {
+        (Ok(d), Ok(s)) => *d = *s,
+        _ => dst.copy_from_slice(src),
+    }
+}
+
 impl CustomOp1 for Im2Col {
     fn name(&self) -> &'static str {
         "im2col"
@@ -140,21 +150,27 @@ impl CustomOp1 for Im2Col {
             .for_each(|(row, dst)| {
                 let (b, oh) = (row / ho, row % ho);
                 let img = &x[b * c * h * w..(b + 1) * c * h * w];
-                for ow in 0..wo {
-                    let patch = &mut dst[ow * kk..(ow + 1) * kk];
+                for (ow, patch) in dst.chunks_exact_mut(kk).enumerate() {
+                    // The k taps of a kernel row read k adjacent input pixels whatever the stride.
+                    let iw0 = (ow * stride) as isize - padding as isize;
+                    let inside = iw0 >= 0 && iw0 as usize + k <= w;
                     for ci in 0..c {
                         let plane = &img[ci * h * w..(ci + 1) * h * w];
                         for ki in 0..k {
                             let ih = (oh * stride + ki) as isize - padding as isize;
-                            let base = (ci * k + ki) * k;
                             if ih < 0 || ih >= h as isize {
                                 continue; // stays zero
                             }
                             let src = &plane[ih as usize * w..(ih as usize + 1) * w];
-                            for kj in 0..k {
-                                let iw = (ow * stride + kj) as isize - padding as isize;
-                                if iw >= 0 && iw < w as isize {
-                                    patch[base + kj] = src[iw as usize];
+                            let taps = &mut patch[(ci * k + ki) * k..][..k];
+                            if inside {
+                                copy_taps(taps, &src[iw0 as usize..iw0 as usize + k]);
+                            } else {
+                                for (kj, t) in taps.iter_mut().enumerate() {
+                                    let iw = iw0 + kj as isize;
+                                    if iw >= 0 && iw < w as isize {
+                                        *t = src[iw as usize];
+                                    }
                                 }
                             }
                         }
@@ -188,25 +204,33 @@ impl CustomOp1 for Col2Im {
         let Geometry { k, stride, padding } = self.g;
         debug_assert_eq!(kk, c * k * k);
         let mut out = vec![0f32; n * c * h * w];
-        // One channel plane of one image per task: no two tasks write the same element.
-        out.par_chunks_mut(h * w)
-            .enumerate()
-            .for_each(|(plane_index, plane)| {
-                let (b, ci) = (plane_index / c, plane_index % c);
-                let img = &cols[b * ho * wo * kk..(b + 1) * ho * wo * kk];
-                for oh in 0..ho {
-                    for ki in 0..k {
-                        let ih = (oh * stride + ki) as isize - padding as isize;
-                        if ih < 0 || ih >= h as isize {
-                            continue;
-                        }
-                        let dst = &mut plane[ih as usize * w..(ih as usize + 1) * w];
-                        for ow in 0..wo {
-                            let src = &img[(oh * wo + ow) * kk + (ci * k + ki) * k..][..k];
-                            for (kj, v) in src.iter().enumerate() {
-                                let iw = (ow * stride + kj) as isize - padding as isize;
-                                if iw >= 0 && iw < w as isize {
-                                    dst[iw as usize] += v;
+        // One image per task: its patches are read once, in order, and scattered onto its planes.
+        out.par_chunks_mut(c * h * w)
+            .zip(cols.par_chunks(ho * wo * kk))
+            .for_each(|(image, patches)| {
+                for (p, patch) in patches.chunks_exact(kk).enumerate() {
+                    let (oh, ow) = (p / wo, p % wo);
+                    let iw0 = (ow * stride) as isize - padding as isize;
+                    let inside = iw0 >= 0 && iw0 as usize + k <= w;
+                    for ci in 0..c {
+                        for ki in 0..k {
+                            let ih = (oh * stride + ki) as isize - padding as isize;
+                            if ih < 0 || ih >= h as isize {
+                                continue;
+                            }
+                            let row = &mut image[(ci * h + ih as usize) * w..][..w];
+                            let taps = &patch[(ci * k + ki) * k..][..k];
+                            if inside {
+                                let dst = &mut row[iw0 as usize..iw0 as usize + k];
+                                for (d, v) in dst.iter_mut().zip(taps) {
+                                    *d += v;
+                                }
+                            } else {
+                                for (kj, v) in taps.iter().enumerate() {
+                                    let iw = iw0 + kj as isize;
+                                    if iw >= 0 && iw < w as isize {
+                                        row[iw as usize] += v;
+                                    }
                                 }
                             }
                         }
