@@ -127,7 +127,10 @@ fn f32_input<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&
 /// calling `memcpy` for 12 bytes.
 #[inline(always)]
 fn copy_taps(dst: &mut [f32], src: &[f32]) {
-    match (<&mut [f32; 3]>::try_from(&mut *dst), <&[f32; 3]>::try_from(src)) {
+    match (
+        <&mut [f32; 3]>::try_from(&mut *dst),
+        <&[f32; 3]>::try_from(src),
+    ) {
         (Ok(d), Ok(s)) => *d = *s,
         _ => dst.copy_from_slice(src),
     }
