@@ -62,7 +62,7 @@ const TEXT_SCALE: u32 = 2;
 const MARGIN_LEFT: u32 = 80;
 const MARGIN_BOTTOM: u32 = 50;
 const MARGIN_TOP: u32 = 50;
-const MARGIN_RIGHT: u32 = 30;
+const MARGIN_RIGHT: u32 = 40;
 
 /// Text to stamp after plotters has drawn: (x, y, text), top-left anchored, in pixels.
 type Labels = Vec<(i32, i32, String)>;
