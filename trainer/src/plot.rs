@@ -297,9 +297,10 @@ mod tests {
         assert_eq!(img.dimensions(), (WIDTH, HEIGHT));
         for (half, range) in [(0, 0..WIDTH / 2), (1, WIDTH / 2..WIDTH)] {
             for colour in &COLOURS[..2] {
-                let found = img
-                    .enumerate_pixels()
-                    .any(|(x, _, p)| range.contains(&x) && p.0 == [colour.0, colour.1, colour.2]);
+                // The lower half: below the legend, so only a plotted line counts.
+                let found = img.enumerate_pixels().any(|(x, y, p)| {
+                    range.contains(&x) && y > HEIGHT / 2 && p.0 == [colour.0, colour.1, colour.2]
+                });
                 assert!(found, "panel {half} lacks a line of colour {colour:?}");
             }
         }
