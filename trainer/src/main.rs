@@ -227,22 +227,16 @@ impl EvalArgs {
             _ => bail!("give --checkpoint or --random (not both)"),
         };
         let size = model.config().image_size;
-        let open = |p: &PathBuf| Dataset::open(p).map_err(anyhow::Error::from);
-        let train = eval::extract(
-            &model.online.backbone,
-            &open(&self.train)?,
-            size,
-            self.batch,
-            &device,
-        )?;
-        let val = eval::extract(
-            &model.online.backbone,
-            &open(&self.val)?,
-            size,
-            self.batch,
-            &device,
-        )?;
-        Ok((what, train, val))
+        let features = |p: &PathBuf| {
+            eval::extract(
+                &model.online.backbone,
+                &Dataset::open(p)?,
+                size,
+                self.batch,
+                &device,
+            )
+        };
+        Ok((what, features(&self.train)?, features(&self.val)?))
     }
 }
 
