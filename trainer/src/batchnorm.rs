@@ -34,12 +34,21 @@ impl BatchNorm {
     /// Normalises `x` with batch statistics (updating the running ones) when `train`, else with
     /// the running statistics. The output has `x`'s dtype.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.normalise(x, train, false)
+    }
+
+    /// `relu(forward(x, train))`; in training on the CPU, one fused kernel each way.
+    pub fn forward_relu(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.normalise(x, train, true)
+    }
+
+    fn normalise(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let (n, c) = (dims[0], dims[1]);
         let x32 = x.to_dtype(DType::F32)?.reshape((n, c, ()))?;
         if train && x.device().is_cpu() {
             let (y, mean, var) =
-                crate::batchnorm_cpu::forward_train(&x32, &self.weight, &self.bias)?;
+                crate::batchnorm_cpu::forward_train(&x32, &self.weight, &self.bias, relu)?;
             let count = x32.elem_count() / c;
             self.update_running(&mean, &var, count)?;
             return y.to_dtype(x.dtype())?.reshape(dims);
@@ -58,11 +67,11 @@ impl BatchNorm {
             (x32.broadcast_sub(&mean)?, var)
         };
         let scale = per_channel(self.weight.clone())?.broadcast_div(&(var + EPS)?.sqrt()?)?;
-        centred
+        let y = centred
             .broadcast_mul(&scale)?
-            .broadcast_add(&per_channel(self.bias.clone())?)?
-            .to_dtype(x.dtype())?
-            .reshape(dims)
+            .broadcast_add(&per_channel(self.bias.clone())?)?;
+        let y = if relu { y.relu()? } else { y };
+        y.to_dtype(x.dtype())?.reshape(dims)
     }
 
     fn update_running(&self, mean: &Tensor, var: &Tensor, count: usize) -> Result<()> {

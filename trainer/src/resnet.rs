@@ -114,8 +114,14 @@ impl ConvBn {
         })
     }
 
-    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.bn.forward(&self.conv.forward(x)?, train)
+    /// Convolution, BatchNorm and, when `relu`, a ReLU.
+    fn forward(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+        let y = self.conv.forward(x)?;
+        if relu {
+            self.bn.forward_relu(&y, train)
+        } else {
+            self.bn.forward(&y, train)
+        }
     }
 }
 
@@ -169,13 +175,10 @@ impl Block {
         let mut y = x.clone();
         let last = self.layers.len() - 1;
         for (i, layer) in self.layers.iter().enumerate() {
-            y = layer.forward(&y, train)?;
-            if i != last {
-                y = y.relu()?;
-            }
+            y = layer.forward(&y, train, i != last)?;
         }
         let shortcut = match &self.downsample {
-            Some(d) => d.forward(x, train)?,
+            Some(d) => d.forward(x, train, false)?,
             None => x.clone(),
         };
         (y + shortcut)?.relu()
@@ -245,7 +248,7 @@ impl ResNet {
     /// Runs the backbone on normalised `[batch, 3, H, W]` images; BatchNorm uses batch statistics
     /// (and updates its running statistics) when `train`.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Features> {
-        let mut x = self.stem.forward(x, train)?.relu()?;
+        let mut x = self.stem.forward(x, train, true)?;
         if !self.config.small_stem {
             x = max_pool_3x3_s2(&x)?;
         }

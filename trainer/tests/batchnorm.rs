@@ -18,6 +18,17 @@ fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
 
 #[test]
 fn fused_batchnorm_matches_the_formula_forward_and_backward() {
+    check_against_formula(false);
+}
+
+#[test]
+fn fused_batchnorm_relu_matches_the_formula_forward_and_backward() {
+    check_against_formula(true);
+}
+
+/// Outputs, batch statistics and the three gradients of `forward_train(.., relu)` against plain
+/// tensor ops (the ReLU by candle's own op).
+fn check_against_formula(relu: bool) {
     let dev = Device::Cpu;
     let (n, c, l) = (4, 3, 10);
     let x = Var::from_tensor(&(Tensor::randn(0f32, 2.0, (n, c, l), &dev).unwrap() + 1.5).unwrap())
@@ -26,7 +37,7 @@ fn fused_batchnorm_matches_the_formula_forward_and_backward() {
     let b = Var::from_tensor(&Tensor::new(&[0.1f32, -0.2, 0.3], &dev).unwrap()).unwrap();
     let probe = Tensor::randn(0f32, 1.0, (n, c, l), &dev).unwrap();
 
-    let (y, mean, var) = forward_train(x.as_tensor(), w.as_tensor(), b.as_tensor()).unwrap();
+    let (y, mean, var) = forward_train(x.as_tensor(), w.as_tensor(), b.as_tensor(), relu).unwrap();
     let grads = (&y * &probe)
         .unwrap()
         .sum_all()
@@ -51,6 +62,19 @@ fn fused_batchnorm_matches_the_formula_forward_and_backward() {
         .unwrap()
         .broadcast_add(&b.as_tensor().reshape((1, c, 1)).unwrap())
         .unwrap();
+    let y_ref = if relu { y_ref.relu().unwrap() } else { y_ref };
+    if relu {
+        let clipped = y
+            .eq(0f32)
+            .unwrap()
+            .to_dtype(candle_core::DType::F32)
+            .unwrap();
+        let share = clipped.mean_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(
+            (0.1..0.9).contains(&share),
+            "the ReLU clipped {share} of the outputs"
+        );
+    }
     let g_ref = (&y_ref * &probe)
         .unwrap()
         .sum_all()
