@@ -1,15 +1,19 @@
 //! 2-D convolution without bias, as ResNets use it.
 //!
-//! On CPU (f32) the convolution is written as im2col + one large matrix product, so that autograd
-//! routes both gradients through large gemms too: the weight gradient is `patches^T @ dY`, the input
-//! gradient `dY @ W` followed by col2im. Candle's own conv sends the input gradient through a plain
-//! `conv_transpose2d` loop, the main cost of a ResNet step on CPU. The input image needs no gradient
-//! and gets none (its patches are not tracked). On other devices and dtypes the built-in convolution
-//! runs. The weight stays f32 (the master copy); under mixed precision it is cast to the input's
-//! dtype.
+//! On CPU (f32) the convolution is one autograd node whose forward and backward both work image
+//! by image on the thread pool: the image's patches are gathered into a per-thread buffer laid out
+//! `[c_in*k*k, ho*wo]` (im2col), and one gemm gives the output planes in NCHW order. The backward
+//! gathers the patches again and runs two gemms per image: `dW += dY @ patches^T` and
+//! `dPatches = W^T @ dY`, the latter scattered back onto the input (col2im). Candle's own conv
+//! sends the input gradient through a plain `conv_transpose2d` loop; building the convolution from
+//! Candle ops (im2col, reshape, matmul, permute) instead costs a zero-fill and an add per op and
+//! per gradient in Candle's backward. The input image needs no gradient and gets none. On other
+//! devices and dtypes the built-in convolution runs. The weight stays f32 (the master copy); under
+//! mixed precision it is cast to the input's dtype.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
+use gemm::Parallelism;
 use rayon::prelude::*;
 
 /// A bias-free convolution with square kernel, stride and padding.
@@ -61,56 +65,196 @@ impl Conv {
     }
 }
 
-/// Convolution as `patches [n*ho*wo, c_in*k*k] @ weight^T [c_in*k*k, c_out]`, then back to NCHW.
+/// Convolution of `[n, c_in, h, w]` f32 CPU input with `[c_out, c_in, k, k]` weight, as one
+/// autograd node (see the module documentation).
 pub fn conv2d_gemm(x: &Tensor, weight: &Tensor, g: Geometry) -> Result<Tensor> {
-    let (n, c_in, h, w) = x.dims4()?;
-    let c_out = weight.dim(0)?;
-    let (ho, wo) = (g.out(h), g.out(w));
-    let kk = c_in * g.k * g.k;
-    let patches = if g.k == 1 && g.padding == 0 {
-        // A 1x1 kernel's patches are the pixels themselves (every stride-th one).
-        let x = if g.stride == 1 {
-            x.clone()
-        } else {
-            subsample(x, g.stride, ho, wo)?
-        };
-        x.permute((0, 2, 3, 1))?.reshape((n * ho * wo, c_in))?
-    } else {
-        x.contiguous()?
-            .apply_op1(Im2Col { g, h, w })?
-            .reshape((n * ho * wo, kk))?
-    };
-    let y = patches.matmul(&weight.reshape((c_out, kk))?.t()?)?;
-    y.reshape((n, ho, wo, c_out))?.permute((0, 3, 1, 2))
+    x.contiguous()?
+        .apply_op2(&weight.contiguous()?, ConvOp { g })
 }
 
-/// Every `stride`-th row and column, starting at 0: `[n, c, ho, wo]`.
-fn subsample(x: &Tensor, stride: usize, ho: usize, wo: usize) -> Result<Tensor> {
-    let (n, c, h, w) = x.dims4()?;
-    let x = x
-        .pad_with_zeros(2, 0, ho * stride - h.min(ho * stride))?
-        .pad_with_zeros(3, 0, wo * stride - w.min(wo * stride))?;
-    x.narrow(2, 0, ho * stride)?
-        .narrow(3, 0, wo * stride)?
-        .reshape((n, c, ho, stride, wo, stride))?
-        .narrow(3, 0, 1)?
-        .narrow(5, 0, 1)?
-        .reshape((n, c, ho, wo))
-}
-
-/// `[n, c, h, w]` -> `[n, ho, wo, c*k*k]` (entries ordered c, ki, kj, like the weight's rows).
-struct Im2Col {
+/// The forward op: `(x, weight) -> y`.
+struct ConvOp {
     g: Geometry,
-    h: usize,
-    w: usize,
 }
 
-/// The adjoint of [`Im2Col`]: sums patch gradients back onto `[n, c, h, w]`.
-struct Col2Im {
+/// The backward op: `(x, weight, dy) -> [dx (empty unless need_dx), dweight]`.
+struct ConvBackward {
     g: Geometry,
+    need_dx: bool,
+}
+
+/// Sizes of one convolution.
+#[derive(Clone, Copy)]
+struct Dims {
+    n: usize,
     c: usize,
     h: usize,
     w: usize,
+    c_out: usize,
+    ho: usize,
+    wo: usize,
+    g: Geometry,
+}
+
+impl Dims {
+    fn new(x: &Layout, weight: &Layout, g: Geometry) -> Result<Self> {
+        let (n, c, h, w) = x.shape().dims4()?;
+        let (c_out, c_w, kh, kw) = weight.shape().dims4()?;
+        if c_w != c || kh != g.k || kw != g.k {
+            candle_core::bail!(
+                "conv: weight {:?} does not fit input {:?} with kernel {}",
+                weight.shape(),
+                x.shape(),
+                g.k
+            );
+        }
+        Ok(Dims {
+            n,
+            c,
+            h,
+            w,
+            c_out,
+            ho: g.out(h),
+            wo: g.out(w),
+            g,
+        })
+    }
+
+    /// Rows of an image's patch matrix.
+    fn kk(&self) -> usize {
+        self.c * self.g.k * self.g.k
+    }
+
+    /// Output pixels per plane (columns of the patch matrix).
+    fn hw(&self) -> usize {
+        self.ho * self.wo
+    }
+
+    /// A 1x1, stride-1, unpadded kernel: an image is its own patch matrix.
+    fn pointwise(&self) -> bool {
+        self.g.k == 1 && self.g.stride == 1 && self.g.padding == 0
+    }
+
+    /// For kernel tap `kj` of output row `oh` (tap row `ki`): the input row, if inside, and the
+    /// output columns `lo..hi` whose input column `ow * stride + kj - padding` is inside.
+    fn span(&self, oh: usize, ki: usize, kj: usize) -> Option<(usize, usize, usize)> {
+        let Geometry {
+            stride, padding, ..
+        } = self.g;
+        let ih = (oh * stride + ki)
+            .checked_sub(padding)
+            .filter(|&r| r < self.h)?;
+        // ow * stride + kj - padding in 0..w  <=>  ow in lo..hi
+        let lo = padding.saturating_sub(kj).div_ceil(stride);
+        let hi = ((self.w + padding).saturating_sub(kj))
+            .div_ceil(stride)
+            .min(self.wo);
+        Some((ih, lo, hi.max(lo)))
+    }
+
+    /// Images per gemm: enough that a gemm has a few hundred columns when the planes are small,
+    /// but no fewer groups than pool threads.
+    fn group(&self) -> usize {
+        const COLUMNS: usize = 512;
+        let threads = rayon::current_num_threads().max(1);
+        COLUMNS
+            .div_ceil(self.hw())
+            .min(self.n.div_ceil(threads))
+            .max(1)
+    }
+
+    /// Gathers image `img` (`[c, h, w]`) into columns `at..at + ho*wo` of `cols` (`[kk, ld]`),
+    /// zeros where the kernel overhangs the padding. Every entry of those columns is written.
+    fn im2col(&self, img: &[f32], cols: &mut [f32], ld: usize, at: usize) {
+        let (k, s, p) = (self.g.k, self.g.stride, self.g.padding);
+        let (h, w, wo, hw) = (self.h, self.w, self.wo, self.hw());
+        for (r, row) in cols.chunks_exact_mut(ld).enumerate() {
+            let row = &mut row[at..at + hw];
+            let (ci, ki, kj) = (r / (k * k), r / k % k, r % k);
+            let plane = &img[ci * h * w..(ci + 1) * h * w];
+            for (oh, dst) in row.chunks_exact_mut(wo).enumerate() {
+                let Some((ih, lo, hi)) = self.span(oh, ki, kj) else {
+                    dst.fill(0.0);
+                    continue;
+                };
+                let src = &plane[ih * w..(ih + 1) * w];
+                dst[..lo].fill(0.0);
+                dst[hi..].fill(0.0);
+                let first = lo * s + kj - p;
+                if s == 1 {
+                    dst[lo..hi].copy_from_slice(&src[first..first + hi - lo]);
+                } else {
+                    for (d, &v) in dst[lo..hi].iter_mut().zip(src[first..].iter().step_by(s)) {
+                        *d = v;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The adjoint of [`Dims::im2col`]: adds columns `at..at + ho*wo` of `cols` (`[kk, ld]`) onto
+    /// image `img`.
+    fn col2im(&self, cols: &[f32], ld: usize, at: usize, img: &mut [f32]) {
+        let (k, s, p) = (self.g.k, self.g.stride, self.g.padding);
+        let (h, w, wo, hw) = (self.h, self.w, self.wo, self.hw());
+        for (r, row) in cols.chunks_exact(ld).enumerate() {
+            let row = &row[at..at + hw];
+            let (ci, ki, kj) = (r / (k * k), r / k % k, r % k);
+            let plane = &mut img[ci * h * w..(ci + 1) * h * w];
+            for (oh, src) in row.chunks_exact(wo).enumerate() {
+                let Some((ih, lo, hi)) = self.span(oh, ki, kj) else {
+                    continue;
+                };
+                let dst = &mut plane[ih * w..(ih + 1) * w];
+                let first = lo * s + kj - p;
+                for (d, &v) in dst[first..].iter_mut().step_by(s).zip(&src[lo..hi]) {
+                    *d += v;
+                }
+            }
+        }
+    }
+}
+
+/// Row-major matrix view for [`matmul`]: pointer, row stride, column stride.
+struct Mat<T> {
+    ptr: T,
+    rs: usize,
+    cs: usize,
+}
+
+/// `dst[m, n] (+)= lhs[m, k] @ rhs[k, n]` on the calling thread; `accumulate` adds to `dst`.
+///
+/// # Safety
+/// Each view must address `rows x cols` valid elements through its strides, and `dst` must not
+/// overlap the inputs.
+unsafe fn matmul(
+    (m, n, k): (usize, usize, usize),
+    dst: Mat<*mut f32>,
+    lhs: Mat<*const f32>,
+    rhs: Mat<*const f32>,
+    accumulate: bool,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst.ptr,
+        dst.cs as isize,
+        dst.rs as isize,
+        accumulate,
+        lhs.ptr,
+        lhs.cs as isize,
+        lhs.rs as isize,
+        rhs.ptr,
+        rhs.cs as isize,
+        rhs.rs as isize,
+        if accumulate { 1.0 } else { 0.0 },
+        1.0,
+        false,
+        false,
+        false,
+        Parallelism::None,
+    )
 }
 
 fn f32_input<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
@@ -123,132 +267,242 @@ fn f32_input<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&
     }
 }
 
-/// Copies one kernel row's taps; 3-tap rows (3x3 kernels) copy as a fixed-size array instead of
-/// calling `memcpy` for 12 bytes.
-#[inline(always)]
-fn copy_taps(dst: &mut [f32], src: &[f32]) {
-    match (
-        <&mut [f32; 3]>::try_from(&mut *dst),
-        <&[f32; 3]>::try_from(src),
-    ) {
-        (Ok(d), Ok(s)) => *d = *s,
-        _ => dst.copy_from_slice(src),
+impl CustomOp2 for ConvOp {
+    fn name(&self) -> &'static str {
+        "conv2d-gemm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = Dims::new(xl, wl, self.g)?;
+        let x = f32_input(xs, xl, self.name())?;
+        let weight = f32_input(ws, wl, self.name())?;
+        let (kk, hw, chw) = (d.kk(), d.hw(), d.c * d.h * d.w);
+        let group = d.group();
+        let mut out = vec![0f32; d.n * d.c_out * hw];
+        // Per task: the group's patch matrix [kk, ld] and, for groups of several images, its
+        // output [c_out, ld] before it is scattered into NCHW planes.
+        out.par_chunks_mut(group * d.c_out * hw)
+            .zip(x.par_chunks(group * chw))
+            .for_each_init(
+                || (Vec::new(), Vec::new()),
+                |(cols, staged), (y, images)| {
+                    let ld = images.len() / chw * hw;
+                    let single = ld == hw;
+                    let patches: &[f32] = if single && d.pointwise() {
+                        images
+                    } else {
+                        cols.resize(kk * ld, 0.0);
+                        for (j, img) in images.chunks_exact(chw).enumerate() {
+                            d.im2col(img, cols, ld, j * hw);
+                        }
+                        cols
+                    };
+                    let dst: &mut [f32] = if single {
+                        y
+                    } else {
+                        staged.resize(d.c_out * ld, 0.0);
+                        staged
+                    };
+                    // SAFETY: dst is [c_out, ld], weight [c_out, kk], patches [kk, ld], all
+                    // row-major slices of exactly those sizes; dst is a distinct buffer.
+                    unsafe {
+                        matmul(
+                            (d.c_out, ld, kk),
+                            Mat {
+                                ptr: dst.as_mut_ptr(),
+                                rs: ld,
+                                cs: 1,
+                            },
+                            Mat {
+                                ptr: weight.as_ptr(),
+                                rs: kk,
+                                cs: 1,
+                            },
+                            Mat {
+                                ptr: patches.as_ptr(),
+                                rs: ld,
+                                cs: 1,
+                            },
+                            false,
+                        )
+                    }
+                    if !single {
+                        for (j, plane) in y.chunks_exact_mut(hw).enumerate() {
+                            let (img, co) = (j / d.c_out, j % d.c_out);
+                            plane.copy_from_slice(&staged[co * ld + img * hw..][..hw]);
+                        }
+                    }
+                },
+            );
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from((d.n, d.c_out, d.ho, d.wo)),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let need_dx = x.track_op();
+        let back = ConvBackward { g: self.g, need_dx };
+        let out = x.apply_op3_no_bwd(weight, &grad.contiguous()?, &back)?;
+        let dx_len = if need_dx { x.elem_count() } else { 0 };
+        let dx = if need_dx {
+            Some(out.narrow(0, 0, dx_len)?.reshape(x.shape())?)
+        } else {
+            None
+        };
+        let dw = out
+            .narrow(0, dx_len, weight.elem_count())?
+            .reshape(weight.shape())?;
+        Ok((dx, Some(dw)))
     }
 }
 
-impl CustomOp1 for Im2Col {
+impl CustomOp3 for ConvBackward {
     fn name(&self) -> &'static str {
-        "im2col"
+        "conv2d-gemm-backward"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32_input(storage, layout, "im2col")?;
-        let (n, c, h, w) = layout.shape().dims4()?;
-        let Geometry { k, stride, padding } = self.g;
-        let (ho, wo) = (self.g.out(h), self.g.out(w));
-        let kk = c * k * k;
-        let mut out = vec![0f32; n * ho * wo * kk];
-        out.par_chunks_mut(wo * kk)
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = Dims::new(xl, wl, self.g)?;
+        let x = f32_input(xs, xl, self.name())?;
+        let weight = f32_input(ws, wl, self.name())?;
+        let dy = f32_input(gs, gl, self.name())?;
+        let (kk, hw, chw, c_out) = (d.kk(), d.hw(), d.c * d.h * d.w, d.c_out);
+        let group = d.group();
+        let mut dx = vec![0f32; if self.need_dx { d.n * chw } else { 0 }];
+        let dx_groups: Vec<Option<&mut [f32]>> = if self.need_dx {
+            dx.chunks_mut(group * chw).map(Some).collect()
+        } else {
+            (0..d.n.div_ceil(group)).map(|_| None).collect()
+        };
+        // A fixed split of the groups over the pool's threads, each task accumulating its own
+        // weight gradient, summed in task order: the result does not depend on scheduling.
+        let per_task = dx_groups
+            .len()
+            .div_ceil(rayon::current_num_threads().max(1));
+        let partials: Vec<Vec<f32>> = dx_groups
+            .into_par_iter()
             .enumerate()
-            .for_each(|(row, dst)| {
-                let (b, oh) = (row / ho, row % ho);
-                let img = &x[b * c * h * w..(b + 1) * c * h * w];
-                for (ow, patch) in dst.chunks_exact_mut(kk).enumerate() {
-                    // The k taps of a kernel row read k adjacent input pixels whatever the stride.
-                    let iw0 = (ow * stride) as isize - padding as isize;
-                    let inside = iw0 >= 0 && iw0 as usize + k <= w;
-                    for ci in 0..c {
-                        let plane = &img[ci * h * w..(ci + 1) * h * w];
-                        for ki in 0..k {
-                            let ih = (oh * stride + ki) as isize - padding as isize;
-                            if ih < 0 || ih >= h as isize {
-                                continue; // stays zero
-                            }
-                            let src = &plane[ih as usize * w..(ih as usize + 1) * w];
-                            let taps = &mut patch[(ci * k + ki) * k..][..k];
-                            if inside {
-                                copy_taps(taps, &src[iw0 as usize..iw0 as usize + k]);
-                            } else {
-                                for (kj, t) in taps.iter_mut().enumerate() {
-                                    let iw = iw0 + kj as isize;
-                                    if iw >= 0 && iw < w as isize {
-                                        *t = src[iw as usize];
-                                    }
-                                }
-                            }
+            .chunks(per_task)
+            .map(|tasks| {
+                let (mut cols, mut staged, mut dcols) = (Vec::new(), Vec::new(), Vec::new());
+                let mut dw = vec![0f32; c_out * kk];
+                for (i, dx_group) in tasks {
+                    let first = i * group;
+                    let count = group.min(d.n - first);
+                    let (ld, single) = (count * hw, count == 1);
+                    let images = &x[first * chw..(first + count) * chw];
+                    let dy_group = &dy[first * c_out * hw..(first + count) * c_out * hw];
+                    let patches: &[f32] = if single && d.pointwise() {
+                        images
+                    } else {
+                        cols.resize(kk * ld, 0.0);
+                        for (j, img) in images.chunks_exact(chw).enumerate() {
+                            d.im2col(img, &mut cols, ld, j * hw);
+                        }
+                        &cols
+                    };
+                    // dY as [c_out, ld]: the group's planes side by side.
+                    let dy_mat: &[f32] = if single {
+                        dy_group
+                    } else {
+                        staged.resize(c_out * ld, 0.0);
+                        for (j, plane) in dy_group.chunks_exact(hw).enumerate() {
+                            let (img, co) = (j / c_out, j % c_out);
+                            staged[co * ld + img * hw..][..hw].copy_from_slice(plane);
+                        }
+                        &staged
+                    };
+                    // SAFETY (both products): row-major slices of exactly the sizes given; the
+                    // destinations are distinct buffers. dW [c_out, kk] += dY [c_out, ld] @
+                    // patches^T [ld, kk].
+                    unsafe {
+                        matmul(
+                            (c_out, kk, ld),
+                            Mat {
+                                ptr: dw.as_mut_ptr(),
+                                rs: kk,
+                                cs: 1,
+                            },
+                            Mat {
+                                ptr: dy_mat.as_ptr(),
+                                rs: ld,
+                                cs: 1,
+                            },
+                            Mat {
+                                ptr: patches.as_ptr(),
+                                rs: 1,
+                                cs: ld,
+                            },
+                            true,
+                        )
+                    }
+                    let Some(dx_group) = dx_group else {
+                        continue;
+                    };
+                    // dPatches [kk, ld] = W^T [kk, c_out] @ dY [c_out, ld].
+                    let weight_t_dy = |dst: &mut [f32]| unsafe {
+                        matmul(
+                            (kk, ld, c_out),
+                            Mat {
+                                ptr: dst.as_mut_ptr(),
+                                rs: ld,
+                                cs: 1,
+                            },
+                            Mat {
+                                ptr: weight.as_ptr(),
+                                rs: 1,
+                                cs: kk,
+                            },
+                            Mat {
+                                ptr: dy_mat.as_ptr(),
+                                rs: ld,
+                                cs: 1,
+                            },
+                            false,
+                        )
+                    };
+                    if single && d.pointwise() {
+                        // A pointwise kernel's patch gradient is the input gradient itself.
+                        weight_t_dy(dx_group);
+                    } else {
+                        dcols.resize(kk * ld, 0.0);
+                        weight_t_dy(&mut dcols);
+                        for (j, dx_img) in dx_group.chunks_exact_mut(chw).enumerate() {
+                            d.col2im(&dcols, ld, j * hw, dx_img);
                         }
                     }
                 }
-            });
-        Ok((CpuStorage::F32(out), Shape::from((n, ho, wo, kk))))
-    }
-
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let c = arg.dim(1)?;
-        let back = Col2Im {
-            g: self.g,
-            c,
-            h: self.h,
-            w: self.w,
-        };
-        Ok(Some(grad.contiguous()?.apply_op1(back)?))
-    }
-}
-
-impl CustomOp1 for Col2Im {
-    fn name(&self) -> &'static str {
-        "col2im"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let cols = f32_input(storage, layout, "col2im")?;
-        let (n, ho, wo, kk) = layout.shape().dims4()?;
-        let (c, h, w) = (self.c, self.h, self.w);
-        let Geometry { k, stride, padding } = self.g;
-        debug_assert_eq!(kk, c * k * k);
-        let mut out = vec![0f32; n * c * h * w];
-        // One image per task: its patches are read once, in order, and scattered onto its planes.
-        out.par_chunks_mut(c * h * w)
-            .zip(cols.par_chunks(ho * wo * kk))
-            .for_each(|(image, patches)| {
-                for (p, patch) in patches.chunks_exact(kk).enumerate() {
-                    let (oh, ow) = (p / wo, p % wo);
-                    let iw0 = (ow * stride) as isize - padding as isize;
-                    let inside = iw0 >= 0 && iw0 as usize + k <= w;
-                    for ci in 0..c {
-                        for ki in 0..k {
-                            let ih = (oh * stride + ki) as isize - padding as isize;
-                            if ih < 0 || ih >= h as isize {
-                                continue;
-                            }
-                            let row = &mut image[(ci * h + ih as usize) * w..][..w];
-                            let taps = &patch[(ci * k + ki) * k..][..k];
-                            if inside {
-                                let dst = &mut row[iw0 as usize..iw0 as usize + k];
-                                for (d, v) in dst.iter_mut().zip(taps) {
-                                    *d += v;
-                                }
-                            } else {
-                                for (kj, v) in taps.iter().enumerate() {
-                                    let iw = iw0 + kj as isize;
-                                    if iw >= 0 && iw < w as isize {
-                                        row[iw as usize] += v;
-                                    }
-                                }
-                            }
-                        }
-                    }
-                }
-            });
-        Ok((CpuStorage::F32(out), Shape::from((n, c, h, w))))
-    }
-
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let im2col = Im2Col {
-            g: self.g,
-            h: self.h,
-            w: self.w,
-        };
-        Ok(Some(grad.contiguous()?.apply_op1(im2col)?))
+                dw
+            })
+            .collect();
+        let mut partials = partials.into_iter();
+        let mut dw = partials.next().unwrap_or_else(|| vec![0f32; c_out * kk]);
+        for part in partials {
+            dw.iter_mut().zip(&part).for_each(|(a, b)| *a += b);
+        }
+        dx.extend_from_slice(&dw);
+        let len = dx.len();
+        Ok((CpuStorage::F32(dx), Shape::from(len)))
     }
 }

@@ -25,7 +25,7 @@ fn gemm_convolution_matches_candle_forward_and_backward() {
         (1, 1, 0, 5, 5),
         (1, 2, 0, 7, 7),
     ] {
-        let (n, c_in, c_out) = (3, 4, 5);
+        let (n, c_in, c_out) = (7, 4, 5); // 7 images: groups of several, the last one smaller
         let x =
             Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, c_in, h, w), &dev).unwrap()).unwrap();
         let wt = Var::from_tensor(&Tensor::randn(0f32, 1.0, (c_out, c_in, k, k), &dev).unwrap())
@@ -78,4 +78,35 @@ fn the_input_image_gets_no_gradient_graph() {
     let grads = y.sum_all().unwrap().backward().unwrap();
     assert!(grads.get(&x).is_none());
     assert!(grads.get(wt.as_tensor()).is_some());
+}
+
+#[test]
+fn gradients_are_bitwise_repeatable() {
+    // The weight gradient sums per-thread partials; the split must not depend on scheduling.
+    let dev = Device::Cpu;
+    let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (16, 8, 6, 6), &dev).unwrap()).unwrap();
+    let wt = Var::from_tensor(&Tensor::randn(0f32, 1.0, (8, 8, 3, 3), &dev).unwrap()).unwrap();
+    let g = Geometry {
+        k: 3,
+        stride: 1,
+        padding: 1,
+    };
+    let grads = || {
+        let y = conv2d_gemm(x.as_tensor(), wt.as_tensor(), g).unwrap();
+        let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        [&x, &wt].map(|v| {
+            let g: Vec<f32> = grads
+                .get(v.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            g.iter().map(|f| f.to_bits()).collect::<Vec<u32>>()
+        })
+    };
+    let first = grads();
+    for _ in 0..5 {
+        assert_eq!(grads(), first);
+    }
 }
