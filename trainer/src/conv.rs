@@ -135,21 +135,31 @@ impl Dims {
         self.g.k == 1 && self.g.stride == 1 && self.g.padding == 0
     }
 
-    /// For kernel tap `kj` of output row `oh` (tap row `ki`): the input row, if inside, and the
-    /// output columns `lo..hi` whose input column `ow * stride + kj - padding` is inside.
-    fn span(&self, oh: usize, ki: usize, kj: usize) -> Option<(usize, usize, usize)> {
+    /// The input row that kernel row `ki` reads for output row `oh`, if inside the image.
+    fn input_row(&self, oh: usize, ki: usize) -> Option<usize> {
+        (oh * self.g.stride + ki)
+            .checked_sub(self.g.padding)
+            .filter(|&r| r < self.h)
+    }
+
+    /// For kernel column `kj`: the output columns `lo..hi` whose input column
+    /// `ow * stride + kj - padding` is inside the image, and that input column for `lo`.
+    fn columns(&self, kj: usize) -> (usize, usize, usize) {
         let Geometry {
             stride, padding, ..
         } = self.g;
-        let ih = (oh * stride + ki)
-            .checked_sub(padding)
-            .filter(|&r| r < self.h)?;
-        // ow * stride + kj - padding in 0..w  <=>  ow in lo..hi
         let lo = padding.saturating_sub(kj).div_ceil(stride);
         let hi = ((self.w + padding).saturating_sub(kj))
             .div_ceil(stride)
-            .min(self.wo);
-        Some((ih, lo, hi.max(lo)))
+            .min(self.wo)
+            .max(lo);
+        (lo, hi, (lo * stride + kj).saturating_sub(padding))
+    }
+
+    /// Stride 1 with output planes the size of the input: each patch row is one shifted block
+    /// of an input plane, up to the columns that wrap around the plane's edges.
+    fn same_size(&self) -> bool {
+        self.g.stride == 1 && self.ho == self.h && self.wo == self.w
     }
 
     /// Images per gemm: enough that a gemm has a few hundred columns when the planes are small,
@@ -172,21 +182,37 @@ impl Dims {
             let row = &mut row[at..at + hw];
             let (ci, ki, kj) = (r / (k * k), r / k % k, r % k);
             let plane = &img[ci * h * w..(ci + 1) * h * w];
+            let (lo, hi, first) = self.columns(kj);
+            if self.same_size() {
+                // row[i] = plane[i + shift] on the valid output rows, then the wrapped columns
+                // and the rows above and below the image are zeroed.
+                let shift = (ki * w + kj) as isize - (p * w + p) as isize;
+                let bottom = (h + p).saturating_sub(ki).min(h) * w;
+                let top = (p.saturating_sub(ki) * w).min(bottom);
+                let start = top.max((-shift).max(0) as usize).min(bottom);
+                let end = bottom.min((hw as isize - shift).max(0) as usize).max(start);
+                row[..start].fill(0.0);
+                row[end..].fill(0.0);
+                if start < end {
+                    let from = (start as isize + shift) as usize;
+                    row[start..end].copy_from_slice(&plane[from..from + end - start]);
+                }
+                for line in row[top..bottom].chunks_exact_mut(w) {
+                    line[..lo].fill(0.0);
+                    line[hi..].fill(0.0);
+                }
+                continue;
+            }
             for (oh, dst) in row.chunks_exact_mut(wo).enumerate() {
-                let Some((ih, lo, hi)) = self.span(oh, ki, kj) else {
+                let Some(ih) = self.input_row(oh, ki) else {
                     dst.fill(0.0);
                     continue;
                 };
                 let src = &plane[ih * w..(ih + 1) * w];
                 dst[..lo].fill(0.0);
                 dst[hi..].fill(0.0);
-                let first = lo * s + kj - p;
-                if s == 1 {
-                    dst[lo..hi].copy_from_slice(&src[first..first + hi - lo]);
-                } else {
-                    for (d, &v) in dst[lo..hi].iter_mut().zip(src[first..].iter().step_by(s)) {
-                        *d = v;
-                    }
+                for (d, &v) in dst[lo..hi].iter_mut().zip(src[first..].iter().step_by(s)) {
+                    *d = v;
                 }
             }
         }
@@ -195,20 +221,26 @@ impl Dims {
     /// The adjoint of [`Dims::im2col`]: adds columns `at..at + ho*wo` of `cols` (`[kk, ld]`) onto
     /// image `img`.
     fn col2im(&self, cols: &[f32], ld: usize, at: usize, img: &mut [f32]) {
-        let (k, s, p) = (self.g.k, self.g.stride, self.g.padding);
+        let (k, s) = (self.g.k, self.g.stride);
         let (h, w, wo, hw) = (self.h, self.w, self.wo, self.hw());
         for (r, row) in cols.chunks_exact(ld).enumerate() {
             let row = &row[at..at + hw];
             let (ci, ki, kj) = (r / (k * k), r / k % k, r % k);
             let plane = &mut img[ci * h * w..(ci + 1) * h * w];
+            let (lo, hi, first) = self.columns(kj);
             for (oh, src) in row.chunks_exact(wo).enumerate() {
-                let Some((ih, lo, hi)) = self.span(oh, ki, kj) else {
+                let Some(ih) = self.input_row(oh, ki) else {
                     continue;
                 };
                 let dst = &mut plane[ih * w..(ih + 1) * w];
-                let first = lo * s + kj - p;
-                for (d, &v) in dst[first..].iter_mut().step_by(s).zip(&src[lo..hi]) {
-                    *d += v;
+                if s == 1 {
+                    for (d, &v) in dst[first..].iter_mut().zip(&src[lo..hi]) {
+                        *d += v;
+                    }
+                } else {
+                    for (d, &v) in dst[first..].iter_mut().step_by(s).zip(&src[lo..hi]) {
+                        *d += v;
+                    }
                 }
             }
         }

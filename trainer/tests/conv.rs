@@ -20,6 +20,9 @@ fn gemm_convolution_matches_candle_forward_and_backward() {
     // only: Candle's own conv backward (the reference) mis-sizes the input gradient otherwise.
     for (k, stride, padding, h, w) in [
         (3, 1, 1, 8, 8),
+        (3, 1, 1, 2, 2),
+        (3, 1, 1, 1, 1),
+        (5, 1, 2, 3, 3),
         (3, 2, 1, 9, 9),
         (7, 2, 3, 15, 15),
         (1, 1, 0, 5, 5),
