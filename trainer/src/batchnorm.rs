@@ -45,14 +45,14 @@ impl BatchNorm {
     fn normalise(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let (n, c) = (dims[0], dims[1]);
-        let x32 = x.to_dtype(DType::F32)?.reshape((n, c, ()))?;
         if train && x.device().is_cpu() {
+            let x32 = x.to_dtype(DType::F32)?;
             let (y, mean, var) =
                 crate::batchnorm_cpu::forward_train(&x32, &self.weight, &self.bias, relu)?;
-            let count = x32.elem_count() / c;
-            self.update_running(&mean, &var, count)?;
-            return y.to_dtype(x.dtype())?.reshape(dims);
+            self.update_running(&mean, &var, x32.elem_count() / c)?;
+            return y.to_dtype(x.dtype());
         }
+        let x32 = x.to_dtype(DType::F32)?.reshape((n, c, ()))?;
         let per_channel = |t: Tensor| t.reshape((1, c, 1));
         let (centred, var) = if train {
             let count = x32.elem_count() / c;

@@ -1,9 +1,13 @@
 //! Train-mode BatchNorm on the CPU as two fused kernels (forward: statistics + normalisation,
 //! optionally followed by ReLU; backward: the three gradients, through the ReLU's mask), instead of
-//! a dozen elementwise passes each way.
+//! a dozen elementwise passes each way. The kernels take and give tensors of the input's own shape
+//! and hand their per-channel results (batch statistics, parameter gradients) over a side channel,
+//! so that the autograd graph holds one node per BatchNorm: every extra view node (reshape,
+//! narrow) would cost a zero-fill and an add over the whole activation in Candle's backward.
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+use std::sync::{Arc, Mutex};
 
 const EPS: f64 = 1e-5;
 
@@ -13,6 +17,22 @@ fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
         (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
         _ => candle_core::bail!("{op}: needs contiguous f32 input"),
     }
+}
+
+/// Per-channel values a kernel computes besides its output.
+type Side = Arc<Mutex<Vec<f32>>>;
+
+/// `(n, c, l)` of a `[n, c, ...]` layout.
+fn ncl(layout: &Layout) -> Result<(usize, usize, usize)> {
+    let dims = layout.shape().dims();
+    if dims.len() < 2 || dims[0] * dims[1] == 0 {
+        candle_core::bail!("batch norm: needs a non-empty [n, c, ...] input, got {dims:?}");
+    }
+    Ok((
+        dims[0],
+        dims[1],
+        layout.shape().elem_count() / (dims[0] * dims[1]),
+    ))
 }
 
 /// Per-channel mean and biased variance of `x` laid out `[n, c, l]`.
@@ -41,11 +61,11 @@ fn affine(weight: f32, bias: f32, mean: f32, var: f32) -> (f32, f32) {
     (scale as f32, shift as f32)
 }
 
-/// `(x [n,c,l], weight [c], bias [c])` -> `[n*c*l + 2c]`: the normalised output (through a ReLU
-/// when `relu`), then the batch mean and biased variance of each channel (for the running
-/// statistics).
+/// `(x [n, c, ...], weight [c], bias [c])` -> the normalised `x` (through a ReLU when `relu`); the
+/// batch mean and biased variance of each channel go to `side` (mean then variance).
 struct Forward {
     relu: bool,
+    side: Side,
 }
 
 impl CustomOp3 for Forward {
@@ -62,7 +82,7 @@ impl CustomOp3 for Forward {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (n, c, l) = xl.shape().dims3()?;
+        let (n, c, l) = ncl(xl)?;
         let x = slice(xs, xl, self.name())?;
         let w = slice(ws, wl, self.name())?;
         let b = slice(bs, bl, self.name())?;
@@ -70,8 +90,7 @@ impl CustomOp3 for Forward {
             .into_iter()
             .map(|(mean, var)| (mean as f32, var as f32))
             .collect();
-        let mut out = vec![0f32; n * c * l + 2 * c];
-        let (y, tail) = out.split_at_mut(n * c * l);
+        let mut y = vec![0f32; n * c * l];
         y.par_chunks_mut(l).enumerate().for_each(|(i, dst)| {
             let ch = i % c;
             let (mean, var) = stats[ch];
@@ -87,11 +106,9 @@ impl CustomOp3 for Forward {
                 }
             }
         });
-        for (ch, (mean, var)) in stats.into_iter().enumerate() {
-            tail[ch] = mean;
-            tail[c + ch] = var;
-        }
-        Ok((CpuStorage::F32(out), Shape::from(n * c * l + 2 * c)))
+        let (means, vars): (Vec<f32>, Vec<f32>) = stats.into_iter().unzip();
+        *lock(&self.side) = [means, vars].concat();
+        Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
 
     fn bwd(
@@ -99,30 +116,41 @@ impl CustomOp3 for Forward {
         x: &Tensor,
         w: &Tensor,
         b: &Tensor,
-        res: &Tensor,
+        _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (n, c, l) = x.dims3()?;
-        let m = n * c * l;
-        let stats = res.narrow(0, m, 2 * c)?.detach();
-        let packed = Tensor::cat(&[&w.detach(), &b.detach(), &stats], 0)?;
-        let g = grad.narrow(0, 0, m)?.contiguous()?;
-        let out = x.apply_op3_no_bwd(&g, &packed, &Backward { relu: self.relu })?;
-        Ok((
-            Some(out.narrow(0, 0, m)?.reshape((n, c, l))?),
-            Some(out.narrow(0, m, c)?),
-            Some(out.narrow(0, m + c, c)?),
-        ))
+        let params = [w.to_vec1::<f32>()?, b.to_vec1()?, lock(&self.side).clone()].concat();
+        let side = Side::default();
+        let back = Backward {
+            relu: self.relu,
+            params,
+            side: side.clone(),
+        };
+        let dx = x.apply_op2_no_bwd(&grad.contiguous()?, &back)?;
+        let sums = lock(&side).clone();
+        let c = w.elem_count();
+        let (dw, db) = sums.split_at(c);
+        let dw = Tensor::from_slice(dw, c, w.device())?;
+        let db = Tensor::from_slice(db, c, b.device())?;
+        Ok((Some(dx), Some(dw), Some(db)))
     }
 }
 
-/// `(x [n,c,l], dy [n*c*l], [weight, bias, mean, var] [4c])` -> `[dx (n*c*l), dweight (c),
-/// dbias (c)]`; with `relu`, `dy` is first masked where the forward's output was clipped to zero.
-struct Backward {
-    relu: bool,
+/// The side channel's contents; a poisoned lock still holds plain numbers.
+fn lock(side: &Side) -> std::sync::MutexGuard<'_, Vec<f32>> {
+    side.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-impl CustomOp3 for Backward {
+/// `(x [n, c, ...], dy [n, c, ...])` -> `dx`, with `params` = `[weight, bias, mean, var]` (4c);
+/// the weight and bias gradients go to `side`. With `relu`, `dy` is first masked where the
+/// forward's output was clipped to zero.
+struct Backward {
+    relu: bool,
+    params: Vec<f32>,
+    side: Side,
+}
+
+impl CustomOp2 for Backward {
     fn name(&self) -> &'static str {
         "batch-norm-train-backward"
     }
@@ -133,13 +161,17 @@ impl CustomOp3 for Backward {
         xl: &Layout,
         gs: &CpuStorage,
         gl: &Layout,
-        ps: &CpuStorage,
-        pl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (n, c, l) = xl.shape().dims3()?;
+        let (n, c, l) = ncl(xl)?;
         let x = slice(xs, xl, self.name())?;
         let dy = slice(gs, gl, self.name())?;
-        let p = slice(ps, pl, self.name())?;
+        let p = &self.params;
+        if p.len() != 4 * c || dy.len() != x.len() {
+            candle_core::bail!(
+                "{}: parameters or gradient do not fit the input",
+                self.name()
+            );
+        }
         let (w, bias) = (&p[..c], &p[c..2 * c]);
         let (mean, var) = (&p[2 * c..3 * c], &p[3 * c..]);
         // The gradient that reaches the normalisation: dy, or dy where the ReLU passed.
@@ -173,8 +205,7 @@ impl CustomOp3 for Backward {
             })
             .collect();
         let count = (n * l) as f64;
-        let mut out = vec![0f32; n * c * l + 2 * c];
-        let (dx, tail) = out.split_at_mut(n * c * l);
+        let mut dx = vec![0f32; n * c * l];
         dx.par_chunks_mut(l).enumerate().for_each(|(i, dst)| {
             let ch = i % c;
             let inv = 1.0 / (var[ch] as f64 + EPS).sqrt();
@@ -191,27 +222,31 @@ impl CustomOp3 for Backward {
                 *d = k * count as f32 * (g - mean_dy - xh * mean_dyx);
             }
         });
-        for (ch, (s, sx)) in sums.iter().enumerate() {
-            tail[ch] = *sx as f32;
-            tail[c + ch] = *s as f32;
-        }
-        Ok((CpuStorage::F32(out), Shape::from(n * c * l + 2 * c)))
+        let (dbias, dweight): (Vec<f32>, Vec<f32>) =
+            sums.iter().map(|&(s, sx)| (s as f32, sx as f32)).unzip();
+        *lock(&self.side) = [dweight, dbias].concat();
+        Ok((CpuStorage::F32(dx), xl.shape().clone()))
     }
 }
 
-/// Train-mode BatchNorm of contiguous f32 `x [n, c, l]` on the CPU, followed by a ReLU when
-/// `relu`: the output `[n, c, l]` and the batch mean and biased variance `[c]` each (detached).
+/// Train-mode BatchNorm of contiguous f32 `x [n, c, ...]` on the CPU, followed by a ReLU when
+/// `relu`: the output (shaped like `x`) and the batch mean and biased variance `[c]` each
+/// (detached).
 pub fn forward_train(
     x: &Tensor,
     weight: &Tensor,
     bias: &Tensor,
     relu: bool,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let (n, c, l) = x.dims3()?;
-    let m = n * c * l;
-    let out = x.contiguous()?.apply_op3(weight, bias, Forward { relu })?;
-    let y = out.narrow(0, 0, m)?.reshape((n, c, l))?;
-    let mean = out.narrow(0, m, c)?.detach();
-    let var = out.narrow(0, m + c, c)?.detach();
+    let side = Side::default();
+    let op = Forward {
+        relu,
+        side: side.clone(),
+    };
+    let y = x.contiguous()?.apply_op3(weight, bias, op)?;
+    let stats = lock(&side).clone();
+    let c = weight.elem_count();
+    let mean = Tensor::from_slice(&stats[..c], c, x.device())?;
+    let var = Tensor::from_slice(&stats[c..], c, x.device())?;
     Ok((y, mean, var))
 }
