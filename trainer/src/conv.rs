@@ -247,46 +247,60 @@ impl Dims {
     }
 }
 
-/// Row-major matrix view for [`matmul`]: pointer, row stride, column stride.
-struct Mat<T> {
-    ptr: T,
+/// A matrix view for [`matmul`]: its elements, row stride and column stride.
+struct View<S> {
+    data: S,
     rs: usize,
     cs: usize,
 }
 
+impl<S: AsRef<[f32]>> View<S> {
+    /// Whether every element of a `rows x cols` matrix lies inside `data`.
+    fn fits(&self, rows: usize, cols: usize) -> bool {
+        rows == 0
+            || cols == 0
+            || (rows - 1) * self.rs + (cols - 1) * self.cs < self.data.as_ref().len()
+    }
+}
+
 /// `dst[m, n] (+)= lhs[m, k] @ rhs[k, n]` on the calling thread; `accumulate` adds to `dst`.
-///
-/// # Safety
-/// Each view must address `rows x cols` valid elements through its strides, and `dst` must not
-/// overlap the inputs.
-unsafe fn matmul(
+/// Panics if a view reaches outside its slice.
+fn matmul(
     (m, n, k): (usize, usize, usize),
-    dst: Mat<*mut f32>,
-    lhs: Mat<*const f32>,
-    rhs: Mat<*const f32>,
+    dst: View<&mut [f32]>,
+    lhs: View<&[f32]>,
+    rhs: View<&[f32]>,
     accumulate: bool,
 ) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst.ptr,
-        dst.cs as isize,
-        dst.rs as isize,
-        accumulate,
-        lhs.ptr,
-        lhs.cs as isize,
-        lhs.rs as isize,
-        rhs.ptr,
-        rhs.cs as isize,
-        rhs.rs as isize,
-        if accumulate { 1.0 } else { 0.0 },
-        1.0,
-        false,
-        false,
-        false,
-        Parallelism::None,
-    )
+    assert!(
+        dst.fits(m, n) && lhs.fits(m, k) && rhs.fits(k, n),
+        "matmul: a {m}x{k} @ {k}x{n} view reaches outside its data"
+    );
+    // SAFETY: every element the three views address lies inside its slice (checked above), and
+    // `dst` is borrowed mutably, so it overlaps neither input.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.data.as_mut_ptr(),
+            dst.cs as isize,
+            dst.rs as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr(),
+            rhs.cs as isize,
+            rhs.rs as isize,
+            if accumulate { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        )
+    }
 }
 
 fn f32_input<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
@@ -341,29 +355,26 @@ impl CustomOp2 for ConvOp {
                         staged.resize(d.c_out * ld, 0.0);
                         staged
                     };
-                    // SAFETY: dst is [c_out, ld], weight [c_out, kk], patches [kk, ld], all
-                    // row-major slices of exactly those sizes; dst is a distinct buffer.
-                    unsafe {
-                        matmul(
-                            (d.c_out, ld, kk),
-                            Mat {
-                                ptr: dst.as_mut_ptr(),
-                                rs: ld,
-                                cs: 1,
-                            },
-                            Mat {
-                                ptr: weight.as_ptr(),
-                                rs: kk,
-                                cs: 1,
-                            },
-                            Mat {
-                                ptr: patches.as_ptr(),
-                                rs: ld,
-                                cs: 1,
-                            },
-                            false,
-                        )
-                    }
+                    // dst [c_out, ld] = weight [c_out, kk] @ patches [kk, ld].
+                    matmul(
+                        (d.c_out, ld, kk),
+                        View {
+                            data: dst,
+                            rs: ld,
+                            cs: 1,
+                        },
+                        View {
+                            data: weight,
+                            rs: kk,
+                            cs: 1,
+                        },
+                        View {
+                            data: patches,
+                            rs: ld,
+                            cs: 1,
+                        },
+                        false,
+                    );
                     if !single {
                         for (j, plane) in y.chunks_exact_mut(hw).enumerate() {
                             let (img, co) = (j / d.c_out, j % d.c_out);
@@ -465,49 +476,45 @@ impl CustomOp3 for ConvBackward {
                         }
                         &staged
                     };
-                    // SAFETY (both products): row-major slices of exactly the sizes given; the
-                    // destinations are distinct buffers. dW [c_out, kk] += dY [c_out, ld] @
-                    // patches^T [ld, kk].
-                    unsafe {
-                        matmul(
-                            (c_out, kk, ld),
-                            Mat {
-                                ptr: dw.as_mut_ptr(),
-                                rs: kk,
-                                cs: 1,
-                            },
-                            Mat {
-                                ptr: dy_mat.as_ptr(),
-                                rs: ld,
-                                cs: 1,
-                            },
-                            Mat {
-                                ptr: patches.as_ptr(),
-                                rs: 1,
-                                cs: ld,
-                            },
-                            true,
-                        )
-                    }
+                    // dW [c_out, kk] += dY [c_out, ld] @ patches^T [ld, kk].
+                    matmul(
+                        (c_out, kk, ld),
+                        View {
+                            data: &mut dw[..],
+                            rs: kk,
+                            cs: 1,
+                        },
+                        View {
+                            data: dy_mat,
+                            rs: ld,
+                            cs: 1,
+                        },
+                        View {
+                            data: patches,
+                            rs: 1,
+                            cs: ld,
+                        },
+                        true,
+                    );
                     let Some(dx_group) = dx_group else {
                         continue;
                     };
                     // dPatches [kk, ld] = W^T [kk, c_out] @ dY [c_out, ld].
-                    let weight_t_dy = |dst: &mut [f32]| unsafe {
+                    let weight_t_dy = |dst: &mut [f32]| {
                         matmul(
                             (kk, ld, c_out),
-                            Mat {
-                                ptr: dst.as_mut_ptr(),
+                            View {
+                                data: dst,
                                 rs: ld,
                                 cs: 1,
                             },
-                            Mat {
-                                ptr: weight.as_ptr(),
+                            View {
+                                data: weight,
                                 rs: 1,
                                 cs: kk,
                             },
-                            Mat {
-                                ptr: dy_mat.as_ptr(),
+                            View {
+                                data: dy_mat,
                                 rs: ld,
                                 cs: 1,
                             },
