@@ -5,19 +5,12 @@
 //! so that the autograd graph holds one node per BatchNorm: every extra view node (reshape,
 //! narrow) would cost a zero-fill and an add over the whole activation in Candle's backward.
 
+use crate::cpu_storage::f32_slice;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
 
 const EPS: f64 = 1e-5;
-
-/// Contiguous f32 data of a CPU tensor argument.
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("{op}: needs contiguous f32 input"),
-    }
-}
 
 /// Per-channel values a kernel computes besides its output.
 type Side = Arc<Mutex<Vec<f32>>>;
@@ -83,9 +76,9 @@ impl CustomOp3 for Forward {
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (n, c, l) = ncl(xl)?;
-        let x = slice(xs, xl, self.name())?;
-        let w = slice(ws, wl, self.name())?;
-        let b = slice(bs, bl, self.name())?;
+        let x = f32_slice(xs, xl, self.name())?;
+        let w = f32_slice(ws, wl, self.name())?;
+        let b = f32_slice(bs, bl, self.name())?;
         let stats: Vec<(f32, f32)> = channel_stats(x, n, c, l)
             .into_iter()
             .map(|(mean, var)| (mean as f32, var as f32))
@@ -163,8 +156,8 @@ impl CustomOp2 for Backward {
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (n, c, l) = ncl(xl)?;
-        let x = slice(xs, xl, self.name())?;
-        let dy = slice(gs, gl, self.name())?;
+        let x = f32_slice(xs, xl, self.name())?;
+        let dy = f32_slice(gs, gl, self.name())?;
         let p = &self.params;
         if p.len() != 4 * c || dy.len() != x.len() {
             candle_core::bail!(

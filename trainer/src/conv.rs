@@ -11,6 +11,7 @@
 //! devices and dtypes the built-in convolution runs. The weight stays f32 (the master copy); under
 //! mixed precision it is cast to the input's dtype.
 
+use crate::cpu_storage::f32_slice;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
 use gemm::Parallelism;
@@ -218,6 +219,21 @@ impl Dims {
         }
     }
 
+    /// The patch matrix `[kk, count*ho*wo]` of `count` consecutive images: built in `cols`, or
+    /// the image itself for a single image under a pointwise kernel.
+    fn patches<'a>(&self, images: &'a [f32], cols: &'a mut Vec<f32>) -> &'a [f32] {
+        let chw = self.c * self.h * self.w;
+        let ld = images.len() / chw * self.hw();
+        if ld == self.hw() && self.pointwise() {
+            return images;
+        }
+        cols.resize(self.kk() * ld, 0.0);
+        for (j, img) in images.chunks_exact(chw).enumerate() {
+            self.im2col(img, cols, ld, j * self.hw());
+        }
+        cols
+    }
+
     /// The adjoint of [`Dims::im2col`]: adds columns `at..at + ho*wo` of `cols` (`[kk, ld]`) onto
     /// image `img`.
     fn col2im(&self, cols: &[f32], ld: usize, at: usize, img: &mut [f32]) {
@@ -303,16 +319,6 @@ fn matmul(
     }
 }
 
-fn f32_input<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("{op}: input must be contiguous");
-    };
-    match storage {
-        CpuStorage::F32(v) => Ok(&v[start..end]),
-        _ => candle_core::bail!("{op}: only f32 is supported"),
-    }
-}
-
 impl CustomOp2 for ConvOp {
     fn name(&self) -> &'static str {
         "conv2d-gemm"
@@ -326,8 +332,8 @@ impl CustomOp2 for ConvOp {
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let d = Dims::new(xl, wl, self.g)?;
-        let x = f32_input(xs, xl, self.name())?;
-        let weight = f32_input(ws, wl, self.name())?;
+        let x = f32_slice(xs, xl, self.name())?;
+        let weight = f32_slice(ws, wl, self.name())?;
         let (kk, hw, chw) = (d.kk(), d.hw(), d.c * d.h * d.w);
         let group = d.group();
         let mut out = vec![0f32; d.n * d.c_out * hw];
@@ -340,15 +346,7 @@ impl CustomOp2 for ConvOp {
                 |(cols, staged), (y, images)| {
                     let ld = images.len() / chw * hw;
                     let single = ld == hw;
-                    let patches: &[f32] = if single && d.pointwise() {
-                        images
-                    } else {
-                        cols.resize(kk * ld, 0.0);
-                        for (j, img) in images.chunks_exact(chw).enumerate() {
-                            d.im2col(img, cols, ld, j * hw);
-                        }
-                        cols
-                    };
+                    let patches = d.patches(images, cols);
                     let dst: &mut [f32] = if single {
                         y
                     } else {
@@ -427,12 +425,14 @@ impl CustomOp3 for ConvBackward {
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let d = Dims::new(xl, wl, self.g)?;
-        let x = f32_input(xs, xl, self.name())?;
-        let weight = f32_input(ws, wl, self.name())?;
-        let dy = f32_input(gs, gl, self.name())?;
+        let x = f32_slice(xs, xl, self.name())?;
+        let weight = f32_slice(ws, wl, self.name())?;
+        let dy = f32_slice(gs, gl, self.name())?;
         let (kk, hw, chw, c_out) = (d.kk(), d.hw(), d.c * d.h * d.w, d.c_out);
         let group = d.group();
-        let mut dx = vec![0f32; if self.need_dx { d.n * chw } else { 0 }];
+        // The weight gradient is appended after the input gradient: room for both up front.
+        let mut dx = Vec::with_capacity(d.n * chw + c_out * kk);
+        dx.resize(if self.need_dx { d.n * chw } else { 0 }, 0f32);
         let dx_groups: Vec<Option<&mut [f32]>> = if self.need_dx {
             dx.chunks_mut(group * chw).map(Some).collect()
         } else {
@@ -456,15 +456,7 @@ impl CustomOp3 for ConvBackward {
                     let (ld, single) = (count * hw, count == 1);
                     let images = &x[first * chw..(first + count) * chw];
                     let dy_group = &dy[first * c_out * hw..(first + count) * c_out * hw];
-                    let patches: &[f32] = if single && d.pointwise() {
-                        images
-                    } else {
-                        cols.resize(kk * ld, 0.0);
-                        for (j, img) in images.chunks_exact(chw).enumerate() {
-                            d.im2col(img, &mut cols, ld, j * hw);
-                        }
-                        &cols
-                    };
+                    let patches = d.patches(images, &mut cols);
                     // dY as [c_out, ld]: the group's planes side by side.
                     let dy_mat: &[f32] = if single {
                         dy_group

@@ -10,6 +10,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod conv;
+pub mod cpu_storage;
 pub mod data;
 pub mod device;
 pub mod ema;
