@@ -32,17 +32,9 @@ impl BatchNorm {
     }
 
     /// Normalises `x` with batch statistics (updating the running ones) when `train`, else with
-    /// the running statistics. The output has `x`'s dtype.
-    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.normalise(x, train, false)
-    }
-
-    /// `relu(forward(x, train))`; in training on the CPU, one fused kernel each way.
-    pub fn forward_relu(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.normalise(x, train, true)
-    }
-
-    fn normalise(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+    /// the running statistics, then applies a ReLU when `relu` (in training on the CPU, one fused
+    /// kernel each way). The output has `x`'s dtype.
+    pub fn forward(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let (n, c) = (dims[0], dims[1]);
         if train && x.device().is_cpu() {

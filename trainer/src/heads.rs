@@ -25,7 +25,7 @@ impl Mlp {
 
     /// Maps `[n, input]` to `[n, output]`.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let h = self.bn.forward_relu(&self.fc1.forward(x)?, train)?;
+        let h = self.bn.forward(&self.fc1.forward(x)?, train, true)?;
         self.fc2.forward(&h)
     }
 }

@@ -116,12 +116,7 @@ impl ConvBn {
 
     /// Convolution, BatchNorm and, when `relu`, a ReLU.
     fn forward(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
-        let y = self.conv.forward(x)?;
-        if relu {
-            self.bn.forward_relu(&y, train)
-        } else {
-            self.bn.forward(&y, train)
-        }
+        self.bn.forward(&self.conv.forward(x)?, train, relu)
     }
 }
 
