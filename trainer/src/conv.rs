@@ -7,11 +7,16 @@
 //! `dPatches = W^T @ dY`, the latter scattered back onto the input (col2im). Candle's own conv
 //! sends the input gradient through a plain `conv_transpose2d` loop; building the convolution from
 //! Candle ops (im2col, reshape, matmul, permute) instead costs a zero-fill and an add per op and
-//! per gradient in Candle's backward. The input image needs no gradient and gets none. On other
-//! devices and dtypes the built-in convolution runs. The weight stays f32 (the master copy); under
+//! per gradient in Candle's backward. The input image needs no gradient and gets none.
+//!
+//! On other devices and dtypes (CUDA, bf16) the forward is Candle's convolution (cuDNN when built
+//! with the `cudnn` feature) and the backward is built from forward convolutions too, see
+//! [`conv2d_portable`]: Candle's own backward sends the input gradient through `conv_transpose2d`,
+//! a naive kernel on CUDA that cuDNN does not serve. The weight stays f32 (the master copy); under
 //! mixed precision it is cast to the input's dtype.
 
 use crate::cpu_storage::f32_slice;
+use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
 use gemm::Parallelism;
@@ -59,10 +64,122 @@ impl Conv {
         if x.device().is_cpu() && x.dtype() == DType::F32 {
             conv2d_gemm(x, &self.weight, self.geometry)
         } else {
-            let g = self.geometry;
-            let w = self.weight.to_dtype(x.dtype())?;
-            x.conv2d(&w, g.padding, g.stride, 1, 1)
+            conv2d_portable(x, &self.weight.to_dtype(x.dtype())?, self.geometry)
         }
+    }
+}
+
+/// Convolution on any device and dtype whose backward is made of forward convolutions, which
+/// cuDNN serves: the input gradient is the output gradient, spread out by the stride (zeros in
+/// between), convolved with the flipped, transposed kernel; the weight gradient is the input
+/// convolved with the output gradient as kernel (dilated by the stride), as in Candle. The output
+/// is Candle's forward convolution, passed through a copy node that carries this backward.
+pub fn conv2d_portable(x: &Tensor, weight: &Tensor, g: Geometry) -> Result<Tensor> {
+    let y = x
+        .detach()
+        .conv2d(&weight.detach(), g.padding, g.stride, 1, 1)?;
+    y.apply_op3(x, weight, PortableGrad { g })
+}
+
+/// The copy node of [`conv2d_portable`]: `(y, x, weight) -> y`, gradients for `x` and `weight`.
+struct PortableGrad {
+    g: Geometry,
+}
+
+impl PortableGrad {
+    /// A copy of the (contiguous, fresh) convolution output.
+    fn copy<S: BackendStorage>(&self, s: &S, l: &Layout) -> Result<(S, Shape)> {
+        if !l.is_contiguous() || l.start_offset() != 0 {
+            candle_core::bail!("{}: the convolution output is not contiguous", self.name());
+        }
+        Ok((s.try_clone(l)?, l.shape().clone()))
+    }
+
+    /// `dx` of shape `[n, c_in, h, w]` from `dy` `[n, c_out, ho, wo]`.
+    fn input_grad(&self, dy: &Tensor, weight: &Tensor, (h, w): (usize, usize)) -> Result<Tensor> {
+        let Geometry { k, stride, padding } = self.g;
+        if padding >= k {
+            candle_core::bail!("{}: padding {padding} >= kernel {k}", self.name());
+        }
+        let (n, c_out, ho, wo) = dy.dims4()?;
+        let spread = if stride == 1 {
+            dy.clone()
+        } else {
+            // Rows and columns the forward's rounding-down skipped at the end stay zero.
+            let rows = (ho - 1) * stride + 1 + (h + 2 * padding - k) % stride;
+            let cols = (wo - 1) * stride + 1 + (w + 2 * padding - k) % stride;
+            dy.unsqueeze(3)?
+                .unsqueeze(5)?
+                .pad_with_zeros(3, 0, stride - 1)?
+                .pad_with_zeros(5, 0, stride - 1)?
+                .reshape((n, c_out, ho * stride, wo * stride))?
+                .narrow(2, 0, rows)?
+                .narrow(3, 0, cols)?
+                .contiguous()?
+        };
+        let flipped = weight.transpose(0, 1)?.contiguous()?.flip(&[2, 3])?;
+        spread.conv2d(&flipped, k - 1 - padding, 1, 1, 1)
+    }
+
+    /// `dW` of shape `[c_out, c_in, k, k]`.
+    fn weight_grad(&self, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+        let Geometry { k, stride, padding } = self.g;
+        let dw = x
+            .transpose(0, 1)?
+            .contiguous()?
+            .conv2d(&dy.transpose(0, 1)?.contiguous()?, padding, 1, stride, 1)?
+            .transpose(0, 1)?;
+        // Input rows the forward's rounding-down skipped give extra taps: not part of the kernel.
+        dw.narrow(2, 0, k)?.narrow(3, 0, k)?.contiguous()
+    }
+}
+
+impl CustomOp3 for PortableGrad {
+    fn name(&self) -> &'static str {
+        "conv2d-portable"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ys: &CpuStorage,
+        yl: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.copy(ys, yl)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        ys: &candle_core::CudaStorage,
+        yl: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.copy(ys, yl)
+    }
+
+    fn bwd(
+        &self,
+        _y: &Tensor,
+        x: &Tensor,
+        weight: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let dx = if x.track_op() {
+            let (_, _, h, w) = x.dims4()?;
+            Some(self.input_grad(&grad, weight, (h, w))?)
+        } else {
+            None
+        };
+        Ok((None, dx, Some(self.weight_grad(x, &grad)?)))
     }
 }
 

@@ -1,7 +1,9 @@
 //! The im2col + gemm convolution against Candle's built-in one: outputs and both gradients.
 
 use candle_core::{Device, Tensor, Var};
-use trainer::conv::{conv2d_gemm, Geometry};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use trainer::conv::{conv2d_gemm, conv2d_portable, Geometry};
 
 fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
     let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
@@ -13,57 +15,106 @@ fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
         .fold(0f32, |m, (x, y)| m.max((x - y).abs() / scale))
 }
 
+type ConvFn = fn(&Tensor, &Tensor, Geometry) -> Tensor;
+
+fn candle_conv(x: &Tensor, w: &Tensor, g: Geometry) -> Tensor {
+    x.conv2d(w, g.padding, g.stride, 1, 1).unwrap()
+}
+
+fn gemm_conv(x: &Tensor, w: &Tensor, g: Geometry) -> Tensor {
+    conv2d_gemm(x, w, g).unwrap()
+}
+
+fn portable_conv(x: &Tensor, w: &Tensor, g: Geometry) -> Tensor {
+    conv2d_portable(x, w, g).unwrap()
+}
+
+/// Uniform values in [-1, 1) from a fixed-seed ChaCha stream.
+fn noise(dims: &[usize], seed: u64) -> Tensor {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let n = dims.iter().product::<usize>();
+    let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+    Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
+}
+
+/// Output, input gradient and weight gradient of `conv` for `[7, 4, h, w]` input and 5 output
+/// channels, from a fixed seed: the same data for every `conv`.
+fn run(conv: ConvFn, g: Geometry, (h, w): (usize, usize)) -> [Tensor; 3] {
+    let (n, c_in, c_out) = (7, 4, 5); // 7 images: groups of several, the last one smaller
+    let x = Var::from_tensor(&noise(&[n, c_in, h, w], 1)).unwrap();
+    let wt = Var::from_tensor(&noise(&[c_out, c_in, g.k, g.k], 2)).unwrap();
+    let y = conv(x.as_tensor(), wt.as_tensor(), g);
+    // A fixed random weighting of the outputs makes the gradients non-trivial.
+    let probe = noise(y.dims(), 3);
+    let grads = (&y * &probe)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let grad = |v: &Var| grads.get(v.as_tensor()).unwrap().clone();
+    [y.clone(), grad(&x), grad(&wt)]
+}
+
+fn assert_same(ours: ConvFn, reference: ConvFn, g: Geometry, hw: (usize, usize)) {
+    let a = run(ours, g, hw);
+    let b = run(reference, g, hw);
+    for (what, a, b) in [
+        ("output", 0, 0),
+        ("input gradient", 1, 1),
+        ("weight gradient", 2, 2),
+    ]
+    .map(|(what, i, j)| (what, &a[i], &b[j]))
+    {
+        assert_eq!(a.dims(), b.dims(), "{what} {g:?} {hw:?}");
+        let d = max_rel_diff(a, b);
+        assert!(d < 1e-5, "{what} {g:?} {hw:?}: {d}");
+    }
+}
+
+/// (k, stride, padding, h, w): every geometry a ResNet uses, with odd sizes too. Square inputs
+/// only: Candle's own conv backward (the reference) mis-sizes the input gradient otherwise.
+const SQUARE: [(usize, usize, usize, usize, usize); 8] = [
+    (3, 1, 1, 8, 8),
+    (3, 1, 1, 2, 2),
+    (3, 1, 1, 1, 1),
+    (5, 1, 2, 3, 3),
+    (3, 2, 1, 9, 9),
+    (7, 2, 3, 15, 15),
+    (1, 1, 0, 5, 5),
+    (1, 2, 0, 7, 7),
+];
+
 #[test]
 fn gemm_convolution_matches_candle_forward_and_backward() {
-    let dev = Device::Cpu;
-    // (k, stride, padding, h, w): every geometry a ResNet uses, with odd sizes too. Square inputs
-    // only: Candle's own conv backward (the reference) mis-sizes the input gradient otherwise.
-    for (k, stride, padding, h, w) in [
-        (3, 1, 1, 8, 8),
-        (3, 1, 1, 2, 2),
-        (3, 1, 1, 1, 1),
-        (5, 1, 2, 3, 3),
-        (3, 2, 1, 9, 9),
-        (7, 2, 3, 15, 15),
-        (1, 1, 0, 5, 5),
-        (1, 2, 0, 7, 7),
-    ] {
-        let (n, c_in, c_out) = (7, 4, 5); // 7 images: groups of several, the last one smaller
-        let x =
-            Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, c_in, h, w), &dev).unwrap()).unwrap();
-        let wt = Var::from_tensor(&Tensor::randn(0f32, 1.0, (c_out, c_in, k, k), &dev).unwrap())
-            .unwrap();
-        // A fixed random weighting of the outputs makes the gradients non-trivial.
-        let g = Geometry { k, stride, padding };
-        let ours = conv2d_gemm(x.as_tensor(), wt.as_tensor(), g).unwrap();
-        let reference = x
-            .as_tensor()
-            .conv2d(wt.as_tensor(), padding, stride, 1, 1)
-            .unwrap();
-        assert_eq!(ours.dims(), reference.dims(), "k{k} s{stride} p{padding}");
-        assert!(
-            max_rel_diff(&ours, &reference) < 1e-5,
-            "forward k{k} s{stride}"
+    for (k, stride, padding, h, w) in SQUARE {
+        assert_same(
+            gemm_conv,
+            candle_conv,
+            Geometry { k, stride, padding },
+            (h, w),
         );
-        let probe = Tensor::randn(0f32, 1.0, reference.dims(), &dev).unwrap();
-        let g_ours = (ours * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let g_ref = (reference * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        for (what, v) in [("input", &x), ("weight", &wt)] {
-            let a = g_ours.get(v.as_tensor()).unwrap();
-            let b = g_ref.get(v.as_tensor()).unwrap();
-            let d = max_rel_diff(a, b);
-            assert!(d < 1e-5, "{what} gradient k{k} s{stride} p{padding}: {d}");
-        }
+    }
+}
+
+#[test]
+fn portable_convolution_matches_candle_and_gemm() {
+    for (k, stride, padding, h, w) in SQUARE {
+        assert_same(
+            portable_conv,
+            candle_conv,
+            Geometry { k, stride, padding },
+            (h, w),
+        );
+    }
+    // Non-square inputs, against the gemm route.
+    for (k, stride, padding, h, w) in [(3, 2, 1, 9, 6), (7, 2, 3, 12, 15), (1, 2, 0, 4, 7)] {
+        assert_same(
+            portable_conv,
+            gemm_conv,
+            Geometry { k, stride, padding },
+            (h, w),
+        );
     }
 }
 
@@ -77,10 +128,12 @@ fn the_input_image_gets_no_gradient_graph() {
         stride: 1,
         padding: 1,
     };
-    let y = conv2d_gemm(&x, wt.as_tensor(), g).unwrap();
-    let grads = y.sum_all().unwrap().backward().unwrap();
-    assert!(grads.get(&x).is_none());
-    assert!(grads.get(wt.as_tensor()).is_some());
+    for conv in [gemm_conv as ConvFn, portable_conv] {
+        let y = conv(&x, wt.as_tensor(), g);
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(&x).is_none());
+        assert!(grads.get(wt.as_tensor()).is_some());
+    }
 }
 
 #[test]
