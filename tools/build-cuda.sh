@@ -79,7 +79,7 @@ bundle() {
     mkdir -p "$stage_dir/bundle" carry
     cp "$TARGET/bin/trainer-cuda" "$TARGET/bin/trainer-cudnn" "$TARGET/bin/loader" "$stage_dir/bundle/"
     strip "$stage_dir/bundle/"* 2>/dev/null || true
-    cp tools/gpu-check.sh tools/bench_torch_step.py tools/gpu_summary.py "$stage_dir/bundle/"
+    cp tools/gpu-check.sh tools/bench_torch_step.py tools/gpu_summary.py tools/bf16_torch_reference.py "$stage_dir/bundle/"
     tar -C "$stage_dir" -cJf carry/cuda-bundle.tar.xz.tmp bundle
     mv carry/cuda-bundle.tar.xz.tmp carry/cuda-bundle.tar.xz
     rm -rf "$stage_dir"

@@ -24,18 +24,24 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)
 row "GPU" "$gpu"
 
-# 1. Parity: CPU f32 vs CUDA f32 and bf16.
+# 1. Parity: CPU f32 vs CUDA f32 and bf16. TF32 off (cuDNN and cuBLAS would otherwise round f32
+# convolutions and matmuls to 10-bit mantissas); the throughput runs below keep it, as PyTorch does.
 for t in cuda cudnn; do
     note "parity ($t build)"
-    if timeout 120 "$bin/trainer-$t" parity --device cuda >"$work/parity-$t" 2>&1; then :; fi
+    if NVIDIA_TF32_OVERRIDE=0 timeout 120 "$bin/trainer-$t" parity --device cuda >"$work/parity-$t" 2>&1; then :; fi
     cat "$work/parity-$t" | tee -a "$log"
     while read -r line; do
         case "$line" in parity*) row "parity $t $(echo "$line" | awk '{print $3}' | tr -d :)" \
             "$(echo "$line" | sed -E 's/^parity [^ ]+ [^ ]+: //')";; esac
     done <"$work/parity-$t"
 done
-t=cudnn
-"$bin/trainer-cudnn" parity --device cuda >/dev/null 2>&1 || t=cuda
+# bf16's own cost on the same kind of step, for reading the bf16 rows.
+row "pytorch resnet18 bf16 autocast vs f32" \
+    "$(timeout 60 python3 tools/bf16_torch_reference.py --device cuda 2>>"$log" || echo FAILED)"
+# The benchmarks use the cuDNN build when its f32 parity passes.
+t=cuda
+grep -q "f32: .*PASS" "$work/parity-cudnn" && t=cudnn
+note "benchmarks use trainer-$t"
 
 # 2. Short pretrain on shards packed from real photos, stopped and resumed.
 note "pack photos"
