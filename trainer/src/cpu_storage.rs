@@ -9,3 +9,15 @@ pub fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Resu
         _ => candle_core::bail!("{op}: needs contiguous f32 input"),
     }
 }
+
+/// The contiguous f32 data of an in-place op's CPU destination `op`, writable.
+pub fn f32_slice_mut<'a>(
+    storage: &'a mut CpuStorage,
+    layout: &Layout,
+    op: &str,
+) -> Result<&'a mut [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((start, end))) => Ok(&mut v[start..end]),
+        _ => candle_core::bail!("{op}: needs a contiguous f32 destination"),
+    }
+}

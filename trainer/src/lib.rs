@@ -26,3 +26,4 @@ pub mod plot;
 pub mod pretrain;
 pub mod resnet;
 pub mod schedule;
+pub mod update_cpu;

@@ -1,6 +1,7 @@
 //! Optimisers over named parameters: LARS, SGD with momentum and AdamW. Biases and BatchNorm
 //! parameters (rank 1) get neither weight decay nor LARS adaptation. Every update stays on the
-//! device (LARS's trust ratio included): no host synchronisation per tensor.
+//! device (LARS's trust ratio included): no host synchronisation per tensor. On CPU the updates
+//! are in-place kernels ([`crate::update_cpu`]); elsewhere tensor ops.
 
 use std::collections::HashMap;
 
@@ -8,6 +9,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, Var};
 
 use crate::params;
+use crate::update_cpu::{self, AdamStep, Blend, Momentum, Step};
 
 /// Which update rule.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -53,6 +55,8 @@ pub struct Optimizer {
     weight_decay: f64,
     slots: Vec<Slot>,
     steps: u64,
+    /// Tensor ops even on CPU (see [`Optimizer::use_tensor_ops`]).
+    tensor_ops: bool,
 }
 
 impl Optimizer {
@@ -84,19 +88,35 @@ impl Optimizer {
             weight_decay,
             slots,
             steps: 0,
+            tensor_ops: false,
         })
+    }
+
+    /// Updates with tensor ops on every device, as on CUDA, instead of the CPU's in-place
+    /// kernels: the two agree to rounding (tested).
+    pub fn use_tensor_ops(&mut self) {
+        self.tensor_ops = true;
     }
 
     /// Applies one update with learning rate `lr`. A parameter without a gradient is left alone.
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
         self.steps += 1;
-        for slot in &mut self.slots {
+        for i in 0..self.slots.len() {
+            let slot = &self.slots[i];
             let Some(g) = grads.get(slot.var.as_tensor()) else {
                 continue;
             };
+            let decay = if slot.exempt { 0.0 } else { self.weight_decay };
+            let in_place = [slot.var.as_tensor(), g, &slot.first]
+                .iter()
+                .all(|t| update_cpu::applies(t));
+            if in_place && !self.tensor_ops {
+                self.step_in_place(slot, g, lr, decay)?;
+                continue;
+            }
+            let slot = &mut self.slots[i];
             let w = slot.var.as_tensor().detach();
             let g = g.detach();
-            let decay = if slot.exempt { 0.0 } else { self.weight_decay };
             match self.rule {
                 Rule::Sgd | Rule::Lars { .. } => {
                     let mut d = if decay > 0.0 {
@@ -130,13 +150,51 @@ impl Optimizer {
         Ok(())
     }
 
+    /// [`Self::step`] for one parameter with the CPU kernels.
+    fn step_in_place(&self, slot: &Slot, g: &Tensor, lr: f64, decay: f64) -> Result<()> {
+        let w = slot.var.as_tensor();
+        match self.rule {
+            Rule::Sgd | Rule::Lars { .. } => {
+                let trust = match self.rule {
+                    Rule::Lars { trust } if !slot.exempt => Some(trust),
+                    _ => None,
+                };
+                let momentum = Momentum {
+                    momentum: self.momentum,
+                    decay,
+                    trust,
+                };
+                slot.first.inplace_op3(w, g, &momentum)?;
+                w.inplace_op2(&slot.first, &Step { lr })
+            }
+            Rule::AdamW => {
+                let second = slot
+                    .second
+                    .as_ref()
+                    .expect("AdamW slots have a second moment");
+                let blend = |keep, square| Blend { keep, square };
+                slot.first.inplace_op2(g, &blend(BETA1, false))?;
+                second.inplace_op2(g, &blend(BETA2, true))?;
+                let t = self.steps as i32;
+                let step = AdamStep {
+                    lr,
+                    decay,
+                    corrections: (1.0 - BETA1.powi(t), 1.0 - BETA2.powi(t)),
+                    eps: ADAM_EPS,
+                };
+                w.inplace_op3(&slot.first, second, &step)
+            }
+        }
+    }
+
     /// The state as named tensors (`<param>.first`, `<param>.second`, `steps`), for checkpoints.
     pub fn state(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
         for slot in &self.slots {
-            out.insert(format!("{}.first", slot.name), slot.first.clone());
+            // Copies: the CPU kernels update the buffers in place.
+            out.insert(format!("{}.first", slot.name), slot.first.copy()?);
             if let Some(s) = &slot.second {
-                out.insert(format!("{}.second", slot.name), s.clone());
+                out.insert(format!("{}.second", slot.name), s.copy()?);
             }
         }
         let steps = Tensor::new(&[self.steps as f32], &candle_core::Device::Cpu)?;
@@ -153,7 +211,8 @@ impl Optimizer {
             if t.dims() != like.dims() {
                 candle_core::bail!("optimiser state `{key}` has shape {:?}", t.dims());
             }
-            t.to_device(like.device())
+            // A copy: the CPU kernels update the buffers in place.
+            t.to_device(like.device())?.copy()
         };
         for slot in &mut self.slots {
             slot.first = get(&format!("{}.first", slot.name), &slot.first)?;
