@@ -19,6 +19,7 @@ pub mod export;
 pub mod heads;
 pub mod maskdeep;
 pub mod masking;
+pub mod maxpool;
 pub mod optim;
 pub mod params;
 pub mod parity;

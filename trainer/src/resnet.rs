@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::batchnorm::BatchNorm;
 use crate::conv::Conv;
+use crate::maxpool::max_pool_3x3_s2;
 
 /// Which ResNet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -265,37 +266,6 @@ impl ResNet {
         let [_, _, c5] = self.forward(x, train)?.levels;
         c5.mean((2, 3))
     }
-}
-
-/// torchvision's stem max-pool (kernel 3, stride 2, padding 1) on non-negative input (it follows a
-/// ReLU, so zero padding gives the same maxima as -inf padding). Built from strided shifted views so
-/// that it has a backward pass (Candle's pools lack one for kernel != stride).
-pub fn max_pool_3x3_s2(x: &Tensor) -> Result<Tensor> {
-    let (_, _, h, w) = x.dims4()?;
-    let (ho, wo) = ((h - 1) / 2 + 1, (w - 1) / 2 + 1);
-    // Padded so that every shift 0..3 can take 2*out rows: 1 before, the rest after.
-    let x = x
-        .pad_with_zeros(2, 1, 2 * ho + 1 - h)?
-        .pad_with_zeros(3, 1, 2 * wo + 1 - w)?;
-    let rows = max_of_shifts(&x, 2, ho)?;
-    max_of_shifts(&rows, 3, wo)
-}
-
-/// Max over shifts 0, 1, 2 along `dim` of every second element, `out` elements each.
-fn max_of_shifts(x: &Tensor, dim: usize, out: usize) -> Result<Tensor> {
-    let mut best: Option<Tensor> = None;
-    for shift in 0..3 {
-        let s = x.narrow(dim, shift, 2 * out)?;
-        let mut dims = s.dims().to_vec();
-        dims[dim] = out;
-        dims.insert(dim + 1, 2);
-        let s = s.reshape(dims)?.narrow(dim + 1, 0, 1)?.squeeze(dim + 1)?;
-        best = Some(match best {
-            None => s,
-            Some(b) => b.maximum(&s)?,
-        });
-    }
-    Ok(best.expect("three shifts"))
 }
 
 impl Module for ResNet {

@@ -9,7 +9,8 @@ use rand_chacha::ChaCha8Rng;
 use trainer::config::TrainConfig;
 use trainer::maskdeep::{normalize, Loss, MaskDeep, Views};
 use trainer::masking::{masked_pool, visible_count, VisibleCells};
-use trainer::resnet::{max_pool_3x3_s2, Depth, ResNet, ResNetConfig};
+use trainer::maxpool::{max_pool_3x3_s2, max_pool_3x3_s2_views};
+use trainer::resnet::{Depth, ResNet, ResNetConfig};
 use trainer::{ema, params};
 
 fn torchvision_keys(arch: &str) -> BTreeMap<String, Vec<usize>> {
@@ -87,43 +88,71 @@ fn stage_outputs_have_the_documented_strides_and_channels() {
 }
 
 #[test]
-fn max_pool_matches_a_direct_loop_and_has_a_gradient() {
+fn max_pool_matches_a_direct_loop_on_both_paths() {
     let dev = Device::Cpu;
-    for (h, w) in [(8, 8), (7, 9)] {
+    for (h, w) in [(8, 8), (7, 9), (1, 2)] {
         let x = Tensor::rand(0f32, 1.0, (2, 3, h, w), &dev).unwrap();
-        let y = max_pool_3x3_s2(&x).unwrap();
         let data: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
         let (ho, wo) = ((h - 1) / 2 + 1, (w - 1) / 2 + 1);
-        assert_eq!(y.dims(), &[2, 3, ho, wo]);
-        let got: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
-        let mut k = 0;
-        for plane in 0..6 {
-            for i in 0..ho {
-                for j in 0..wo {
-                    let mut best = f32::NEG_INFINITY;
-                    for di in 0..3 {
-                        for dj in 0..3 {
-                            let (r, c) = ((2 * i + di) as isize - 1, (2 * j + dj) as isize - 1);
-                            if r >= 0 && c >= 0 && (r as usize) < h && (c as usize) < w {
-                                best = best.max(data[plane * h * w + r as usize * w + c as usize]);
+        for y in [max_pool_3x3_s2(&x), max_pool_3x3_s2_views(&x)] {
+            let y = y.unwrap();
+            assert_eq!(y.dims(), &[2, 3, ho, wo]);
+            let got: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+            let mut k = 0;
+            for plane in 0..6 {
+                for i in 0..ho {
+                    for j in 0..wo {
+                        let mut best = f32::NEG_INFINITY;
+                        for di in 0..3 {
+                            for dj in 0..3 {
+                                let (r, c) = ((2 * i + di) as isize - 1, (2 * j + dj) as isize - 1);
+                                if r >= 0 && c >= 0 && (r as usize) < h && (c as usize) < w {
+                                    best =
+                                        best.max(data[plane * h * w + r as usize * w + c as usize]);
+                                }
                             }
                         }
+                        assert_eq!(got[k], best);
+                        k += 1;
                     }
-                    assert_eq!(got[k], best);
-                    k += 1;
                 }
             }
         }
-        let var = candle_core::Var::from_tensor(&x).unwrap();
-        let grads = max_pool_3x3_s2(var.as_tensor())
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let g = grads.get(var.as_tensor()).unwrap();
-        let total: f32 = g.sum_all().unwrap().to_scalar().unwrap();
-        assert!((total - (6 * ho * wo) as f32).abs() < 1e-3);
+    }
+}
+
+#[test]
+fn max_pool_gradients_agree_on_both_paths() {
+    let dev = Device::Cpu;
+    for (h, w) in [(8, 8), (7, 9)] {
+        // Continuous random values: no ties, so the maximum of each window is unique.
+        let x =
+            candle_core::Var::from_tensor(&Tensor::rand(0f32, 1.0, (2, 3, h, w), &dev).unwrap())
+                .unwrap();
+        let probe =
+            Tensor::rand(-1f32, 1.0, (2, 3, (h - 1) / 2 + 1, (w - 1) / 2 + 1), &dev).unwrap();
+        let grad = |pool: fn(&Tensor) -> candle_core::Result<Tensor>| -> Vec<f32> {
+            let grads = (pool(x.as_tensor()).unwrap() * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            grads
+                .get(x.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        let (ours, views) = (grad(max_pool_3x3_s2), grad(max_pool_3x3_s2_views));
+        // Every output's gradient lands on one input: the totals match the probe's.
+        let total: f32 = probe.sum_all().unwrap().to_scalar().unwrap();
+        assert!((ours.iter().sum::<f32>() - total).abs() < 1e-4);
+        for (a, b) in ours.iter().zip(&views) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
     }
 }
 
