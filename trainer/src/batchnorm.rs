@@ -32,15 +32,28 @@ impl BatchNorm {
     }
 
     /// Normalises `x` with batch statistics (updating the running ones) when `train`, else with
-    /// the running statistics, then applies a ReLU when `relu` (in training on the CPU, one fused
-    /// kernel each way). The output has `x`'s dtype.
-    pub fn forward(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+    /// the running statistics, adds `residual` (shaped like `x`) when given, then applies a ReLU
+    /// when `relu` (in training on the CPU, one fused kernel each way). The output has `x`'s
+    /// dtype.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        train: bool,
+        relu: bool,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let (n, c) = (dims[0], dims[1]);
         if train && x.device().is_cpu() {
-            let x32 = x.to_dtype(DType::F32)?;
-            let (y, mean, var) =
-                crate::batchnorm_cpu::forward_train(&x32, &self.weight, &self.bias, relu)?;
+            let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+            let (x32, residual) = (f32(x)?, residual.map(f32).transpose()?);
+            let (y, mean, var) = crate::batchnorm_cpu::forward_train(
+                &x32,
+                &self.weight,
+                &self.bias,
+                relu,
+                residual.as_ref(),
+            )?;
             self.update_running(&mean, &var, x32.elem_count() / c)?;
             return y.to_dtype(x.dtype());
         }
@@ -62,6 +75,10 @@ impl BatchNorm {
         let y = centred
             .broadcast_mul(&scale)?
             .broadcast_add(&per_channel(self.bias.clone())?)?;
+        let y = match residual {
+            Some(r) => (y + r.to_dtype(DType::F32)?.reshape((n, c, ()))?)?,
+            None => y,
+        };
         let y = if relu { y.relu()? } else { y };
         y.to_dtype(x.dtype())?.reshape(dims)
     }

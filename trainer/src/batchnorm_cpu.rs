@@ -1,6 +1,6 @@
 //! Train-mode BatchNorm on the CPU as two fused kernels (forward: statistics + normalisation,
-//! optionally followed by ReLU; backward: the three gradients, through the ReLU's mask), instead of
-//! a dozen elementwise passes each way. The kernels take and give tensors of the input's own shape
+//! optionally followed by a residual add and a ReLU; backward: all the gradients, through the
+//! ReLU's mask), instead of a dozen elementwise passes each way. The kernels take and give tensors of the input's own shape
 //! and hand their per-channel results (batch statistics, parameter gradients) over a side channel,
 //! so that the autograd graph holds one node per BatchNorm: every extra view node (reshape,
 //! narrow) would cost a zero-fill and an add over the whole activation in Candle's backward.
@@ -46,39 +46,41 @@ fn channel_stats(x: &[f32], n: usize, c: usize, l: usize) -> Vec<(f64, f64)> {
         .collect()
 }
 
-/// The per-channel affine map `x * scale + shift` that normalises with `mean` and `var`; forward and
-/// backward both compute it here, so that the backward's ReLU mask is bit-identical to the forward's.
+/// The per-channel affine map `x * scale + shift` that normalises with `mean` and `var`.
 fn affine(weight: f32, bias: f32, mean: f32, var: f32) -> (f32, f32) {
     let scale = weight as f64 / (var as f64 + EPS).sqrt();
     let shift = bias as f64 - mean as f64 * scale;
     (scale as f32, shift as f32)
 }
 
-/// `(x [n, c, ...], weight [c], bias [c])` -> the normalised `x` (through a ReLU when `relu`); the
-/// batch mean and biased variance of each channel go to `side` (mean then variance).
+/// `(x [n, c, ...], weight_bias [2c])` or `(x, weight_bias, residual)` -> the normalised `x`,
+/// plus `residual`, through a ReLU when `relu`; the batch mean and biased variance of each channel
+/// go to `side` (mean then variance).
 struct Forward {
     relu: bool,
     side: Side,
 }
 
-impl CustomOp3 for Forward {
-    fn name(&self) -> &'static str {
-        "batch-norm-train"
-    }
-
-    fn cpu_fwd(
+impl Forward {
+    fn run(
         &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        ws: &CpuStorage,
-        wl: &Layout,
-        bs: &CpuStorage,
-        bl: &Layout,
+        (xs, xl): (&CpuStorage, &Layout),
+        (ps, pl): (&CpuStorage, &Layout),
+        residual: Option<(&CpuStorage, &Layout)>,
     ) -> Result<(CpuStorage, Shape)> {
+        let name = "batch-norm-train";
         let (n, c, l) = ncl(xl)?;
-        let x = f32_slice(xs, xl, self.name())?;
-        let w = f32_slice(ws, wl, self.name())?;
-        let b = f32_slice(bs, bl, self.name())?;
+        let x = f32_slice(xs, xl, name)?;
+        let p = f32_slice(ps, pl, name)?;
+        let residual = match residual {
+            Some((rs, rl)) if rl.shape() == xl.shape() => Some(f32_slice(rs, rl, name)?),
+            Some(_) => candle_core::bail!("{name}: the residual's shape differs from the input's"),
+            None => None,
+        };
+        if p.len() != 2 * c {
+            candle_core::bail!("{name}: {} parameters for {c} channels", p.len());
+        }
+        let (w, b) = p.split_at(c);
         let stats: Vec<(f32, f32)> = channel_stats(x, n, c, l)
             .into_iter()
             .map(|(mean, var)| (mean as f32, var as f32))
@@ -89,13 +91,17 @@ impl CustomOp3 for Forward {
             let (mean, var) = stats[ch];
             let (scale, shift) = affine(w[ch], b[ch], mean, var);
             let src = &x[i * l..(i + 1) * l];
-            if self.relu {
-                for (d, &v) in dst.iter_mut().zip(src) {
-                    *d = (v * scale + shift).max(0.0);
+            for (d, &v) in dst.iter_mut().zip(src) {
+                *d = v * scale + shift;
+            }
+            if let Some(r) = residual {
+                for (d, &r) in dst.iter_mut().zip(&r[i * l..(i + 1) * l]) {
+                    *d += r;
                 }
-            } else {
-                for (d, &v) in dst.iter_mut().zip(src) {
-                    *d = v * scale + shift;
+            }
+            if self.relu {
+                for d in dst.iter_mut() {
+                    *d = d.max(0.0);
                 }
             }
         });
@@ -104,28 +110,91 @@ impl CustomOp3 for Forward {
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
 
-    fn bwd(
+    /// The gradients of `x`, of `weight_bias` and (when `residual`) of the residual.
+    fn grads(
         &self,
         x: &Tensor,
-        w: &Tensor,
-        b: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let params = [w.to_vec1::<f32>()?, b.to_vec1()?, lock(&self.side).clone()].concat();
+        params: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+        residual: bool,
+    ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+        let c = params.elem_count() / 2;
+        let params = [params.to_vec1::<f32>()?, lock(&self.side).clone()].concat();
         let side = Side::default();
         let back = Backward {
             relu: self.relu,
+            residual,
             params,
             side: side.clone(),
         };
-        let dx = x.apply_op2_no_bwd(&grad.contiguous()?, &back)?;
+        let out = x.apply_op3_no_bwd(&dy.contiguous()?, y, &back)?;
+        let len = x.elem_count();
+        let dx = out.narrow(0, 0, len)?.reshape(x.shape())?;
+        let dres = if residual {
+            Some(out.narrow(0, len, len)?.reshape(x.shape())?)
+        } else {
+            None
+        };
         let sums = lock(&side).clone();
-        let c = w.elem_count();
-        let (dw, db) = sums.split_at(c);
-        let dw = Tensor::from_slice(dw, c, w.device())?;
-        let db = Tensor::from_slice(db, c, b.device())?;
-        Ok((Some(dx), Some(dw), Some(db)))
+        Ok((dx, Tensor::from_slice(&sums, 2 * c, x.device())?, dres))
+    }
+}
+
+impl CustomOp2 for Forward {
+    fn name(&self) -> &'static str {
+        "batch-norm-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ps: &CpuStorage,
+        pl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.run((xs, xl), (ps, pl), None)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        params: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dp, _) = self.grads(x, params, res, grad, false)?;
+        Ok((Some(dx), Some(dp)))
+    }
+}
+
+impl CustomOp3 for Forward {
+    fn name(&self) -> &'static str {
+        "batch-norm-train-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ps: &CpuStorage,
+        pl: &Layout,
+        rs: &CpuStorage,
+        rl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.run((xs, xl), (ps, pl), Some((rs, rl)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        params: &Tensor,
+        _residual: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dp, dres) = self.grads(x, params, res, grad, true)?;
+        Ok((Some(dx), Some(dp), dres))
     }
 }
 
@@ -134,16 +203,17 @@ fn lock(side: &Side) -> std::sync::MutexGuard<'_, Vec<f32>> {
     side.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// `(x [n, c, ...], dy [n, c, ...])` -> `dx`, with `params` = `[weight, bias, mean, var]` (4c);
-/// the weight and bias gradients go to `side`. With `relu`, `dy` is first masked where the
-/// forward's output was clipped to zero.
+/// `(x [n, c, ...], dy, y)` -> `dx`, followed by the residual's gradient when `residual`, with
+/// `params` = `[weight, bias, mean, var]` (4c); the weight and bias gradients go to `side`. With
+/// `relu`, `dy` is first masked where the output `y` was clipped to zero.
 struct Backward {
     relu: bool,
+    residual: bool,
     params: Vec<f32>,
     side: Side,
 }
 
-impl CustomOp2 for Backward {
+impl CustomOp3 for Backward {
     fn name(&self) -> &'static str {
         "batch-norm-train-backward"
     }
@@ -154,42 +224,36 @@ impl CustomOp2 for Backward {
         xl: &Layout,
         gs: &CpuStorage,
         gl: &Layout,
+        ys: &CpuStorage,
+        yl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (n, c, l) = ncl(xl)?;
         let x = f32_slice(xs, xl, self.name())?;
         let dy = f32_slice(gs, gl, self.name())?;
+        let y = f32_slice(ys, yl, self.name())?;
         let p = &self.params;
-        if p.len() != 4 * c || dy.len() != x.len() {
+        if p.len() != 4 * c || dy.len() != x.len() || y.len() != x.len() {
             candle_core::bail!(
                 "{}: parameters or gradient do not fit the input",
                 self.name()
             );
         }
-        let (w, bias) = (&p[..c], &p[c..2 * c]);
-        let (mean, var) = (&p[2 * c..3 * c], &p[3 * c..]);
-        // The gradient that reaches the normalisation: dy, or dy where the ReLU passed.
-        let masked = |ch: usize| {
-            let (scale, shift) = affine(w[ch], bias[ch], mean[ch], var[ch]);
-            let relu = self.relu;
-            move |g: f32, v: f32| {
-                if relu && v * scale + shift <= 0.0 {
-                    0.0
-                } else {
-                    g
-                }
-            }
-        };
+        let (w, mean, var) = (&p[..c], &p[2 * c..3 * c], &p[3 * c..]);
+        // The gradient that reaches the normalisation (and the residual): dy, or dy where the
+        // ReLU passed.
+        let relu = self.relu;
+        let mask = move |g: f32, y: f32| if relu && y <= 0.0 { 0.0 } else { g };
         // Per channel: sum(dy) and sum(dy * x_hat).
         let sums: Vec<(f64, f64)> = (0..c)
             .into_par_iter()
             .map(|ch| {
                 let inv = 1.0 / (var[ch] as f64 + EPS).sqrt();
-                let mask = masked(ch);
                 let (mut s, mut sx) = (0f64, 0f64);
                 for b in 0..n {
                     let at = (b * c + ch) * l;
-                    for (&g, &v) in dy[at..at + l].iter().zip(&x[at..at + l]) {
-                        let g = mask(g, v) as f64;
+                    let planes = dy[at..at + l].iter().zip(&y[at..at + l]);
+                    for ((&g, &out), &v) in planes.zip(&x[at..at + l]) {
+                        let g = mask(g, out) as f64;
                         s += g;
                         sx += g * (v as f64 - mean[ch] as f64) * inv;
                     }
@@ -198,45 +262,70 @@ impl CustomOp2 for Backward {
             })
             .collect();
         let count = (n * l) as f64;
-        let mut dx = vec![0f32; n * c * l];
-        dx.par_chunks_mut(l).enumerate().for_each(|(i, dst)| {
-            let ch = i % c;
-            let inv = 1.0 / (var[ch] as f64 + EPS).sqrt();
-            let (s, sx) = sums[ch];
-            // dx = w * inv / M * (M * dy - sum(dy) - x_hat * sum(dy * x_hat))
-            let k = (w[ch] as f64 * inv / count) as f32;
-            let (mean_dy, mean_dyx) = ((s / count) as f32, (sx / count) as f32);
-            let (m, inv) = (mean[ch], inv as f32);
-            let mask = masked(ch);
-            let at = i * l;
-            for ((d, &g), &v) in dst.iter_mut().zip(&dy[at..at + l]).zip(&x[at..at + l]) {
-                let g = mask(g, v);
-                let xh = (v - m) * inv;
-                *d = k * count as f32 * (g - mean_dy - xh * mean_dyx);
-            }
-        });
+        let len = n * c * l;
+        let mut out = vec![0f32; if self.residual { 2 * len } else { len }];
+        let (dx, dres) = out.split_at_mut(len);
+        let dres: Vec<Option<&mut [f32]>> = if self.residual {
+            dres.chunks_mut(l).map(Some).collect()
+        } else {
+            (0..n * c).map(|_| None).collect()
+        };
+        dx.par_chunks_mut(l)
+            .zip(dres)
+            .enumerate()
+            .for_each(|(i, (dst, dres))| {
+                let ch = i % c;
+                let inv = 1.0 / (var[ch] as f64 + EPS).sqrt();
+                let (s, sx) = sums[ch];
+                // dx = w * inv / M * (M * dy - sum(dy) - x_hat * sum(dy * x_hat))
+                let k = (w[ch] as f64 * inv / count) as f32;
+                let (mean_dy, mean_dyx) = ((s / count) as f32, (sx / count) as f32);
+                let (m, inv) = (mean[ch], inv as f32);
+                let at = i * l;
+                let planes = dy[at..at + l].iter().zip(&y[at..at + l]);
+                for ((d, (&g, &out)), &v) in dst.iter_mut().zip(planes).zip(&x[at..at + l]) {
+                    let g = mask(g, out);
+                    let xh = (v - m) * inv;
+                    *d = k * count as f32 * (g - mean_dy - xh * mean_dyx);
+                }
+                if let Some(dres) = dres {
+                    let planes = dy[at..at + l].iter().zip(&y[at..at + l]);
+                    for (d, (&g, &out)) in dres.iter_mut().zip(planes) {
+                        *d = mask(g, out);
+                    }
+                }
+            });
         let (dbias, dweight): (Vec<f32>, Vec<f32>) =
             sums.iter().map(|&(s, sx)| (s as f32, sx as f32)).unzip();
         *lock(&self.side) = [dweight, dbias].concat();
-        Ok((CpuStorage::F32(dx), xl.shape().clone()))
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from(len * if self.residual { 2 } else { 1 }),
+        ))
     }
 }
 
-/// Train-mode BatchNorm of contiguous f32 `x [n, c, ...]` on the CPU, followed by a ReLU when
-/// `relu`: the output (shaped like `x`) and the batch mean and biased variance `[c]` each
-/// (detached).
+/// Train-mode BatchNorm of contiguous f32 `x [n, c, ...]` on the CPU, plus `residual` (shaped
+/// like `x`) when given, followed by a ReLU when `relu`: the output (shaped like `x`) and the batch
+/// mean and biased variance `[c]` each (detached).
 pub fn forward_train(
     x: &Tensor,
     weight: &Tensor,
     bias: &Tensor,
     relu: bool,
+    residual: Option<&Tensor>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let side = Side::default();
     let op = Forward {
         relu,
         side: side.clone(),
     };
-    let y = x.contiguous()?.apply_op3(weight, bias, op)?;
+    let params = Tensor::cat(&[weight, bias], 0)?;
+    let x = x.contiguous()?;
+    let y = match residual {
+        Some(r) => x.apply_op3(&params, &r.contiguous()?, op)?,
+        None => x.apply_op2(&params, op)?,
+    };
     let stats = lock(&side).clone();
     let c = weight.elem_count();
     let mean = Tensor::from_slice(&stats[..c], c, x.device())?;

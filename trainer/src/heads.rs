@@ -25,7 +25,7 @@ impl Mlp {
 
     /// Maps `[n, input]` to `[n, output]`.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let h = self.bn.forward(&self.fc1.forward(x)?, train, true)?;
+        let h = self.bn.forward(&self.fc1.forward(x)?, train, true, None)?;
         self.fc2.forward(&h)
     }
 }

@@ -115,9 +115,16 @@ impl ConvBn {
         })
     }
 
-    /// Convolution, BatchNorm and, when `relu`, a ReLU.
-    fn forward(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
-        self.bn.forward(&self.conv.forward(x)?, train, relu)
+    /// Convolution, BatchNorm, `residual` added when given and, when `relu`, a ReLU.
+    fn forward(
+        &self,
+        x: &Tensor,
+        train: bool,
+        relu: bool,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        self.bn
+            .forward(&self.conv.forward(x)?, train, relu, residual)
     }
 }
 
@@ -168,16 +175,17 @@ impl Block {
     }
 
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut y = x.clone();
-        let last = self.layers.len() - 1;
-        for (i, layer) in self.layers.iter().enumerate() {
-            y = layer.forward(&y, train, i != last)?;
-        }
         let shortcut = match &self.downsample {
-            Some(d) => d.forward(x, train, false)?,
+            Some(d) => d.forward(x, train, false, None)?,
             None => x.clone(),
         };
-        (y + shortcut)?.relu()
+        let (last, inner) = self.layers.split_last().expect("blocks have layers");
+        let mut y = x.clone();
+        for layer in inner {
+            y = layer.forward(&y, train, true, None)?;
+        }
+        // The last BatchNorm takes the shortcut and the ReLU.
+        last.forward(&y, train, true, Some(&shortcut))
     }
 }
 
@@ -244,7 +252,7 @@ impl ResNet {
     /// Runs the backbone on normalised `[batch, 3, H, W]` images; BatchNorm uses batch statistics
     /// (and updates its running statistics) when `train`.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Features> {
-        let mut x = self.stem.forward(x, train, true)?;
+        let mut x = self.stem.forward(x, train, true, None)?;
         if !self.config.small_stem {
             x = max_pool_3x3_s2(&x)?;
         }

@@ -18,17 +18,22 @@ fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
 
 #[test]
 fn fused_batchnorm_matches_the_formula_forward_and_backward() {
-    check_against_formula(false);
+    check_against_formula(false, false);
 }
 
 #[test]
 fn fused_batchnorm_relu_matches_the_formula_forward_and_backward() {
-    check_against_formula(true);
+    check_against_formula(true, false);
 }
 
-/// Outputs, batch statistics and the three gradients of `forward_train(.., relu)` against plain
-/// tensor ops (the ReLU by candle's own op).
-fn check_against_formula(relu: bool) {
+#[test]
+fn fused_batchnorm_residual_relu_matches_the_formula_forward_and_backward() {
+    check_against_formula(true, true);
+}
+
+/// Outputs, batch statistics and the gradients of `forward_train(.., relu, residual)` against
+/// plain tensor ops (the ReLU by candle's own op).
+fn check_against_formula(relu: bool, with_residual: bool) {
     let dev = Device::Cpu;
     let (n, c, l) = (4, 3, 10);
     let x = Var::from_tensor(&(Tensor::randn(0f32, 2.0, (n, c, l), &dev).unwrap() + 1.5).unwrap())
@@ -37,7 +42,10 @@ fn check_against_formula(relu: bool) {
     let b = Var::from_tensor(&Tensor::new(&[0.1f32, -0.2, 0.3], &dev).unwrap()).unwrap();
     let probe = Tensor::randn(0f32, 1.0, (n, c, l), &dev).unwrap();
 
-    let (y, mean, var) = forward_train(x.as_tensor(), w.as_tensor(), b.as_tensor(), relu).unwrap();
+    let r = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, c, l), &dev).unwrap()).unwrap();
+    let residual = with_residual.then_some(r.as_tensor());
+    let (y, mean, var) =
+        forward_train(x.as_tensor(), w.as_tensor(), b.as_tensor(), relu, residual).unwrap();
     let grads = (&y * &probe)
         .unwrap()
         .sum_all()
@@ -62,6 +70,10 @@ fn check_against_formula(relu: bool) {
         .unwrap()
         .broadcast_add(&b.as_tensor().reshape((1, c, 1)).unwrap())
         .unwrap();
+    let y_ref = match residual {
+        Some(r) => (y_ref + r).unwrap(),
+        None => y_ref,
+    };
     let y_ref = if relu { y_ref.relu().unwrap() } else { y_ref };
     if relu {
         let clipped = y
@@ -85,7 +97,13 @@ fn check_against_formula(relu: bool) {
     assert!(max_abs(&y, &y_ref) < 1e-5);
     assert!(max_abs(&mean, &m_ref.flatten_all().unwrap()) < 1e-5);
     assert!(max_abs(&var, &v_ref.flatten_all().unwrap()) < 1e-4);
-    for (what, v) in [("x", &x), ("weight", &w), ("bias", &b)] {
+    let mut vars = vec![("x", &x), ("weight", &w), ("bias", &b)];
+    if with_residual {
+        vars.push(("residual", &r));
+    } else {
+        assert!(grads.get(r.as_tensor()).is_none());
+    }
+    for (what, v) in vars {
         let d = max_abs(
             grads.get(v.as_tensor()).unwrap(),
             g_ref.get(v.as_tensor()).unwrap(),
