@@ -280,6 +280,32 @@ impl Dims {
         self.g.stride == 1 && self.ho == self.h && self.wo == self.w
     }
 
+    /// Output planes narrower than this gather and scatter through a tap table (per-row copies
+    /// would be mostly loop overhead).
+    const NARROW: usize = 16;
+
+    /// For narrow outputs, the tap table `[k*k, ho*wo]`: the input index (within a plane) that
+    /// each kernel tap reads for each output pixel, or `u32::MAX` (outside any plane) where it
+    /// reads padding. Empty for wider outputs.
+    fn taps(&self) -> Vec<u32> {
+        if self.wo >= Self::NARROW {
+            return Vec::new();
+        }
+        let Geometry { k, stride, padding } = self.g;
+        let inside =
+            |o: usize, t: usize, n: usize| (o * stride + t).checked_sub(padding).filter(|&i| i < n);
+        let mut taps = Vec::with_capacity(k * k * self.hw());
+        for (ki, kj) in (0..k * k).map(|t| (t / k, t % k)) {
+            for (oh, ow) in (0..self.hw()).map(|o| (o / self.wo, o % self.wo)) {
+                taps.push(match (inside(oh, ki, self.h), inside(ow, kj, self.w)) {
+                    (Some(ih), Some(iw)) => (ih * self.w + iw) as u32,
+                    _ => u32::MAX,
+                });
+            }
+        }
+        taps
+    }
+
     /// Images per gemm: enough that a gemm has a few hundred columns when the planes are small,
     /// but no fewer groups than pool threads.
     fn group(&self) -> usize {
@@ -293,13 +319,20 @@ impl Dims {
 
     /// Gathers image `img` (`[c, h, w]`) into columns `at..at + ho*wo` of `cols` (`[kk, ld]`),
     /// zeros where the kernel overhangs the padding. Every entry of those columns is written.
-    fn im2col(&self, img: &[f32], cols: &mut [f32], ld: usize, at: usize) {
+    fn im2col(&self, img: &[f32], cols: &mut [f32], ld: usize, at: usize, taps: &[u32]) {
         let (k, s, p) = (self.g.k, self.g.stride, self.g.padding);
         let (h, w, wo, hw) = (self.h, self.w, self.wo, self.hw());
         for (r, row) in cols.chunks_exact_mut(ld).enumerate() {
             let row = &mut row[at..at + hw];
             let (ci, ki, kj) = (r / (k * k), r / k % k, r % k);
             let plane = &img[ci * h * w..(ci + 1) * h * w];
+            if !taps.is_empty() {
+                let taps = &taps[(r % (k * k)) * hw..][..hw];
+                for (d, &t) in row.iter_mut().zip(taps) {
+                    *d = plane.get(t as usize).copied().unwrap_or(0.0);
+                }
+                continue;
+            }
             let (lo, hi, first) = self.columns(kj);
             if self.same_size() {
                 // row[i] = plane[i + shift] on the valid output rows, then the wrapped columns
@@ -338,7 +371,7 @@ impl Dims {
 
     /// The patch matrix `[kk, count*ho*wo]` of `count` consecutive images: built in `cols`, or
     /// the image itself for a single image under a pointwise kernel.
-    fn patches<'a>(&self, images: &'a [f32], cols: &'a mut Vec<f32>) -> &'a [f32] {
+    fn patches<'a>(&self, images: &'a [f32], cols: &'a mut Vec<f32>, taps: &[u32]) -> &'a [f32] {
         let chw = self.c * self.h * self.w;
         let ld = images.len() / chw * self.hw();
         if ld == self.hw() && self.pointwise() {
@@ -346,20 +379,29 @@ impl Dims {
         }
         cols.resize(self.kk() * ld, 0.0);
         for (j, img) in images.chunks_exact(chw).enumerate() {
-            self.im2col(img, cols, ld, j * self.hw());
+            self.im2col(img, cols, ld, j * self.hw(), taps);
         }
         cols
     }
 
     /// The adjoint of [`Dims::im2col`]: adds columns `at..at + ho*wo` of `cols` (`[kk, ld]`) onto
     /// image `img`.
-    fn col2im(&self, cols: &[f32], ld: usize, at: usize, img: &mut [f32]) {
+    fn col2im(&self, cols: &[f32], ld: usize, at: usize, img: &mut [f32], taps: &[u32]) {
         let (k, s) = (self.g.k, self.g.stride);
         let (h, w, wo, hw) = (self.h, self.w, self.wo, self.hw());
         for (r, row) in cols.chunks_exact(ld).enumerate() {
             let row = &row[at..at + hw];
             let (ci, ki, kj) = (r / (k * k), r / k % k, r % k);
             let plane = &mut img[ci * h * w..(ci + 1) * h * w];
+            if !taps.is_empty() {
+                let taps = &taps[(r % (k * k)) * hw..][..hw];
+                for (&v, &t) in row.iter().zip(taps) {
+                    if let Some(d) = plane.get_mut(t as usize) {
+                        *d += v;
+                    }
+                }
+                continue;
+            }
             let (lo, hi, first) = self.columns(kj);
             for (oh, src) in row.chunks_exact(wo).enumerate() {
                 let Some(ih) = self.input_row(oh, ki) else {
@@ -452,7 +494,7 @@ impl CustomOp2 for ConvOp {
         let x = f32_slice(xs, xl, self.name())?;
         let weight = f32_slice(ws, wl, self.name())?;
         let (kk, hw, chw) = (d.kk(), d.hw(), d.c * d.h * d.w);
-        let group = d.group();
+        let (group, taps) = (d.group(), d.taps());
         let mut out = vec![0f32; d.n * d.c_out * hw];
         // Per task: the group's patch matrix [kk, ld] and, for groups of several images, its
         // output [c_out, ld] before it is scattered into NCHW planes.
@@ -463,7 +505,7 @@ impl CustomOp2 for ConvOp {
                 |(cols, staged), (y, images)| {
                     let ld = images.len() / chw * hw;
                     let single = ld == hw;
-                    let patches = d.patches(images, cols);
+                    let patches = d.patches(images, cols, &taps);
                     let dst: &mut [f32] = if single {
                         y
                     } else {
@@ -546,7 +588,7 @@ impl CustomOp3 for ConvBackward {
         let weight = f32_slice(ws, wl, self.name())?;
         let dy = f32_slice(gs, gl, self.name())?;
         let (kk, hw, chw, c_out) = (d.kk(), d.hw(), d.c * d.h * d.w, d.c_out);
-        let group = d.group();
+        let (group, taps) = (d.group(), d.taps());
         // The weight gradient is appended after the input gradient: room for both up front.
         let mut dx = Vec::with_capacity(d.n * chw + c_out * kk);
         dx.resize(if self.need_dx { d.n * chw } else { 0 }, 0f32);
@@ -573,7 +615,7 @@ impl CustomOp3 for ConvBackward {
                     let (ld, single) = (count * hw, count == 1);
                     let images = &x[first * chw..(first + count) * chw];
                     let dy_group = &dy[first * c_out * hw..(first + count) * c_out * hw];
-                    let patches = d.patches(images, &mut cols);
+                    let patches = d.patches(images, &mut cols, &taps);
                     // dY as [c_out, ld]: the group's planes side by side.
                     let dy_mat: &[f32] = if single {
                         dy_group
@@ -637,7 +679,7 @@ impl CustomOp3 for ConvBackward {
                         dcols.resize(kk * ld, 0.0);
                         weight_t_dy(&mut dcols);
                         for (j, dx_img) in dx_group.chunks_exact_mut(chw).enumerate() {
-                            d.col2im(&dcols, ld, j * hw, dx_img);
+                            d.col2im(&dcols, ld, j * hw, dx_img, &taps);
                         }
                     }
                 }

@@ -72,9 +72,14 @@ fn assert_same(ours: ConvFn, reference: ConvFn, g: Geometry, hw: (usize, usize))
     }
 }
 
-/// (k, stride, padding, h, w): every geometry a ResNet uses, with odd sizes too. Square inputs
-/// only: Candle's own conv backward (the reference) mis-sizes the input gradient otherwise.
-const SQUARE: [(usize, usize, usize, usize, usize); 8] = [
+/// (k, stride, padding, h, w): every geometry a ResNet uses, with odd sizes too, on outputs
+/// narrower than 16 pixels (tap-table path) and wider. Square inputs only: Candle's own conv
+/// backward (the reference) mis-sizes the input gradient otherwise.
+const SQUARE: [(usize, usize, usize, usize, usize); 12] = [
+    (3, 1, 1, 17, 17),
+    (3, 2, 1, 33, 33),
+    (7, 2, 3, 35, 35),
+    (1, 2, 0, 33, 33),
     (3, 1, 1, 8, 8),
     (3, 1, 1, 2, 2),
     (3, 1, 1, 1, 1),
@@ -108,7 +113,7 @@ fn portable_convolution_matches_candle_and_gemm() {
         );
     }
     // Non-square inputs, against the gemm route.
-    for (k, stride, padding, h, w) in [(3, 2, 1, 9, 6), (7, 2, 3, 12, 15), (1, 2, 0, 4, 7)] {
+    for (k, stride, padding, h, w) in [(3, 2, 1, 9, 6), (7, 2, 3, 12, 15), (3, 1, 1, 5, 20)] {
         assert_same(
             portable_conv,
             gemm_conv,
