@@ -1,9 +1,10 @@
 //! torchvision's stem max-pool: kernel 3, stride 2, padding 1, over `[n, c, h, w]`.
 //!
-//! On CPU (f32) one autograd node, plane by plane on the thread pool; the backward sends each
-//! output's gradient to the first maximum of its window (PyTorch's rule). Elsewhere it is built
-//! from shifted strided views and `maximum` (Candle's pools have no backward for kernel !=
-//! stride), some twenty graph nodes over the network's largest activation.
+//! On CPU (f32) one autograd node, plane by plane on the thread pool: the forward takes separable
+//! row then column maxima, the backward sends each output's gradient to the first maximum of its
+//! window (PyTorch's rule). Elsewhere it is built from shifted strided views and `maximum`
+//! (Candle's pools have no backward for kernel != stride), some twenty graph nodes over the
+//! network's largest activation.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -89,11 +90,33 @@ impl CustomOp1 for MaxPool {
         let x = f32_slice(s, l, self.name())?;
         let (ho, wo) = (out(h), out(w));
         let mut y = vec![0f32; count * ho * wo];
+        // Separable: the max over each row's column windows, then over three such rows.
         y.par_chunks_mut(ho * wo)
             .zip(x.par_chunks(h * w))
-            .for_each(|(dst, plane)| {
-                for (k, d) in dst.iter_mut().enumerate() {
-                    *d = plane[argmax(plane, (h, w), (k / wo, k % wo))];
+            .for_each_init(Vec::new, |rows, (dst, plane)| {
+                rows.clear();
+                for line in plane.chunks_exact(w) {
+                    rows.extend((0..wo).map(|j| {
+                        let right = (2 * j + 1).min(w - 1);
+                        let m = line[2 * j].max(line[right]);
+                        if j > 0 {
+                            m.max(line[2 * j - 1])
+                        } else {
+                            m
+                        }
+                    }));
+                }
+                for (i, out) in dst.chunks_exact_mut(wo).enumerate() {
+                    let at = |r: usize| &rows[r * wo..(r + 1) * wo];
+                    let (mid, below) = (at(2 * i), at((2 * i + 1).min(h - 1)));
+                    for (j, o) in out.iter_mut().enumerate() {
+                        *o = mid[j].max(below[j]);
+                    }
+                    if i > 0 {
+                        for (o, &v) in out.iter_mut().zip(at(2 * i - 1)) {
+                            *o = o.max(v);
+                        }
+                    }
                 }
             });
         let dims = l.shape().dims();
