@@ -1,9 +1,10 @@
 //! Train-mode BatchNorm on the CPU as two fused kernels (forward: statistics + normalisation,
 //! optionally followed by a residual add and a ReLU; backward: all the gradients, through the
-//! ReLU's mask), instead of a dozen elementwise passes each way. The kernels take and give tensors of the input's own shape
-//! and hand their per-channel results (batch statistics, parameter gradients) over a side channel,
-//! so that the autograd graph holds one node per BatchNorm: every extra view node (reshape,
-//! narrow) would cost a zero-fill and an add over the whole activation in Candle's backward.
+//! ReLU's mask), instead of a dozen elementwise passes each way. The kernels take and give tensors
+//! of the input's own shape and hand their per-channel results (batch statistics, parameter
+//! gradients) over a side channel, so that the autograd graph holds one node per BatchNorm: every
+//! extra view node (reshape, narrow) would cost a zero-fill and an add over the whole activation
+//! in Candle's backward.
 
 use crate::cpu_storage::f32_slice;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
