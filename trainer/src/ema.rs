@@ -18,6 +18,7 @@ pub fn update(online: &VarMap, target: &VarMap, tau: f64) -> Result<()> {
         if update_cpu::applies(t.as_tensor()) && update_cpu::applies(o.as_tensor()) {
             let blend = Blend {
                 keep: tau,
+                take: 1.0 - tau,
                 square: false,
             };
             t.as_tensor().inplace_op2(o.as_tensor(), &blend)?;

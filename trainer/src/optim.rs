@@ -9,7 +9,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, Var};
 
 use crate::params;
-use crate::update_cpu::{self, AdamStep, Blend, Momentum, Step};
+use crate::update_cpu::{self, AdamStep, Blend, Momentum};
 
 /// Which update rule.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -165,16 +165,25 @@ impl Optimizer {
                     trust,
                 };
                 slot.first.inplace_op3(w, g, &momentum)?;
-                w.inplace_op2(&slot.first, &Step { lr })
+                let step = Blend {
+                    keep: 1.0,
+                    take: -lr,
+                    square: false,
+                };
+                w.inplace_op2(&slot.first, &step)
             }
             Rule::AdamW => {
                 let second = slot
                     .second
                     .as_ref()
                     .expect("AdamW slots have a second moment");
-                let blend = |keep, square| Blend { keep, square };
-                slot.first.inplace_op2(g, &blend(BETA1, false))?;
-                second.inplace_op2(g, &blend(BETA2, true))?;
+                let moment = |keep: f64, square| Blend {
+                    keep,
+                    take: 1.0 - keep,
+                    square,
+                };
+                slot.first.inplace_op2(g, &moment(BETA1, false))?;
+                second.inplace_op2(g, &moment(BETA2, true))?;
                 let t = self.steps as i32;
                 let step = AdamStep {
                     lr,

@@ -12,10 +12,11 @@ use crate::cpu_storage::{f32_slice, f32_slice_mut};
 /// Elements per parallel chunk.
 const CHUNK: usize = 1 << 15;
 
-/// `dst = keep * dst + (1 - keep) * src` (or `src²` when `square`): the EMA target update and
-/// Adam's moments.
+/// `dst = keep * dst + take * src` (or `src²` when `square`): the EMA target update and Adam's
+/// moments (`take = 1 - keep`), and momentum SGD's step `w -= lr * m` (`keep = 1, take = -lr`).
 pub struct Blend {
     pub keep: f64,
+    pub take: f64,
     pub square: bool,
 }
 
@@ -33,7 +34,7 @@ impl InplaceOp2 for Blend {
     ) -> Result<()> {
         let dst = f32_slice_mut(ds, dl, self.name())?;
         let src = f32_slice(ss, sl, self.name())?;
-        let (keep, take, square) = (self.keep as f32, (1.0 - self.keep) as f32, self.square);
+        let (keep, take, square) = (self.keep as f32, self.take as f32, self.square);
         dst.par_chunks_mut(CHUNK)
             .zip(src.par_chunks(CHUNK))
             .for_each(|(d, s)| {
@@ -105,33 +106,6 @@ impl InplaceOp3 for Momentum {
                     *m = momentum * *m + ratio * (g + decay * w);
                 }
             });
-        Ok(())
-    }
-}
-
-/// Momentum SGD's parameter step `w -= lr * m`, on `w` with `m`.
-pub struct Step {
-    pub lr: f64,
-}
-
-impl InplaceOp2 for Step {
-    fn name(&self) -> &'static str {
-        "step"
-    }
-
-    fn cpu_fwd(
-        &self,
-        ws: &mut CpuStorage,
-        wl: &Layout,
-        ms: &CpuStorage,
-        ml: &Layout,
-    ) -> Result<()> {
-        let w = f32_slice_mut(ws, wl, self.name())?;
-        let m = f32_slice(ms, ml, self.name())?;
-        let lr = self.lr as f32;
-        w.par_chunks_mut(CHUNK)
-            .zip(m.par_chunks(CHUNK))
-            .for_each(|(w, m)| w.iter_mut().zip(m).for_each(|(w, &m)| *w -= lr * m));
         Ok(())
     }
 }

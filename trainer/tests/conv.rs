@@ -59,13 +59,8 @@ fn run(conv: ConvFn, g: Geometry, (h, w): (usize, usize)) -> [Tensor; 3] {
 fn assert_same(ours: ConvFn, reference: ConvFn, g: Geometry, hw: (usize, usize)) {
     let a = run(ours, g, hw);
     let b = run(reference, g, hw);
-    for (what, a, b) in [
-        ("output", 0, 0),
-        ("input gradient", 1, 1),
-        ("weight gradient", 2, 2),
-    ]
-    .map(|(what, i, j)| (what, &a[i], &b[j]))
-    {
+    let names = ["output", "input gradient", "weight gradient"];
+    for ((what, a), b) in names.iter().zip(&a).zip(&b) {
         assert_eq!(a.dims(), b.dims(), "{what} {g:?} {hw:?}");
         let d = max_rel_diff(a, b);
         assert!(d < 1e-5, "{what} {g:?} {hw:?}: {d}");
