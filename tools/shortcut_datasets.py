@@ -26,6 +26,8 @@ from PIL import Image, ImageDraw
 
 KINDS = ["disk", "square", "triangle", "star", "ring", "cross", "hexagon", "crescent", "arrow", "bowtie"]
 SIZE = 64
+# Pixel coordinates as fractions of the side, shared by every colour field.
+YY, XX = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) / SIZE
 
 # variant: (object fill, background fill, pose, light/dark polarity, brightness/contrast, ramp,
 # smallest radius)
@@ -50,8 +52,8 @@ def polygon(kind):
     if kind == "hexagon":
         return [(0.9 * math.cos(a), 0.9 * math.sin(a)) for a in np.linspace(0, 2 * np.pi, 7)[:-1]]
     if kind == "star":
-        return [((0.95 if k % 2 == 0 else 0.4) * math.cos(-math.pi / 2 + k * math.pi / 5),
-                 (0.95 if k % 2 == 0 else 0.4) * math.sin(-math.pi / 2 + k * math.pi / 5)) for k in range(10)]
+        tips = [(0.95 if k % 2 == 0 else 0.4, -math.pi / 2 + k * math.pi / 5) for k in range(10)]
+        return [(r * math.cos(a), r * math.sin(a)) for r, a in tips]
     if kind == "cross":
         return [(-0.3, -0.9), (0.3, -0.9), (0.3, -0.3), (0.9, -0.3), (0.9, 0.3), (0.3, 0.3), (0.3, 0.9),
                 (-0.3, 0.9), (-0.3, 0.3), (-0.9, 0.3), (-0.9, -0.3), (-0.3, -0.3)]
@@ -98,7 +100,6 @@ def hsv_to_rgb(h, s, v):
 
 def fill(rng, mode):
     """A (SIZE, SIZE, 3) colour field."""
-    yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) / SIZE
     if mode == "solid":
         return np.broadcast_to(rng.random(3), (SIZE, SIZE, 3)).copy()
     if mode == "yellow":
@@ -109,8 +110,8 @@ def fill(rng, mode):
         return np.full((SIZE, SIZE, 3), rng.random(), np.float32)
     if mode == "rainbow":
         a, f = rng.random() * 2 * np.pi, rng.uniform(1, 2)
-        h = rng.random() + f * (xx * math.cos(a) + yy * math.sin(a))
-        return hsv_to_rgb(h, np.full_like(xx, rng.uniform(0.5, 1)), np.full_like(xx, rng.uniform(0.3, 1)))
+        h = rng.random() + f * (XX * math.cos(a) + YY * math.sin(a))
+        return hsv_to_rgb(h, np.full_like(XX, rng.uniform(0.5, 1)), np.full_like(XX, rng.uniform(0.3, 1)))
     raise ValueError(mode)
 
 
@@ -118,9 +119,8 @@ def draw(rng, c, variant):
     fg_mode, bg_mode, pose, polarity, lighting, ramp, r_min = VARIANTS[variant]
     bg, fg = fill(rng, bg_mode), fill(rng, fg_mode)
     if ramp:
-        yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) / SIZE
         a = rng.random() * 2 * np.pi
-        bg = bg * (0.7 + 0.6 * (xx * math.cos(a) + yy * math.sin(a)))[..., None]
+        bg = bg * (0.7 + 0.6 * (XX * math.cos(a) + YY * math.sin(a)))[..., None]
     if polarity:
         if rng.random() < 0.5:
             fg, bg = 0.55 + 0.45 * fg, 0.45 * bg
