@@ -12,6 +12,7 @@ folder layout `loader pack` reads. Each variant fixes what is random per image:
   fixed     one palette for every image (yellow on blue); moved, any rotation
   upright   `fixed`, slightly turned only
   small     `fixed` with radius 0.15-0.4 of the image instead of 0.25-0.4
+  upsmall   `upright` with radius 0.12-0.4: size and position vary, rotation hardly
   lighting  `fixed` plus random brightness/contrast per image
   ramp      `lighting` plus a luminance ramp across the background in a random direction
 
@@ -38,6 +39,7 @@ VARIANTS = {
     "fixed": ("yellow", "blue", "rotated", False, False, False, 0.25),
     "upright": ("yellow", "blue", "turned", False, False, False, 0.25),
     "small": ("yellow", "blue", "rotated", False, False, False, 0.15),
+    "upsmall": ("yellow", "blue", "turned", False, False, False, 0.12),
     "lighting": ("yellow", "blue", "rotated", False, True, False, 0.25),
     "ramp": ("yellow", "blue", "rotated", False, True, True, 0.25),
 }
