@@ -13,7 +13,7 @@ cargo build --release --bins
 loader=target/release/loader
 
 echo "== drawing the embedded dataset into $out/data"
-"$loader" synth --out "$out/data" --seed 0
+"$loader" synth --out "$out/data" --seed 0 --val-per-class 50
 
 echo "== packing train and val into shards"
 "$loader" pack "$out/data/train" --out "$out/train" --short-side 64
@@ -29,10 +29,12 @@ echo "== profiling the multi-view input pipeline on the train shards"
 "$loader" bench "$out/train" --preset byol-small --samples 256 --repeats 1
 
 trainer=target/release/trainer
-# Short CPU runs: a quarter-width ResNet-18 on 32 px views, AdamW (LARS needs long schedules).
+# Short CPU runs: a quarter-width ResNet-18 on 32 px views, AdamW (LARS needs long schedules) at
+# a constant learning rate (lr_final=1: a short run that decays its rate learns little).
 run=(--set width=0.25 --set image_size=32 --set batch_size=64 --set proj_hidden=512
-    --set pred_hidden=512 --set proj_dim=128 --set epochs="${DEMO_EPOCHS:-4}" --set warmup_epochs=0.5
-    --set optimizer=adamw --set lr=0.008 --set weight_decay=1e-4 --set checkpoint_every=0)
+    --set pred_hidden=512 --set proj_dim=128 --set epochs="${DEMO_EPOCHS:-16}" --set warmup_epochs=0.5
+    --set optimizer=adamw --set lr=0.008 --set lr_final=1 --set weight_decay=1e-4
+    --set checkpoint_every=0 --set knn_every=4)
 for method in maskdeep byol; do
     echo "== pretraining $method (ResNet-18, small stem) on $out/train"
     rm -rf "$out/$method"

@@ -47,6 +47,10 @@ pub struct TrainConfig {
     pub optimizer: String,
     /// Learning rate per 256 samples (scaled by batch_size / 256).
     pub lr: f64,
+    /// Learning rate at the end of the cosine, as a fraction of `lr` (0: decay to zero, 1: constant).
+    /// Short runs learn more when it stays up.
+    #[serde(default)]
+    pub lr_final: f64,
     pub weight_decay: f64,
     /// Momentum of LARS and SGD.
     pub momentum: f64,
@@ -54,8 +58,12 @@ pub struct TrainConfig {
     pub trust: f64,
     /// Linear warmup length in epochs (may be fractional).
     pub warmup_epochs: f64,
-    /// Starting EMA momentum of the target; rises to 1 on a cosine.
+    /// Starting EMA momentum of the target; rises to `ema_final` on a cosine.
     pub ema_base: f64,
+    /// EMA momentum at the end of the run (1: BYOL's schedule; `ema_base`: constant). Below 1 the
+    /// target keeps following the online network to the last step, which short runs need.
+    #[serde(default = "one")]
+    pub ema_final: f64,
     pub epochs: u64,
     /// Stop after this many steps (0: run all epochs).
     pub max_steps: u64,
@@ -116,11 +124,13 @@ impl TrainConfig {
             pred_hidden: 4096,
             optimizer: "lars".into(),
             lr: if imagenet { 0.2 } else { 1.0 },
+            lr_final: 0.0,
             weight_decay: if imagenet { 1.5e-6 } else { 1e-5 },
             momentum: 0.9,
             trust: 0.001,
             warmup_epochs: 10.0,
             ema_base: if imagenet { 0.996 } else { 0.99 },
+            ema_final: 1.0,
             epochs: if imagenet { 200 } else { 100 },
             max_steps: 0,
             batch_size: 256,
@@ -142,7 +152,8 @@ impl TrainConfig {
         Ok(c)
     }
 
-    /// Reads a JSON config file (every key required, as written to a run's `config.json`).
+    /// Reads a JSON config file (as written to a run's `config.json`: every key required except
+    /// `lr_final` and `ema_final`, which configs written before they existed lack).
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config {}", path.display()))?;
@@ -207,6 +218,10 @@ impl TrainConfig {
             "optimizer must be lars, sgd or adamw",
         )?;
         check(self.lr > 0.0 && self.lr.is_finite(), "lr must be > 0")?;
+        check(
+            (0.0..=1.0).contains(&self.lr_final),
+            "lr_final must be in [0, 1] (a fraction of lr)",
+        )?;
         check(self.weight_decay >= 0.0, "weight_decay must be >= 0")?;
         check(
             (0.0..1.0).contains(&self.momentum),
@@ -215,6 +230,10 @@ impl TrainConfig {
         check(
             (0.0..=1.0).contains(&self.ema_base),
             "ema_base must be in [0, 1]",
+        )?;
+        check(
+            self.ema_base <= self.ema_final && self.ema_final <= 1.0,
+            "ema_final must be in [ema_base, 1]",
         )?;
         check(
             self.batch_size >= 2,
@@ -285,4 +304,9 @@ impl TrainConfig {
     pub fn scaled_lr(&self) -> f64 {
         self.lr * self.batch_size as f64 / 256.0
     }
+}
+
+/// Serde default of `ema_final` for configs written before it existed.
+fn one() -> f64 {
+    1.0
 }

@@ -172,7 +172,7 @@ pub fn linear_probe(
             let x = train.x.index_select(&idx, 0)?;
             let y = labels.index_select(&idx, 0)?;
             let loss = candle_nn::loss::cross_entropy(&layer.forward(&x)?, &y)?;
-            let rate = schedule::learning_rate(lr, step, 0, total);
+            let rate = schedule::learning_rate(lr, 0.0, step, 0, total);
             opt.step(&loss.backward()?, rate)?;
             step += 1;
         }

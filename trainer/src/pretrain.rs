@@ -167,8 +167,8 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
         for (index, reason) in &batch.skipped {
             say(&bar, format!("warning: skipped record {index}: {reason}"));
         }
-        let lr = schedule::learning_rate(base_lr, step, warmup, total);
-        let tau = schedule::ema_momentum(cfg.ema_base, step, total);
+        let lr = schedule::learning_rate(base_lr, cfg.lr_final, step, warmup, total);
+        let tau = schedule::ema_momentum(cfg.ema_base, cfg.ema_final, step, total);
         let (global, local) = data::to_device(&batch, cfg.global_views, &job.device)?;
         let views = Views {
             global: &global,
