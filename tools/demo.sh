@@ -13,7 +13,7 @@ cargo build --release --bins
 loader=target/release/loader
 
 echo "== drawing the embedded dataset into $out/data"
-"$loader" synth --out "$out/data" --seed 0 --val-per-class 50
+"$loader" synth --out "$out/data" --seed 0
 
 echo "== packing train and val into shards"
 "$loader" pack "$out/data/train" --out "$out/train" --short-side 64
