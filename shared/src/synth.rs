@@ -286,6 +286,38 @@ mod tests {
     }
 
     #[test]
+    fn every_pixel_blends_the_one_palette() {
+        // Within the noise, each pixel lies between the background and the object colour: no
+        // image gets colours of its own, which a short self-supervised run would learn first.
+        let tolerance = NOISE * 3f32.sqrt() + 1.0 / 255.0;
+        for stream in 0..20 {
+            let img = draw(0, stream, stream as usize % KINDS.len(), 48);
+            let mut covered = 0;
+            for p in img.pixels() {
+                let c: Rgb = std::array::from_fn(|k| p.0[k] as f32 / 255.0);
+                let d: Rgb = std::array::from_fn(|k| OBJECT[k] - BACKGROUND[k]);
+                let t = (0..3).map(|k| (c[k] - BACKGROUND[k]) * d[k]).sum::<f32>()
+                    / (0..3).map(|k| d[k] * d[k]).sum::<f32>();
+                let t = t.clamp(0.0, 1.0);
+                let off = (0..3)
+                    .map(|k| (c[k] - BACKGROUND[k] - t * d[k]).powi(2))
+                    .sum::<f32>()
+                    .sqrt();
+                assert!(
+                    off <= tolerance,
+                    "stream {stream}: pixel {c:?} off the palette"
+                );
+                covered += usize::from(t > 0.5);
+            }
+            let share = covered as f32 / (48 * 48) as f32;
+            assert!(
+                (0.03..0.5).contains(&share),
+                "stream {stream}: object covers {share}"
+            );
+        }
+    }
+
+    #[test]
     fn same_seed_same_pixels_different_stream_different_pixels() {
         let a = draw(7, 1, 3, 48);
         assert_eq!(a, draw(7, 1, 3, 48));
