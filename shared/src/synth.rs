@@ -107,9 +107,16 @@ pub fn draw(seed: u64, stream: u64, class: usize, size: u32) -> image::RgbImage 
         cos: angle.cos(),
         sin: angle.sin(),
     };
-    let mut canvas = Canvas::new(size);
-    canvas.paint(&object);
-    canvas.to_image(&mut rng)
+    // Row by row, as the noise is drawn: the object's colour blended over the background by its
+    // coverage, then noise.
+    image::RgbImage::from_fn(size, size, |x, y| {
+        let cover = object.coverage(x, y);
+        image::Rgb(std::array::from_fn(|k| {
+            let c = BACKGROUND[k] * (1.0 - cover) + OBJECT[k] * cover;
+            let n = NOISE * (rng.random::<f32>() - 0.5) * 2.0;
+            ((c + n).clamp(0.0, 1.0) * 255.0).round() as u8
+        }))
+    })
 }
 
 type Rgb = [f32; 3];
@@ -125,6 +132,16 @@ struct Object {
 }
 
 impl Object {
+    /// Share of pixel (x, y) that the object covers, from 2x2 subsamples.
+    fn coverage(&self, x: u32, y: u32) -> f32 {
+        const OFFSETS: [(f32, f32); 4] = [(0.25, 0.25), (0.75, 0.25), (0.25, 0.75), (0.75, 0.75)];
+        let hits = OFFSETS
+            .iter()
+            .filter(|(ox, oy)| self.contains(x as f32 + ox, y as f32 + oy))
+            .count();
+        hits as f32 / 4.0
+    }
+
     /// Whether canvas point (x, y) is inside the object.
     fn contains(&self, x: f32, y: f32) -> bool {
         let (dx, dy) = ((x - self.cx) / self.radius, (y - self.cy) / self.radius);
@@ -176,55 +193,6 @@ fn inside(class: usize, u: f32, v: f32) -> bool {
         }
         "bowtie" => u.abs() < 0.85 && v.abs() < u.abs() * 0.85 + 0.08,
         other => unreachable!("no shape for kind {other}"),
-    }
-}
-
-/// A floating-point RGB canvas, painted with 2x2 supersampling.
-struct Canvas {
-    size: u32,
-    px: Vec<Rgb>,
-}
-
-impl Canvas {
-    /// A canvas of the background colour.
-    fn new(size: u32) -> Self {
-        Canvas {
-            size,
-            px: vec![BACKGROUND; (size * size) as usize],
-        }
-    }
-
-    /// Blends the object's colour over the pixels it covers, by the share of covered subsamples.
-    fn paint(&mut self, o: &Object) {
-        const OFFSETS: [(f32, f32); 4] = [(0.25, 0.25), (0.75, 0.25), (0.25, 0.75), (0.75, 0.75)];
-        // Only the object's bounding square can change.
-        let reach = o.radius * 1.3;
-        let lo = |c: f32| (c - reach).floor().max(0.0) as u32;
-        let hi = |c: f32| ((c + reach).ceil().max(0.0) as u32).min(self.size);
-        for y in lo(o.cy)..hi(o.cy) {
-            for x in lo(o.cx)..hi(o.cx) {
-                let hits = OFFSETS
-                    .iter()
-                    .filter(|(ox, oy)| o.contains(x as f32 + ox, y as f32 + oy))
-                    .count();
-                let cover = hits as f32 / 4.0;
-                let p = &mut self.px[(y * self.size + x) as usize];
-                for k in 0..3 {
-                    p[k] = p[k] * (1.0 - cover) + OBJECT[k] * cover;
-                }
-            }
-        }
-    }
-
-    fn to_image(&self, rng: &mut ChaCha8Rng) -> image::RgbImage {
-        let mut img = image::RgbImage::new(self.size, self.size);
-        for (dst, src) in img.pixels_mut().zip(&self.px) {
-            for (d, s) in dst.0.iter_mut().zip(src) {
-                let n = NOISE * (rng.random::<f32>() - 0.5) * 2.0;
-                *d = ((s + n).clamp(0.0, 1.0) * 255.0).round() as u8;
-            }
-        }
-        img
     }
 }
 
