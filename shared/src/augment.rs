@@ -91,6 +91,32 @@ pub fn crop_resize(
         .map_err(|e| Error::Invalid(format!("crop+resize: {e}")))
 }
 
+/// Rotates a `side` x `side` RGB image by `degrees` about its centre (clockwise as displayed,
+/// rows running down), bilinear, into `dst` (resized to fit). Points that fall outside the image
+/// take the nearest edge pixel, so the corners continue the background instead of turning black.
+pub fn rotate(src: &[u8], side: u32, degrees: f32, dst: &mut Vec<u8>) {
+    let n = side as usize;
+    dst.resize(n * n * 3, 0);
+    let (sin, cos) = degrees.to_radians().sin_cos();
+    let mid = (side as f32 - 1.0) / 2.0;
+    let last = side as f32 - 1.0;
+    for (i, out) in dst.chunks_exact_mut(3).enumerate() {
+        let (dx, dy) = ((i % n) as f32 - mid, (i / n) as f32 - mid);
+        // The source point that lands here: the inverse rotation of the destination offset.
+        let sx = (cos * dx + sin * dy + mid).clamp(0.0, last);
+        let sy = (-sin * dx + cos * dy + mid).clamp(0.0, last);
+        let (x0, y0) = (sx as usize, sy as usize);
+        let (x1, y1) = ((x0 + 1).min(n - 1), (y0 + 1).min(n - 1));
+        let (fx, fy) = (sx - x0 as f32, sy - y0 as f32);
+        let at = |x: usize, y: usize, c: usize| src[(y * n + x) * 3 + c] as f32;
+        for (c, o) in out.iter_mut().enumerate() {
+            let top = at(x0, y0, c) * (1.0 - fx) + at(x1, y0, c) * fx;
+            let bottom = at(x0, y1, c) * (1.0 - fx) + at(x1, y1, c) * fx;
+            *o = (top * (1.0 - fy) + bottom * fy).round() as u8;
+        }
+    }
+}
+
 /// Mirrors each row of a `width`-wide RGB image.
 pub fn hflip(pixels: &mut [u8], width: u32) {
     for row in pixels.chunks_exact_mut(width as usize * 3) {

@@ -20,6 +20,12 @@ pub struct ViewSpec {
     pub ratio: (f32, f32),
     /// Resize filter of the crop (torchvision BYOL recipes use bicubic).
     pub filter: Filter,
+    /// Largest rotation in degrees: each view turns by an angle drawn uniformly from
+    /// [-rotation, rotation] (0: none, BYOL's recipe). For data without an upright, such as
+    /// aerial, microscopy or the embedded synthetic shapes, whose orientation both views would
+    /// otherwise share.
+    #[serde(default)]
+    pub rotation: f32,
     /// Probability of a horizontal flip.
     pub flip_p: f32,
     /// ColorJitter strengths.
@@ -54,6 +60,7 @@ impl ViewSpec {
             scale: (0.08, 1.0),
             ratio: (3.0 / 4.0, 4.0 / 3.0),
             filter: Filter::Bicubic,
+            rotation: 0.0,
             flip_p: 0.5,
             jitter: BYOL_JITTER,
             jitter_p: 0.8,
@@ -87,7 +94,8 @@ impl ViewSpec {
             && self.blur_kernel % 2 == 1
             && 0.0 < self.blur_sigma.0
             && self.blur_sigma.0 <= self.blur_sigma.1
-            && (0.0..=0.5).contains(&self.jitter.hue);
+            && (0.0..=0.5).contains(&self.jitter.hue)
+            && (0.0..=180.0).contains(&self.rotation);
         if ok {
             Ok(())
         } else {
@@ -170,6 +178,7 @@ impl StageTimes {
 pub struct ViewWorkspace {
     resizer: Resizer,
     view: Vec<u8>,
+    rotated: Vec<u8>,
     blur: BlurScratch,
 }
 
@@ -216,6 +225,11 @@ pub fn make_view(
         spec.filter,
         &mut ws.view,
     )?;
+    if spec.rotation > 0.0 {
+        let degrees = rng.random_range(-spec.rotation..=spec.rotation);
+        augment::rotate(&ws.view, spec.size, degrees, &mut ws.rotated);
+        std::mem::swap(&mut ws.view, &mut ws.rotated);
+    }
     lap(&mut times.crop_resize);
     let px = &mut ws.view[..];
     if rng.random::<f32>() < spec.flip_p {

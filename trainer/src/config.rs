@@ -25,6 +25,14 @@ pub struct TrainConfig {
     pub image_size: u32,
     /// Number of global views (targets come from these).
     pub global_views: usize,
+    /// Smallest share of the image area a global view crops (BYOL: 0.08). Objects that fill part
+    /// of the frame need more: a small crop may miss them.
+    #[serde(default = "byol_min_scale")]
+    pub global_min_scale: f64,
+    /// Largest random rotation of every view, in degrees (0: none, as in BYOL). For data without
+    /// an upright, whose orientation both views of an image would otherwise share.
+    #[serde(default)]
+    pub rotation: f64,
     /// Number of local (multi-crop) views, online branch only.
     pub local_views: usize,
     /// Side of the local views.
@@ -112,6 +120,8 @@ impl TrainConfig {
             width: 1.0,
             image_size: if imagenet { 224 } else { 64 },
             global_views: 2,
+            global_min_scale: byol_min_scale(),
+            rotation: 0.0,
             local_views: 0,
             local_size: if imagenet { 96 } else { 32 },
             groups: 4,
@@ -153,7 +163,7 @@ impl TrainConfig {
     }
 
     /// Reads a JSON config file (as written to a run's `config.json`: every key required except
-    /// `lr_final` and `ema_final`, which configs written before they existed lack).
+    /// `lr_final`, `ema_final` and `global_min_scale`, which configs written before they existed lack).
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config {}", path.display()))?;
@@ -190,6 +200,14 @@ impl TrainConfig {
         check(self.width > 0.0, "width must be > 0")?;
         check(self.image_size >= 16, "image_size must be at least 16")?;
         check(self.global_views >= 1, "global_views must be at least 1")?;
+        check(
+            self.global_min_scale > 0.0 && self.global_min_scale <= 1.0,
+            "global_min_scale must be in (0, 1]",
+        )?;
+        check(
+            (0.0..=180.0).contains(&self.rotation),
+            "rotation must be in [0, 180] degrees",
+        )?;
         check(self.local_size >= 16, "local_size must be at least 16")?;
         check(self.groups >= 1, "groups must be at least 1")?;
         check(
@@ -287,6 +305,10 @@ impl TrainConfig {
                 (_, true) => ViewSpec::byol(self.image_size, 0.1, 0.2),
                 (_, false) => ViewSpec::byol(self.image_size, 0.0, 0.2),
             })
+            .map(|v| ViewSpec {
+                scale: (self.global_min_scale as f32, 1.0),
+                ..v
+            })
             .collect();
         let local = ViewSpec {
             scale: (0.05, 0.14),
@@ -297,6 +319,9 @@ impl TrainConfig {
             )
         };
         views.extend(std::iter::repeat_n(local, self.local_views));
+        for v in &mut views {
+            v.rotation = self.rotation as f32;
+        }
         views
     }
 
@@ -304,6 +329,11 @@ impl TrainConfig {
     pub fn scaled_lr(&self) -> f64 {
         self.lr * self.batch_size as f64 / 256.0
     }
+}
+
+/// Serde default of `global_min_scale` for configs written before it existed.
+fn byol_min_scale() -> f64 {
+    0.08
 }
 
 /// Serde default of `ema_final` for configs written before it existed.
