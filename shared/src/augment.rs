@@ -465,6 +465,29 @@ mod tests {
     }
 
     #[test]
+    fn rotation_turns_clockwise_and_fills_corners_from_the_edges() {
+        // A 3x3 image whose pixels are numbered row by row (grey levels 10..90).
+        let src: Vec<u8> = (1..=9u8).flat_map(|v| [v * 10; 3]).collect();
+        let grey = |img: &[u8]| img.chunks_exact(3).map(|p| p[0]).collect::<Vec<_>>();
+        let mut out = Vec::new();
+        rotate(&src, 3, 0.0, &mut out);
+        assert_eq!(out, src);
+        // A quarter turn clockwise: the left column becomes the top row, read bottom to top.
+        rotate(&src, 3, 90.0, &mut out);
+        assert_eq!(grey(&out), [70, 40, 10, 80, 50, 20, 90, 60, 30]);
+        rotate(&src, 3, -90.0, &mut out);
+        assert_eq!(grey(&out), [30, 60, 90, 20, 50, 80, 10, 40, 70]);
+        // An eighth of a turn: the centre stays, and the corners, whose source lies outside the
+        // image, repeat edge pixels instead of turning black.
+        let flat = vec![77u8; 5 * 5 * 3];
+        rotate(&flat, 5, 45.0, &mut out);
+        assert_eq!(out, flat);
+        rotate(&src, 3, 45.0, &mut out);
+        assert_eq!(grey(&out)[4], 50);
+        assert!(grey(&out).iter().all(|&v| (10..=90).contains(&v)));
+    }
+
+    #[test]
     fn hue_full_turn_is_identity_and_half_turn_swaps_complements() {
         let orig = vec![200, 40, 40, 30, 180, 90, 50, 50, 50];
         let mut px = orig.clone();

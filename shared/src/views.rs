@@ -320,14 +320,13 @@ mod tests {
             height: 60,
             pixels: &pixels,
         };
-        let spec = ViewSpec::byol(32, 0.5, 0.5);
-        let make = |seed| {
+        let make = |spec: &ViewSpec, seed| {
             let mut out = vec![0u8; 3 * 32 * 32];
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
             let mut ws = ViewWorkspace::default();
             make_view(
                 src,
-                &spec,
+                spec,
                 &mut rng,
                 &mut ws,
                 ViewOut::U8(&mut out),
@@ -336,7 +335,20 @@ mod tests {
             .unwrap();
             out
         };
-        assert_eq!(make(1), make(1));
-        assert_ne!(make(1), make(2));
+        let spec = ViewSpec::byol(32, 0.5, 0.5);
+        assert_eq!(make(&spec, 1), make(&spec, 1));
+        assert_ne!(make(&spec, 1), make(&spec, 2));
+        let turned = ViewSpec {
+            rotation: 90.0,
+            ..spec.clone()
+        };
+        turned.validate().unwrap();
+        assert_eq!(make(&turned, 1), make(&turned, 1));
+        assert_ne!(make(&turned, 1), make(&spec, 1));
+        let too_far = ViewSpec {
+            rotation: 270.0,
+            ..spec
+        };
+        assert!(too_far.validate().is_err());
     }
 }

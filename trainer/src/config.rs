@@ -25,10 +25,6 @@ pub struct TrainConfig {
     pub image_size: u32,
     /// Number of global views (targets come from these).
     pub global_views: usize,
-    /// Smallest share of the image area a global view crops (BYOL: 0.08). Objects that fill part
-    /// of the frame need more: a small crop may miss them.
-    #[serde(default = "byol_min_scale")]
-    pub global_min_scale: f64,
     /// Largest random rotation of every view, in degrees (0: none, as in BYOL). For data without
     /// an upright, whose orientation both views of an image would otherwise share.
     #[serde(default)]
@@ -120,7 +116,6 @@ impl TrainConfig {
             width: 1.0,
             image_size: if imagenet { 224 } else { 64 },
             global_views: 2,
-            global_min_scale: byol_min_scale(),
             rotation: 0.0,
             local_views: 0,
             local_size: if imagenet { 96 } else { 32 },
@@ -163,7 +158,7 @@ impl TrainConfig {
     }
 
     /// Reads a JSON config file (as written to a run's `config.json`: every key required except
-    /// `lr_final`, `ema_final` and `global_min_scale`, which configs written before they existed lack).
+    /// `lr_final`, `ema_final` and `rotation`, which configs written before they existed lack).
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config {}", path.display()))?;
@@ -200,10 +195,6 @@ impl TrainConfig {
         check(self.width > 0.0, "width must be > 0")?;
         check(self.image_size >= 16, "image_size must be at least 16")?;
         check(self.global_views >= 1, "global_views must be at least 1")?;
-        check(
-            self.global_min_scale > 0.0 && self.global_min_scale <= 1.0,
-            "global_min_scale must be in (0, 1]",
-        )?;
         check(
             (0.0..=180.0).contains(&self.rotation),
             "rotation must be in [0, 180] degrees",
@@ -295,7 +286,8 @@ impl TrainConfig {
     }
 
     /// The augmentation of every view: global views alternate BYOL's asymmetric pair (blur p
-    /// 1.0 / 0.1, solarize p 0.0 / 0.2; no blur below 96 px), then the local views.
+    /// 1.0 / 0.1, solarize p 0.0 / 0.2; no blur below 96 px), then the local views; each turned
+    /// by up to `rotation` degrees.
     pub fn view_specs(&self) -> Vec<ViewSpec> {
         let blur = self.image_size > 96;
         let mut views: Vec<ViewSpec> = (0..self.global_views)
@@ -304,10 +296,6 @@ impl TrainConfig {
                 (0, false) => ViewSpec::byol(self.image_size, 0.0, 0.0),
                 (_, true) => ViewSpec::byol(self.image_size, 0.1, 0.2),
                 (_, false) => ViewSpec::byol(self.image_size, 0.0, 0.2),
-            })
-            .map(|v| ViewSpec {
-                scale: (self.global_min_scale as f32, 1.0),
-                ..v
             })
             .collect();
         let local = ViewSpec {
@@ -329,11 +317,6 @@ impl TrainConfig {
     pub fn scaled_lr(&self) -> f64 {
         self.lr * self.batch_size as f64 / 256.0
     }
-}
-
-/// Serde default of `global_min_scale` for configs written before it existed.
-fn byol_min_scale() -> f64 {
-    0.08
 }
 
 /// Serde default of `ema_final` for configs written before it existed.

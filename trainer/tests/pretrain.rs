@@ -141,7 +141,7 @@ fn bad_config_values_are_refused_with_the_key_named() {
     let mut c = tiny();
     c.set("levels=[\"c6\"]").unwrap();
     assert!(c.validate().unwrap_err().to_string().contains("c6"));
-    for bad in ["lr_final=1.5", "ema_final=0.5", "global_min_scale=0"] {
+    for bad in ["lr_final=1.5", "ema_final=0.5", "rotation=200"] {
         let mut c = tiny();
         c.set(bad).unwrap();
         let key = bad.split('=').next().unwrap();
