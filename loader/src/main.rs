@@ -81,6 +81,9 @@ struct ViewsArgs {
     /// View preset: byol, multicrop, byol-small, multicrop-small.
     #[arg(long, default_value = "byol")]
     preset: String,
+    /// Largest random rotation of every view, in degrees (0-180; the trainer's `rotation`).
+    #[arg(long, default_value_t = 0.0)]
+    rotation: f32,
     /// Epochs to materialise.
     #[arg(long, default_value_t = 1)]
     epochs: u64,
@@ -356,9 +359,13 @@ fn pack(a: PackArgs) -> Result<()> {
 }
 
 fn views(a: ViewsArgs) -> Result<()> {
+    let mut views = shared::views::preset(&a.preset)?;
+    for v in &mut views {
+        v.rotation = a.rotation;
+    }
     let job = shared::viewshards::ViewsJob {
         source: a.dir.clone(),
-        views: shared::views::preset(&a.preset)?,
+        views,
         seed: a.seed,
         epochs: a.epochs,
         batch_size: a.batch,

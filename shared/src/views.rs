@@ -99,7 +99,7 @@ impl ViewSpec {
         if ok {
             Ok(())
         } else {
-            Err(Error::Invalid(format!("invalid view spec {self:?}: sizes >= 8, ranges lo <= hi, probabilities in [0, 1], odd blur kernel, hue <= 0.5")))
+            Err(Error::Invalid(format!("invalid view spec {self:?}: sizes >= 8, ranges lo <= hi, probabilities in [0, 1], odd blur kernel, hue <= 0.5, rotation in [0, 180]")))
         }
     }
 }

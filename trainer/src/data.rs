@@ -96,6 +96,14 @@ fn check_view_shards(shards: &ViewShards, cfg: &TrainConfig, dir: &Path) -> Resu
             want
         );
     }
+    if m.views.iter().any(|v| v.rotation != cfg.rotation as f32) {
+        bail!(
+            "view shards in {} were made with a rotation other than the config's {} degrees: \
+             set rotation to the value given to `loader views --rotation`",
+            dir.display(),
+            cfg.rotation
+        );
+    }
     if m.batch_size != cfg.batch_size {
         bail!(
             "view shards in {} were made with batch size {}: set batch_size={}",

@@ -184,4 +184,11 @@ fn pretraining_reads_view_shards_and_checks_they_fit_the_config() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("image_size"), "{err}");
+    // Nor does a rotation the shards were not made with.
+    let mut turned = one.clone();
+    turned.rotation = 90.0;
+    let err = run(&job(&turned, &views_dir, &dir.path().join("r4")))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("rotation"), "{err}");
 }
