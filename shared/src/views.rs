@@ -143,6 +143,7 @@ pub fn preset(name: &str) -> Result<Vec<ViewSpec>> {
 pub struct StageTimes {
     pub read: Duration,
     pub decode: Duration,
+    /// Crop, resize and (when the spec asks for it) rotation.
     pub crop_resize: Duration,
     pub colour: Duration,
     pub blur: Duration,
