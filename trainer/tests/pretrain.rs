@@ -177,18 +177,14 @@ fn pretraining_reads_view_shards_and_checks_they_fit_the_config() {
     one.epochs = 1;
     let summary = run(&job(&one, &views_dir, &dir.path().join("r2"))).unwrap();
     assert_eq!(summary.steps, 3);
-    // Another view size does not fit the shards.
-    let mut other = one.clone();
-    other.image_size = 48;
-    let err = run(&job(&other, &views_dir, &dir.path().join("r3")))
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("image_size"), "{err}");
-    // Nor does a rotation the shards were not made with.
-    let mut turned = one.clone();
-    turned.rotation = 90.0;
-    let err = run(&job(&turned, &views_dir, &dir.path().join("r4")))
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("rotation"), "{err}");
+    // Another view size, or a rotation the shards were not made with, does not fit them.
+    for misfit in ["image_size=48", "rotation=90"] {
+        let key = misfit.split('=').next().unwrap();
+        let mut other = one.clone();
+        other.set(misfit).unwrap();
+        let err = run(&job(&other, &views_dir, &dir.path().join(key)))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(key), "{err}");
+    }
 }
