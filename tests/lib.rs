@@ -90,13 +90,43 @@ pub fn folder_bytes(dir: &Path) -> Vec<(String, Vec<u8>)> {
     v
 }
 
-/// The reference photos shipped beside the repository (`../shared/data/photos`).
-pub fn photos_dir() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/photos");
-    assert!(
-        dir.is_dir(),
-        "{} is missing: the tests read real photos from it",
-        dir.display()
-    );
-    dir
+/// Writes `count` photo-like JPEGs (quality 90, 4:2:0 chroma, odd sizes of 300-500 px a side)
+/// named `0000.jpg`, ... into `dir` and returns their paths. Each image blends smooth colour
+/// gradients, a few hard-edged discs and fine deterministic grain, so that the decoder's and the
+/// resizer's work on it resembles their work on a real photo; everything is made here, so the
+/// tests read nothing outside the repository.
+pub fn write_photo_like_jpegs(dir: &Path, count: usize) -> Vec<PathBuf> {
+    std::fs::create_dir_all(dir).expect("photo folder");
+    (0..count)
+        .map(|i| {
+            let (w, h) = (301 + 37 * i as u32 % 200, 317 + 53 * i as u32 % 180);
+            let mut pixels = Vec::with_capacity((w * h * 3) as usize);
+            let mut grain = 0x9e37_79b9u32.wrapping_mul(i as u32 + 1);
+            for y in 0..h {
+                for x in 0..w {
+                    let (fx, fy) = (x as f32 / w as f32, y as f32 / h as f32);
+                    let disc = |cx: f32, cy: f32, r: f32| (fx - cx).powi(2) + (fy - cy).powi(2) < r * r;
+                    let inside = disc(0.3 + 0.05 * i as f32, 0.4, 0.2) || disc(0.7, 0.65, 0.12);
+                    grain ^= grain << 13;
+                    grain ^= grain >> 17;
+                    grain ^= grain << 5;
+                    let noise = (grain % 24) as f32 - 12.0;
+                    let base = [
+                        90.0 + 120.0 * fx + 30.0 * (9.0 * fy).sin(),
+                        60.0 + 150.0 * fy * (1.0 - fx),
+                        140.0 + 80.0 * (6.0 * fx + 4.0 * fy).cos(),
+                    ];
+                    for (ch, v) in base.iter().enumerate() {
+                        let v = if inside { 255.0 - v * (0.5 + 0.2 * ch as f32) } else { *v };
+                        pixels.push((v + noise).clamp(0.0, 255.0) as u8);
+                    }
+                }
+            }
+            let img = shared::decode::RgbImage::new(w, h, pixels).expect("sized pixels");
+            let jpeg = shared::pack::encode_jpeg(&img, 90).expect("encodable size");
+            let path = dir.join(format!("{i:04}.jpg"));
+            std::fs::write(&path, jpeg).expect("write photo");
+            path
+        })
+        .collect()
 }
