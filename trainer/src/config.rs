@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use shared::views::ViewSpec;
 
-use crate::resnet::{Depth, ResNetConfig};
+use crate::nn::resnet::{Depth, ResNetConfig};
 
 /// Every knob of a pretraining run. Saved as `config.json` in the run folder.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -13,9 +13,11 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use shared::dataset::Dataset;
 use trainer::config::{TrainConfig, PRESETS};
-use trainer::maskdeep::MaskDeep;
-use trainer::pretrain::{self, PretrainJob};
-use trainer::{bench, checkpoint, eval};
+use trainer::diag::bench;
+use trainer::eval::{features, knn, linear};
+use trainer::method::maskdeep::MaskDeep;
+use trainer::train::checkpoint;
+use trainer::train::pretrain::{self, PretrainJob};
 
 #[derive(Parser)]
 #[command(
@@ -205,7 +207,7 @@ struct EvalArgs {
 
 impl EvalArgs {
     /// The backbone to evaluate and a description of it, with the features of both sets.
-    fn features(&self) -> Result<(String, eval::Features, eval::Features)> {
+    fn features(&self) -> Result<(String, features::Features, features::Features)> {
         let device = trainer::device::parse(&self.device)?;
         let (model, what) = match (&self.checkpoint, self.random) {
             (Some(path), false) => {
@@ -229,7 +231,7 @@ impl EvalArgs {
         };
         let size = model.config().image_size;
         let features = |p: &PathBuf| {
-            eval::extract(
+            features::extract(
                 &model.online.backbone,
                 &Dataset::open(p)?,
                 size,
@@ -347,6 +349,10 @@ fn run(cli: Cli) -> Result<()> {
                     main.views_per_second,
                     main.step_ms
                 );
+                println!(
+                    "ops per step: forward {} (graph nodes, target branch included), backward {}, update {}",
+                    main.ops.forward, main.ops.backward, main.ops.update
+                );
                 println!("groups  views/s  step ms  encoder ms  heads ms  target ms  backward ms  optim ms");
                 for t in std::iter::once(&main).chain(&sweep) {
                     println!(
@@ -371,7 +377,7 @@ fn run(cli: Cli) -> Result<()> {
             let (what, train, val) = common.features()?;
             let mut results = Vec::new();
             for &kk in &k {
-                let acc = eval::knn(&train, &val, kk, temperature)?;
+                let acc = knn::knn(&train, &val, kk, temperature)?;
                 results.push(serde_json::json!({"k": kk, "top1": acc.top1, "top5": acc.top5}));
                 if !common.json {
                     println!(
@@ -386,7 +392,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Eval(EvalCommand::Linear { common, epochs, lr }) => {
             let (what, train, val) = common.features()?;
-            let acc = eval::linear_probe(&train, &val, epochs, lr, 0)?;
+            let acc = linear::linear_probe(&train, &val, epochs, lr, 0)?;
             if common.json {
                 println!(
                     "{}",
@@ -410,9 +416,9 @@ fn run(cli: Cli) -> Result<()> {
             }
             let ckpt = checkpoint::resolve(&path)?;
             let (model, state) = checkpoint::load_model(&ckpt, &candle_core::Device::Cpu)?;
-            trainer::export::write_torchvision(&model, state.step, &out)?;
+            trainer::eval::export::write_torchvision(&model, state.step, &out)?;
             if let Some(path) = probe {
-                candle_core::safetensors::save(&trainer::export::probe(&model)?, &path)?;
+                candle_core::safetensors::save(&trainer::eval::export::probe(&model)?, &path)?;
             }
             println!(
                 "wrote {} ({} backbone)",
@@ -429,7 +435,7 @@ fn run(cli: Cli) -> Result<()> {
                 .iter()
                 .map(|r| {
                     let (name, dir) = r.split_once('=').unwrap_or((r.as_str(), r.as_str()));
-                    trainer::plot::read_run(std::path::Path::new(dir), name)
+                    trainer::diag::plot::read_run(std::path::Path::new(dir), name)
                 })
                 .collect::<Result<Vec<_>>>()?;
             let reference = match &reference {
@@ -445,14 +451,14 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 None => None,
             };
-            trainer::plot::draw(&curves, reference, &out)?;
+            trainer::diag::plot::draw(&curves, reference, &out)?;
             println!("wrote {}", out.display());
         }
         Command::Parity { device, json } => {
             let dev = trainer::device::parse(&device)?;
             let mut failed = false;
             for bf16 in [false, true] {
-                let r = trainer::parity::check(&dev, &device, bf16)?;
+                let r = trainer::diag::parity::check(&dev, &device, bf16)?;
                 failed |= !r.pass;
                 if json {
                     println!("{}", serde_json::to_string(&r)?);

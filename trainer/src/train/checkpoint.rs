@@ -9,8 +9,8 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use shared::fsutil::{read_json, write_json_atomic};
 
-use crate::maskdeep::MaskDeep;
-use crate::optim::Optimizer;
+use crate::method::maskdeep::MaskDeep;
+use crate::train::optim::Optimizer;
 
 /// Where a run stands, saved beside the weights.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -141,7 +141,7 @@ pub fn run_config(checkpoint: &Path) -> Result<crate::config::TrainConfig> {
         .parent()
         .and_then(Path::parent)
         .context("a checkpoint folder lies in RUNDIR/checkpoints/")?;
-    crate::config::TrainConfig::load(&run.join(crate::pretrain::CONFIG_FILE))
+    crate::config::TrainConfig::load(&run.join(crate::train::pretrain::CONFIG_FILE))
 }
 
 /// Rebuilds the model of a checkpoint (its run's config) on `device` with its weights loaded.

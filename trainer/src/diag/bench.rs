@@ -1,17 +1,16 @@
-//! `trainer bench`: times MaskDeep training steps on synthetic inputs and splits each step into
-//! online encoder forward, heads, target forward, backward and optimiser + EMA.
-
-use std::time::{Duration, Instant};
+//! `trainer bench`: times training steps ([`crate::train::step`]) on synthetic inputs, splits each
+//! step into online encoder forward, heads, target forward, backward and optimiser + EMA, and
+//! counts the ops a step runs.
 
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 
 use crate::config::TrainConfig;
-use crate::maskdeep::{ForwardTimes, MaskDeep, Views};
-use crate::{ema, pretrain};
+use crate::method::maskdeep::{MaskDeep, Views};
+use crate::train::step::{Rates, StepProfile, TrainStep};
 
-/// Median timings of one configuration.
+/// Median timings of one configuration, and its op counts.
 #[derive(Clone, Debug, Serialize)]
 pub struct StepTimes {
     pub groups: usize,
@@ -22,20 +21,25 @@ pub struct StepTimes {
     pub target_ms: f64,
     pub backward_ms: f64,
     pub optimizer_ms: f64,
+    pub ops: OpCounts,
 }
 
-/// One timed step.
-struct Sample {
-    forward: ForwardTimes,
-    backward: Duration,
-    optimizer: Duration,
-    step: Duration,
+/// The ops one step runs, counted from its autograd graphs and its updates.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct OpCounts {
+    /// Graph nodes of the forward pass: the online branch and the loss, plus the target branch.
+    pub forward: usize,
+    /// Graph nodes whose backward runs (the online branch and the loss).
+    pub backward: usize,
+    /// Optimiser and EMA ops.
+    pub update: usize,
 }
 
-/// Times `steps` steps (after one warm-up step) of `cfg` with `groups` groups.
+/// Times `steps` steps (after one warm-up step) of `cfg`.
 pub fn time_steps(cfg: &TrainConfig, device: &Device, steps: usize) -> Result<StepTimes> {
     let model = MaskDeep::new(cfg, device)?;
-    let mut opt = model.optimizer()?;
+    let optimizer = model.optimizer()?;
+    let mut trainer = TrainStep::new(model, optimizer);
     let b = cfg.batch_size;
     let s = cfg.image_size as usize;
     let global = Tensor::randn(0f32, 1.0, (cfg.global_views * b, 3, s, s), device)?;
@@ -55,37 +59,26 @@ pub fn time_steps(cfg: &TrainConfig, device: &Device, steps: usize) -> Result<St
         local: local.as_ref(),
         batch: b,
     };
-    let mut samples: Vec<Sample> = Vec::new();
+    let rates = Rates {
+        lr: 0.01,
+        tau: 0.99,
+    };
+    let mut samples: Vec<StepProfile> = Vec::new();
     for step in 0..=steps {
-        let mut times = ForwardTimes::default();
-        let mut rng = pretrain::mask_rng(cfg.seed, step as u64);
-        let start = Instant::now();
-        let masks = model.sample_masks(&mut rng, &views)?;
-        let loss = model.loss(&views, &masks, Some(&mut times))?;
-        let t_fwd = Instant::now();
-        let grads = loss.total.backward()?;
-        device.synchronize()?;
-        let t_bwd = Instant::now();
-        opt.step(&grads, 0.01)?;
-        ema::update(&model.online_vars, &model.target_vars, 0.99)?;
-        device.synchronize()?;
-        let t_opt = Instant::now();
+        let mut profile = StepProfile::default();
+        trainer.run(&views, step as u64, rates, Some(&mut profile))?;
         if step > 0 {
-            samples.push(Sample {
-                forward: times,
-                backward: t_bwd - t_fwd,
-                optimizer: t_opt - t_bwd,
-                step: t_opt - start,
-            });
+            samples.push(profile);
         }
     }
-    let median = |f: &dyn Fn(&Sample) -> Duration| {
+    let median = |f: &dyn Fn(&StepProfile) -> std::time::Duration| {
         let mut v: Vec<f64> = samples.iter().map(|s| f(s).as_secs_f64() * 1e3).collect();
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    let step_ms = median(&|s| s.step);
+    let step_ms = median(&|s| s.total);
     let views = (b * (cfg.global_views + cfg.local_views)) as f64;
+    let last = samples.last().copied().unwrap_or_default();
     Ok(StepTimes {
         groups: cfg.groups,
         views_per_second: views / (step_ms / 1e3),
@@ -94,6 +87,11 @@ pub fn time_steps(cfg: &TrainConfig, device: &Device, steps: usize) -> Result<St
         heads_ms: median(&|s| s.forward.heads),
         target_ms: median(&|s| s.forward.target),
         backward_ms: median(&|s| s.backward),
-        optimizer_ms: median(&|s| s.optimizer),
+        optimizer_ms: median(&|s| s.update),
+        ops: OpCounts {
+            forward: last.graph_ops + last.forward.target_ops,
+            backward: last.graph_ops,
+            update: last.update_ops,
+        },
     })
 }

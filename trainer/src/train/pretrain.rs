@@ -12,11 +12,13 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use shared::fsutil::write_json_atomic;
 
-use crate::checkpoint::{self, TrainState};
 use crate::config::TrainConfig;
-use crate::data::{self, Batches};
-use crate::maskdeep::{MaskDeep, Views};
-use crate::{ema, eval, schedule};
+use crate::eval::{features, knn};
+use crate::method::maskdeep::{MaskDeep, Views};
+use crate::train::checkpoint::{self, TrainState};
+use crate::train::data::{self, Batches};
+use crate::train::schedule;
+use crate::train::step::{Rates, TrainStep};
 use shared::dataset::Dataset;
 
 /// Name of the saved config in a run folder.
@@ -139,6 +141,7 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
             last_checkpoint = Some(ckpt.clone());
         }
     }
+    let mut trainer = TrainStep::new(model, optimizer);
     let metrics_path = job.out.join(METRICS_FILE);
     truncate_metrics(&metrics_path, start)?;
     let mut metrics = OpenOptions::new()
@@ -177,9 +180,7 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
         };
         let (epoch, skipped) = (batch.epoch, batch.skipped.len());
         batches.recycle(batch);
-        let mut rng = mask_rng(cfg.seed, step);
-        let masks = model.sample_masks(&mut rng, &views)?;
-        let loss = model.loss(&views, &masks, None)?;
+        let loss = trainer.run(&views, step, Rates { lr, tau }, None)?;
         let value = loss.total.to_scalar::<f32>()? as f64;
         if !value.is_finite() {
             let keep = last_checkpoint
@@ -192,9 +193,6 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
                  ({keep}) is intact; lower lr or warmup faster, then --resume"
             );
         }
-        let grads = loss.total.backward()?;
-        optimizer.step(&grads, lr)?;
-        ema::update(&model.online_vars, &model.target_vars, tau)?;
         let per_level = loss
             .per_level
             .iter()
@@ -230,7 +228,7 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
         let knn_due = epoch_end && cfg.knn_every > 0 && epochs_done.is_multiple_of(cfg.knn_every);
         if let Some((train, val)) = &knn_sets {
             if knn_due || step == total {
-                let (top1, top5) = knn_accuracy(&model, train, val, &job.device)?;
+                let (top1, top5) = knn_accuracy(&trainer.model, train, val, &job.device)?;
                 let line = KnnMetrics {
                     step,
                     epoch,
@@ -256,8 +254,8 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
             metrics.flush()?;
             last_checkpoint = Some(checkpoint::save(
                 &job.out,
-                &model,
-                &optimizer,
+                &trainer.model,
+                &trainer.optimizer,
                 &state,
                 cfg.keep_checkpoints,
             )?);
@@ -288,16 +286,10 @@ fn knn_accuracy(
     let size = model.config().image_size;
     let backbone = &model.online.backbone;
     let batch = 256;
-    let train = eval::extract(backbone, train, size, batch, device)?;
-    let val = eval::extract(backbone, val, size, batch, device)?;
-    let acc = eval::knn(&train, &val, KNN_K, 0.07)?;
+    let train = features::extract(backbone, train, size, batch, device)?;
+    let val = features::extract(backbone, val, size, batch, device)?;
+    let acc = knn::knn(&train, &val, KNN_K, 0.07)?;
     Ok((acc.top1, acc.top5))
-}
-
-/// The random stream of step `step`'s masks: a function of (seed, step) only, so that a resumed
-/// run draws what an uninterrupted one would.
-pub fn mask_rng(seed: u64, step: u64) -> rand_chacha::ChaCha8Rng {
-    shared::sampler::view_rng(seed ^ 0x6d61_736b_6465_6570, step, 0, 0)
 }
 
 /// Drops metric lines of steps after `start` (they are about to be run again).

@@ -6,8 +6,8 @@ use std::path::Path;
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 
-use crate::maskdeep::MaskDeep;
-use crate::params;
+use crate::method::maskdeep::MaskDeep;
+use crate::nn::params;
 
 /// The online backbone's tensors under torchvision's names (the `backbone.` prefix dropped), plus
 /// the `num_batches_tracked` counter of every BatchNorm (set to `steps`), so that

@@ -1,15 +1,15 @@
 //! Optimisers over named parameters: LARS, SGD with momentum and AdamW. Biases and BatchNorm
 //! parameters (rank 1) get neither weight decay nor LARS adaptation. Every update stays on the
-//! device (LARS's trust ratio included): no host synchronisation per tensor. On CPU the updates
-//! are in-place kernels ([`crate::update_cpu`]); elsewhere tensor ops.
+//! device (LARS's trust ratio included): no host synchronisation per tensor. The updates are the
+//! in-place ops of [`crate::ops::update`].
 
 use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, Var};
 
-use crate::params;
-use crate::update_cpu::{self, AdamStep, Blend, Momentum};
+use crate::nn::params;
+use crate::ops::update::{AdamStep, Blend, Momentum};
 
 /// Which update rule.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -55,8 +55,6 @@ pub struct Optimizer {
     weight_decay: f64,
     slots: Vec<Slot>,
     steps: u64,
-    /// Tensor ops even on CPU (see [`Optimizer::use_tensor_ops`]).
-    tensor_ops: bool,
 }
 
 impl Optimizer {
@@ -88,70 +86,26 @@ impl Optimizer {
             weight_decay,
             slots,
             steps: 0,
-            tensor_ops: false,
         })
     }
 
-    /// Updates with tensor ops on every device, as on CUDA, instead of the CPU's in-place
-    /// kernels: the two agree to rounding (tested).
-    pub fn use_tensor_ops(&mut self) {
-        self.tensor_ops = true;
-    }
-
-    /// Applies one update with learning rate `lr`. A parameter without a gradient is left alone.
-    pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+    /// Applies one update with learning rate `lr` and returns the number of update ops it ran. A
+    /// parameter without a gradient is left alone.
+    pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<usize> {
         self.steps += 1;
-        for i in 0..self.slots.len() {
-            let slot = &self.slots[i];
+        let mut ops = 0;
+        for slot in &self.slots {
             let Some(g) = grads.get(slot.var.as_tensor()) else {
                 continue;
             };
             let decay = if slot.exempt { 0.0 } else { self.weight_decay };
-            let in_place = [slot.var.as_tensor(), g, &slot.first]
-                .iter()
-                .all(|t| update_cpu::applies(t));
-            if in_place && !self.tensor_ops {
-                self.step_in_place(slot, g, lr, decay)?;
-                continue;
-            }
-            let slot = &mut self.slots[i];
-            let w = slot.var.as_tensor().detach();
-            let g = g.detach();
-            match self.rule {
-                Rule::Sgd | Rule::Lars { .. } => {
-                    let mut d = if decay > 0.0 {
-                        (&g + (&w * decay)?)?
-                    } else {
-                        g
-                    };
-                    if let (Rule::Lars { trust }, false) = (self.rule, slot.exempt) {
-                        d = d.broadcast_mul(&trust_ratio(&w, &d, trust)?)?;
-                    }
-                    slot.first = ((&slot.first * self.momentum)? + d)?;
-                    slot.var.set(&(&w - (&slot.first * lr)?)?)?;
-                }
-                Rule::AdamW => {
-                    let second = slot
-                        .second
-                        .as_mut()
-                        .expect("AdamW slots have a second moment");
-                    slot.first = ((&slot.first * BETA1)? + (&g * (1.0 - BETA1))?)?;
-                    *second = ((&*second * BETA2)? + (g.sqr()? * (1.0 - BETA2))?)?;
-                    let m_hat = (&slot.first / (1.0 - BETA1.powi(self.steps as i32)))?;
-                    let v_hat = (&*second / (1.0 - BETA2.powi(self.steps as i32)))?;
-                    let mut update = (m_hat / (v_hat.sqrt()? + ADAM_EPS)?)?;
-                    if decay > 0.0 {
-                        update = (update + (&w * decay)?)?;
-                    }
-                    slot.var.set(&(&w - (update * lr)?)?)?;
-                }
-            }
+            ops += self.update(slot, g, lr, decay)?;
         }
-        Ok(())
+        Ok(ops)
     }
 
-    /// [`Self::step`] for one parameter with the CPU kernels.
-    fn step_in_place(&self, slot: &Slot, g: &Tensor, lr: f64, decay: f64) -> Result<()> {
+    /// [`Self::step`] for one parameter; the number of ops it ran.
+    fn update(&self, slot: &Slot, g: &Tensor, lr: f64, decay: f64) -> Result<usize> {
         let w = slot.var.as_tensor();
         match self.rule {
             Rule::Sgd | Rule::Lars { .. } => {
@@ -164,13 +118,14 @@ impl Optimizer {
                     decay,
                     trust,
                 };
-                slot.first.inplace_op3(w, g, &momentum)?;
+                momentum.apply(&slot.first, w, g)?;
                 let step = Blend {
                     keep: 1.0,
                     take: -lr,
                     square: false,
                 };
-                w.inplace_op2(&slot.first, &step)
+                step.apply(w, &slot.first)?;
+                Ok(2)
             }
             Rule::AdamW => {
                 let second = slot
@@ -182,8 +137,8 @@ impl Optimizer {
                     take: 1.0 - keep,
                     square,
                 };
-                slot.first.inplace_op2(g, &moment(BETA1, false))?;
-                second.inplace_op2(g, &moment(BETA2, true))?;
+                moment(BETA1, false).apply(&slot.first, g)?;
+                moment(BETA2, true).apply(second, g)?;
                 let t = self.steps as i32;
                 let step = AdamStep {
                     lr,
@@ -191,7 +146,8 @@ impl Optimizer {
                     corrections: (1.0 - BETA1.powi(t), 1.0 - BETA2.powi(t)),
                     eps: ADAM_EPS,
                 };
-                w.inplace_op3(&slot.first, second, &step)
+                step.apply(w, &slot.first, second)?;
+                Ok(3)
             }
         }
     }
@@ -235,14 +191,4 @@ impl Optimizer {
         self.steps = steps.to_vec1::<f32>()?[0] as u64;
         Ok(())
     }
-}
-
-/// LARS's per-tensor factor `trust * |w| / |d|`, or 1 where either norm is 0; a 1-element tensor.
-fn trust_ratio(w: &Tensor, d: &Tensor, trust: f64) -> Result<Tensor> {
-    let w_norm = w.sqr()?.sum_all()?.sqrt()?;
-    let d_norm = d.sqr()?.sum_all()?.sqrt()?;
-    let both = w_norm.gt(0.0)?.mul(&d_norm.gt(0.0)?)?;
-    let ratio = ((w_norm * trust)? / d_norm.maximum(1e-30)?)?;
-    let one = Tensor::ones_like(&ratio)?;
-    both.where_cond(&ratio, &one)?.reshape(1)
 }

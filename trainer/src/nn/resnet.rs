@@ -5,9 +5,9 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use crate::batchnorm::BatchNorm;
-use crate::conv::Conv;
-use crate::maxpool::max_pool_3x3_s2;
+use crate::nn::batch_norm::BatchNorm;
+use crate::nn::conv::Conv;
+use crate::ops::max_pool::max_pool_3x3_s2;
 
 /// Which ResNet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

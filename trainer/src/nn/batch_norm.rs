@@ -1,11 +1,13 @@
-//! Batch normalisation over `[batch, channels, ...]` with running statistics, computed in f32 whatever
-//! the input dtype (so that it serves mixed precision) and with fewer passes than candle-nn's.
+//! The BatchNorm layer: affine parameters and running statistics, over
+//! [`crate::ops::batch_norm`] in training; in eval mode a plain affine map by the running
+//! statistics. Computed in f32 whatever the input dtype, so that it serves mixed precision.
 
 use candle_core::{DType, Result, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 
-/// PyTorch's defaults.
-const EPS: f64 = 1e-5;
+use crate::ops::batch_norm::{self, EPS};
+
+/// PyTorch's default momentum of the running statistics.
 const MOMENTUM: f64 = 0.1;
 
 /// BatchNorm with affine parameters `weight`, `bias` and buffers `running_mean`, `running_var`
@@ -33,8 +35,7 @@ impl BatchNorm {
 
     /// Normalises `x` with batch statistics (updating the running ones) when `train`, else with
     /// the running statistics, adds `residual` (shaped like `x`) when given, then applies a ReLU
-    /// when `relu` (in training on the CPU, one fused kernel each way). The output has `x`'s
-    /// dtype.
+    /// when `relu`. The output has `x`'s dtype.
     pub fn forward(
         &self,
         x: &Tensor,
@@ -42,37 +43,20 @@ impl BatchNorm {
         relu: bool,
         residual: Option<&Tensor>,
     ) -> Result<Tensor> {
+        if train {
+            let (y, stats) = batch_norm::train(x, &self.weight, &self.bias, residual, relu)?;
+            self.update_running(&stats, x.elem_count() / x.dim(1)?)?;
+            return Ok(y);
+        }
         let dims = x.dims().to_vec();
         let (n, c) = (dims[0], dims[1]);
-        if train && x.device().is_cpu() {
-            let f32 = |t: &Tensor| t.to_dtype(DType::F32);
-            let (x32, residual) = (f32(x)?, residual.map(f32).transpose()?);
-            let (y, mean, var) = crate::batchnorm_cpu::forward_train(
-                &x32,
-                &self.weight,
-                &self.bias,
-                relu,
-                residual.as_ref(),
-            )?;
-            self.update_running(&mean, &var, x32.elem_count() / c)?;
-            return y.to_dtype(x.dtype());
-        }
         let x32 = x.to_dtype(DType::F32)?.reshape((n, c, ()))?;
         let per_channel = |t: Tensor| t.reshape((1, c, 1));
-        let (centred, var) = if train {
-            let count = x32.elem_count() / c;
-            let mean = per_channel((x32.sum(2)?.sum_keepdim(0)? / count as f64)?)?;
-            let centred = x32.broadcast_sub(&mean)?;
-            let var = per_channel((centred.sqr()?.sum(2)?.sum_keepdim(0)? / count as f64)?)?;
-            self.update_running(&mean.detach(), &var.detach(), count)?;
-            (centred, var)
-        } else {
-            let mean = per_channel(self.running_mean.as_tensor().detach())?;
-            let var = per_channel(self.running_var.as_tensor().detach())?;
-            (x32.broadcast_sub(&mean)?, var)
-        };
+        let mean = per_channel(self.running_mean.as_tensor().detach())?;
+        let var = per_channel(self.running_var.as_tensor().detach())?;
         let scale = per_channel(self.weight.clone())?.broadcast_div(&(var + EPS)?.sqrt()?)?;
-        let y = centred
+        let y = x32
+            .broadcast_sub(&mean)?
             .broadcast_mul(&scale)?
             .broadcast_add(&per_channel(self.bias.clone())?)?;
         let y = match residual {
@@ -83,12 +67,16 @@ impl BatchNorm {
         y.to_dtype(x.dtype())?.reshape(dims)
     }
 
-    fn update_running(&self, mean: &Tensor, var: &Tensor, count: usize) -> Result<()> {
-        let unbiased = var.flatten_all()? * (count as f64 / (count as f64 - 1.0).max(1.0));
+    /// Blends the batch statistics `[mean, biased variance]` of `count` values per channel into
+    /// the running ones (the variance unbiased, as PyTorch does).
+    fn update_running(&self, stats: &Tensor, count: usize) -> Result<()> {
+        let c = stats.elem_count() / 2;
+        let mean = stats.narrow(0, 0, c)?;
+        let unbiased = stats.narrow(0, c, c)? * (count as f64 / (count as f64 - 1.0).max(1.0));
         let blend = |old: &Var, new: Tensor| -> Result<()> {
             old.set(&((old.as_tensor().detach() * (1.0 - MOMENTUM))? + (new * MOMENTUM)?)?)
         };
-        blend(&self.running_mean, mean.flatten_all()?)?;
+        blend(&self.running_mean, mean)?;
         blend(&self.running_var, unbiased?)
     }
 }

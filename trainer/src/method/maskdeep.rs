@@ -8,10 +8,10 @@ use candle_nn::{VarBuilder, VarMap};
 use rand::Rng;
 
 use crate::config::TrainConfig;
-use crate::heads::Mlp;
-use crate::masking::{masked_pool, VisibleCells};
-use crate::params;
-use crate::resnet::ResNet;
+use crate::nn::heads::Mlp;
+use crate::method::masking::{masked_pool, VisibleCells};
+use crate::nn::params;
+use crate::nn::resnet::ResNet;
 
 /// Encoder plus one projector per masked level (the part the target copies).
 pub struct Branch {
@@ -73,12 +73,14 @@ pub struct Loss {
     pub per_level: Vec<Tensor>,
 }
 
-/// Where the forward pass spends its time, filled when asked for (synchronises the device).
+/// Where the forward pass spends its time, and the ops of the target branch (whose graph is cut
+/// before the loss), filled when asked for (synchronises the device).
 #[derive(Clone, Copy, Debug, Default)]
-pub struct ForwardTimes {
+pub struct ForwardProfile {
     pub online_encoder: Duration,
     pub heads: Duration,
     pub target: Duration,
+    pub target_ops: usize,
 }
 
 /// A step's inputs: normalised views, global first.
@@ -124,12 +126,12 @@ impl MaskDeep {
     }
 
     /// The optimiser of the online parameters that the config names.
-    pub fn optimizer(&self) -> Result<crate::optim::Optimizer> {
+    pub fn optimizer(&self) -> Result<crate::train::optim::Optimizer> {
         let rule =
-            crate::optim::Rule::parse(&self.cfg.optimizer, self.cfg.trust).ok_or_else(|| {
+            crate::train::optim::Rule::parse(&self.cfg.optimizer, self.cfg.trust).ok_or_else(|| {
                 candle_core::Error::Msg(format!("unknown optimizer `{}`", self.cfg.optimizer))
             })?;
-        crate::optim::Optimizer::new(
+        crate::train::optim::Optimizer::new(
             rule,
             params::trainable(&self.online_vars),
             self.cfg.momentum,
@@ -179,7 +181,7 @@ impl MaskDeep {
         &self,
         views: &Views,
         masks: &[VisibleCells],
-        times: Option<&mut ForwardTimes>,
+        times: Option<&mut ForwardProfile>,
     ) -> Result<Loss> {
         let mut clock = Clock::new(&self.device, times.is_some());
         let dtype = if self.cfg.bf16 {
@@ -220,16 +222,22 @@ impl MaskDeep {
             .backbone
             .forward(&views.global.to_dtype(dtype)?, true)?;
         let mut targets = Vec::with_capacity(self.levels.len());
+        let mut target_graph = Vec::new();
         for (li, &level) in self.levels.iter().enumerate() {
             let pooled = tfeats.levels[level].mean((2, 3))?.to_dtype(DType::F32)?;
-            let z = self.target.projectors[li].forward(&pooled, true)?;
-            targets.push(normalize(&z)?.detach());
+            let z = normalize(&self.target.projectors[li].forward(&pooled, true)?)?;
+            if times.is_some() {
+                target_graph.push(z.clone());
+            }
+            targets.push(z.detach());
         }
+        let target_ops = crate::train::step::graph_ops(&target_graph);
         let t_target = clock.lap()?;
         if let Some(t) = times {
             t.online_encoder += t_enc;
             t.heads += t_heads;
             t.target += t_target;
+            t.target_ops = target_ops;
         }
 
         let weights = self.target_weights()?;

@@ -2,14 +2,18 @@
 //! reference) and on another device (f32 or bf16); relative errors of the encoder output, the loss and
 //! every gradient. Run by `trainer parity` (the GPU check script).
 
+use std::sync::{Arc, Mutex};
+
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use crate::config::TrainConfig;
-use crate::maskdeep::{MaskDeep, Views};
-use crate::params;
+use crate::method::maskdeep::{MaskDeep, Views};
+use crate::nn::params;
+use crate::train::step::{GradientHook, Rates, TrainStep};
 
 /// The result of one comparison.
 #[derive(Debug, Serialize)]
@@ -34,6 +38,26 @@ struct Run {
     grads: Vec<(String, Tensor)>,
 }
 
+/// The gradient hook of a parity run: copies every trainable parameter's gradient to the CPU in
+/// f32, by name.
+struct CaptureGrads {
+    vars: Vec<(String, candle_core::Var)>,
+    grads: Arc<Mutex<Vec<(String, Tensor)>>>,
+}
+
+impl GradientHook for CaptureGrads {
+    fn on_gradients(&mut self, store: &mut GradStore) -> candle_core::Result<()> {
+        let mut out = Vec::new();
+        for (name, var) in &self.vars {
+            if let Some(g) = store.get(var.as_tensor()) {
+                out.push((name.clone(), g.to_dtype(DType::F32)?.to_device(&Device::Cpu)?));
+            }
+        }
+        *self.grads.lock().unwrap_or_else(|e| e.into_inner()) = out;
+        Ok(())
+    }
+}
+
 fn run(cfg: &TrainConfig, device: &Device, input: &Tensor) -> candle_core::Result<Run> {
     let model = MaskDeep::new(cfg, device)?;
     let x = input.to_device(device)?;
@@ -42,8 +66,6 @@ fn run(cfg: &TrainConfig, device: &Device, input: &Tensor) -> candle_core::Resul
         local: None,
         batch: cfg.batch_size,
     };
-    let mut rng = ChaCha8Rng::seed_from_u64(7);
-    let masks = model.sample_masks(&mut rng, &views)?;
     let dtype = if cfg.bf16 { DType::BF16 } else { DType::F32 };
     let c5 = model
         .online
@@ -52,14 +74,16 @@ fn run(cfg: &TrainConfig, device: &Device, input: &Tensor) -> candle_core::Resul
         .levels[2]
         .to_dtype(DType::F32)?
         .to_device(&Device::Cpu)?;
-    let loss = model.loss(&views, &masks, None)?;
-    let grads_store = loss.total.backward()?;
-    let mut grads = Vec::new();
-    for (name, var) in params::trainable(&model.online_vars) {
-        if let Some(g) = grads_store.get(var.as_tensor()) {
-            grads.push((name, g.to_dtype(DType::F32)?.to_device(&Device::Cpu)?));
-        }
-    }
+    let grads = Arc::new(Mutex::new(Vec::new()));
+    let hook = CaptureGrads {
+        vars: params::trainable(&model.online_vars),
+        grads: grads.clone(),
+    };
+    let optimizer = model.optimizer()?;
+    let mut trainer = TrainStep::new(model, optimizer).with_hook(Box::new(hook));
+    let rates = Rates { lr: 0.0, tau: 1.0 };
+    let loss = trainer.run(&views, 0, rates, None)?;
+    let grads = std::mem::take(&mut *grads.lock().unwrap_or_else(|e| e.into_inner()));
     Ok(Run {
         c5,
         loss: loss.total.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64,

@@ -4,7 +4,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
-use crate::batchnorm::BatchNorm;
+use crate::nn::batch_norm::BatchNorm;
 
 /// A two-layer MLP head.
 pub struct Mlp {

@@ -1,0 +1,90 @@
+//! Features of frozen backbones from packed shards: the centre square of each image, resized to
+//! the training size, through the backbone in eval mode, globally pooled and L2-normalised.
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
+use shared::dataset::Dataset;
+use shared::resize::Filter;
+
+use crate::method::maskdeep::normalize;
+use crate::nn::resnet::ResNet;
+use crate::train::data::normalise;
+
+/// Frozen features of a labelled dataset.
+pub struct Features {
+    /// `[n, c]`, L2-normalised rows, on the CPU.
+    pub x: Tensor,
+    pub labels: Vec<u32>,
+    pub classes: usize,
+}
+
+/// Per-thread scratch of [`centre_view`]: the resizer and its HWC output.
+type Scratch = (fast_image_resize::Resizer, Vec<u8>);
+
+/// The centre square of image `i`, resized to `size` x `size`, as u8 CHW.
+fn centre_view(
+    dataset: &Dataset,
+    i: usize,
+    size: u32,
+    (resizer, hwc): &mut Scratch,
+    out: &mut [u8],
+) -> Result<()> {
+    let img = dataset.image(i)?;
+    let side = img.width.min(img.height);
+    let crop = shared::augment::CropBox {
+        top: (img.height - side) / 2,
+        left: (img.width - side) / 2,
+        height: side,
+        width: side,
+    };
+    shared::augment::crop_resize(resizer, img.as_ref(), crop, size, Filter::Bilinear, hwc)?;
+    let plane = (size * size) as usize;
+    for (p, px) in hwc.chunks_exact(3).enumerate() {
+        for c in 0..3 {
+            out[c * plane + p] = px[c];
+        }
+    }
+    Ok(())
+}
+
+/// Runs `backbone` (BatchNorm in eval mode) over every image of `dataset` in batches and returns
+/// L2-normalised global-average-pooled C5 features.
+pub fn extract(
+    backbone: &ResNet,
+    dataset: &Dataset,
+    size: u32,
+    batch: usize,
+    device: &Device,
+) -> Result<Features> {
+    let n = dataset.len();
+    let labels: Vec<u32> = (0..n)
+        .map(|i| Ok(dataset.meta(i)?.label))
+        .collect::<Result<_>>()?;
+    if labels.contains(&u32::MAX) {
+        bail!(
+            "{} is unlabelled: evaluation needs class labels",
+            dataset.dir().display()
+        );
+    }
+    let classes = dataset.manifest().classes.len().max(1);
+    let per = 3 * (size * size) as usize;
+    let mut chunks = Vec::new();
+    for start in (0..n).step_by(batch) {
+        let end = (start + batch).min(n);
+        let mut bytes = vec![0u8; (end - start) * per];
+        bytes.par_chunks_mut(per).enumerate().try_for_each_init(
+            || (fast_image_resize::Resizer::new(), Vec::new()),
+            |scratch, (j, out)| centre_view(dataset, start + j, size, scratch, out),
+        )?;
+        let x = normalise(&bytes, end - start, size as usize, device)?;
+        let f = backbone.embed(&x, false)?.to_dtype(DType::F32)?;
+        chunks.push(normalize(&f)?.detach().to_device(&Device::Cpu)?);
+    }
+    Ok(Features {
+        x: Tensor::cat(&chunks, 0)?,
+        labels,
+        classes,
+    })
+}
+

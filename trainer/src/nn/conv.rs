@@ -1,0 +1,36 @@
+//! The convolution layer: a bias-free weight and its geometry, over [`crate::ops::conv`].
+
+use candle_core::{Result, Tensor};
+use candle_nn::{Init, VarBuilder};
+
+use crate::ops::conv::{conv2d, Geometry};
+
+/// A bias-free convolution with square kernel, stride and padding. The weight stays f32 (the
+/// master copy); under mixed precision it is cast to the input's dtype.
+pub struct Conv {
+    weight: Tensor,
+    geometry: Geometry,
+}
+
+impl Conv {
+    /// Creates `weight` of shape `[c_out, c_in, k, k]` under `vb`.
+    pub fn new(
+        vb: VarBuilder,
+        c_in: usize,
+        c_out: usize,
+        k: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        let weight = vb.get_with_hints((c_out, c_in, k, k), "weight", Init::Const(0.0))?;
+        Ok(Conv {
+            weight,
+            geometry: Geometry { k, stride, padding },
+        })
+    }
+
+    /// Convolves `[batch, c_in, H, W]` input.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        conv2d(x, &self.weight.to_dtype(x.dtype())?, self.geometry)
+    }
+}

@@ -1,0 +1,157 @@
+//! Train-mode BatchNorm's CPU kernels (f32): the batch statistics in one pass per channel, the
+//! normalisation fused with the residual add and the ReLU, and the whole backward (through the
+//! ReLU's mask) in two passes, instead of a dozen elementwise passes each way.
+
+use candle_core::{CpuStorage, Layout, Result, Shape};
+use rayon::prelude::*;
+
+use super::{ncl, EPS};
+use crate::ops::cpu_storage::f32_slice;
+
+/// Per-channel mean then biased variance of `x [n, c, ...]`: `[2c]`, summed in f64.
+pub fn stats(xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
+    let (n, c, l) = ncl(xl.shape())?;
+    let x = f32_slice(xs, xl, "batch-norm-stats")?;
+    let stats: Vec<(f32, f32)> = (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let blocks = (0..n).map(|b| &x[(b * c + ch) * l..][..l]);
+            let count = (n * l) as f64;
+            let mean = blocks.clone().flatten().map(|&v| v as f64).sum::<f64>() / count;
+            let var = blocks
+                .flatten()
+                .map(|&v| (v as f64 - mean).powi(2))
+                .sum::<f64>()
+                / count;
+            (mean as f32, var as f32)
+        })
+        .collect();
+    let (means, vars): (Vec<f32>, Vec<f32>) = stats.into_iter().unzip();
+    Ok((CpuStorage::F32([means, vars].concat()), Shape::from(2 * c)))
+}
+
+/// The per-channel affine map `x * scale + shift` that normalises with `mean` and `var`.
+fn affine(weight: f32, bias: f32, mean: f32, var: f32) -> (f32, f32) {
+    let scale = weight as f64 / (var as f64 + EPS).sqrt();
+    let shift = bias as f64 - mean as f64 * scale;
+    (scale as f32, shift as f32)
+}
+
+/// `(x, params [weight, bias, mean, var], residual)` -> `x` normalised, plus `residual`, through
+/// a ReLU when `relu`.
+pub fn forward(
+    (xs, xl): (&CpuStorage, &Layout),
+    (ps, pl): (&CpuStorage, &Layout),
+    residual: Option<(&CpuStorage, &Layout)>,
+    relu: bool,
+) -> Result<(CpuStorage, Shape)> {
+    let name = "batch-norm-train";
+    let (n, c, l) = ncl(xl.shape())?;
+    let x = f32_slice(xs, xl, name)?;
+    let p = f32_slice(ps, pl, name)?;
+    let residual = residual.map(|(rs, rl)| f32_slice(rs, rl, name)).transpose()?;
+    let (w, b, mean, var) = (&p[..c], &p[c..2 * c], &p[2 * c..3 * c], &p[3 * c..]);
+    let mut y = vec![0f32; n * c * l];
+    y.par_chunks_mut(l).enumerate().for_each(|(i, dst)| {
+        let ch = i % c;
+        let (scale, shift) = affine(w[ch], b[ch], mean[ch], var[ch]);
+        let src = &x[i * l..(i + 1) * l];
+        for (d, &v) in dst.iter_mut().zip(src) {
+            *d = v * scale + shift;
+        }
+        if let Some(r) = residual {
+            for (d, &r) in dst.iter_mut().zip(&r[i * l..(i + 1) * l]) {
+                *d += r;
+            }
+        }
+        if relu {
+            for d in dst.iter_mut() {
+                *d = d.max(0.0);
+            }
+        }
+    });
+    Ok((CpuStorage::F32(y), xl.shape().clone()))
+}
+
+/// `(x, dy, y)` with `params` = `[weight, bias, mean, var]` -> `[dx | dresidual (when residual)
+/// | dweight | dbias | 2c zeros]`, flat. With `relu`, `dy` is first masked where the output `y`
+/// was clipped to zero.
+pub fn backward(
+    (xs, xl): (&CpuStorage, &Layout),
+    (gs, gl): (&CpuStorage, &Layout),
+    (ys, yl): (&CpuStorage, &Layout),
+    (ps, pl): (&CpuStorage, &Layout),
+    relu: bool,
+    residual: bool,
+) -> Result<(CpuStorage, Shape)> {
+    let name = "batch-norm-train-backward";
+    let (n, c, l) = ncl(xl.shape())?;
+    let x = f32_slice(xs, xl, name)?;
+    let dy = f32_slice(gs, gl, name)?;
+    let y = f32_slice(ys, yl, name)?;
+    let p = f32_slice(ps, pl, name)?;
+    let (w, mean, var) = (&p[..c], &p[2 * c..3 * c], &p[3 * c..]);
+    // The gradient that reaches the normalisation (and the residual): dy, or dy where the
+    // ReLU passed.
+    let mask = move |g: f32, y: f32| if relu && y <= 0.0 { 0.0 } else { g };
+    // Per channel: sum(dy) and sum(dy * x_hat).
+    let sums: Vec<(f64, f64)> = (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let inv = 1.0 / (var[ch] as f64 + EPS).sqrt();
+            let (mut s, mut sx) = (0f64, 0f64);
+            for b in 0..n {
+                let at = (b * c + ch) * l;
+                let planes = dy[at..at + l].iter().zip(&y[at..at + l]);
+                for ((&g, &out), &v) in planes.zip(&x[at..at + l]) {
+                    let g = mask(g, out) as f64;
+                    s += g;
+                    sx += g * (v as f64 - mean[ch] as f64) * inv;
+                }
+            }
+            (s, sx)
+        })
+        .collect();
+    let count = (n * l) as f64;
+    let len = n * c * l;
+    let planes_len = if residual { 2 * len } else { len };
+    let mut out = vec![0f32; planes_len + 4 * c];
+    let (planes, params) = out.split_at_mut(planes_len);
+    let (dx, dres) = planes.split_at_mut(len);
+    let dres: Vec<Option<&mut [f32]>> = if residual {
+        dres.chunks_mut(l).map(Some).collect()
+    } else {
+        (0..n * c).map(|_| None).collect()
+    };
+    dx.par_chunks_mut(l)
+        .zip(dres)
+        .enumerate()
+        .for_each(|(i, (dst, dres))| {
+            let ch = i % c;
+            let inv = 1.0 / (var[ch] as f64 + EPS).sqrt();
+            let (s, sx) = sums[ch];
+            // dx = w * inv / M * (M * dy - sum(dy) - x_hat * sum(dy * x_hat))
+            let k = (w[ch] as f64 * inv / count) as f32;
+            let (mean_dy, mean_dyx) = ((s / count) as f32, (sx / count) as f32);
+            let (m, inv) = (mean[ch], inv as f32);
+            let at = i * l;
+            let planes = dy[at..at + l].iter().zip(&y[at..at + l]);
+            for ((d, (&g, &out)), &v) in dst.iter_mut().zip(planes).zip(&x[at..at + l]) {
+                let g = mask(g, out);
+                let xh = (v - m) * inv;
+                *d = k * count as f32 * (g - mean_dy - xh * mean_dyx);
+            }
+            if let Some(dres) = dres {
+                let planes = dy[at..at + l].iter().zip(&y[at..at + l]);
+                for (d, (&g, &out)) in dres.iter_mut().zip(planes) {
+                    *d = mask(g, out);
+                }
+            }
+        });
+    for (ch, &(s, sx)) in sums.iter().enumerate() {
+        params[ch] = sx as f32;
+        params[c + ch] = s as f32;
+    }
+    let len = out.len();
+    Ok((CpuStorage::F32(out), Shape::from(len)))
+}

@@ -1,0 +1,289 @@
+//! Train-mode batch normalisation over `[batch, channels, ...]`, optionally followed by a
+//! residual add and a ReLU, in f32 whatever the input dtype (so that it serves mixed precision).
+//!
+//! Two nodes on every device: the batch statistics (no gradient of their own: the normalisation's
+//! backward accounts for them) and the normalisation, which takes the weight, bias and statistics
+//! packed in one `[4c]` tensor. The statistics stay on the device as a tensor, for the running
+//! averages; nothing is read back to the host. Each node picks its kernel from the storage it gets:
+//! the fused kernels of [`cpu`] on the CPU in f32, otherwise the tensor ops of [`reference`] run
+//! inside the node (see [`crate::ops::portable`]).
+
+pub mod cpu;
+pub mod reference;
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+
+use crate::ops::portable::{self, Backend};
+
+/// The variance's epsilon (PyTorch's default).
+pub const EPS: f64 = 1e-5;
+
+/// `(n, c, l)` of a `[n, c, ...]` shape.
+fn ncl(shape: &Shape) -> Result<(usize, usize, usize)> {
+    let dims = shape.dims();
+    if dims.len() < 2 || dims[0] * dims[1] == 0 {
+        candle_core::bail!("batch norm: needs a non-empty [n, c, ...] input, got {dims:?}");
+    }
+    Ok((dims[0], dims[1], shape.elem_count() / (dims[0] * dims[1])))
+}
+
+/// Normalises `x [n, c, ...]` with its batch statistics and the affine `weight`, `bias` (`[c]`,
+/// f32), adds `residual` (shaped like `x`) when given and applies a ReLU when `relu`. Returns the
+/// output (`x`'s dtype and shape) and the batch statistics `[2c]` (mean, then biased variance;
+/// f32, without gradient).
+pub fn train(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    residual: Option<&Tensor>,
+    relu: bool,
+) -> Result<(Tensor, Tensor)> {
+    let x = x.contiguous()?;
+    ncl(x.shape())?;
+    if let Some(r) = residual {
+        if r.shape() != x.shape() {
+            candle_core::bail!("batch norm: the residual's shape differs from the input's");
+        }
+    }
+    let stats = x.apply_op1_no_bwd(&BatchStats)?;
+    let params = Tensor::cat(&[weight, bias, &stats], 0)?;
+    let op = BatchNormTrain { relu };
+    let y = match residual {
+        Some(r) => x.apply_op3(&params, &r.contiguous()?, op)?,
+        None => x.apply_op2(&params, op)?,
+    };
+    Ok((y, stats))
+}
+
+/// Whether every storage holds f32 (the CPU kernels' dtype).
+fn all_f32(storages: &[&CpuStorage]) -> bool {
+    storages.iter().all(|s| s.dtype() == DType::F32)
+}
+
+use candle_core::backend::BackendStorage;
+
+/// `x -> [mean, biased variance]`, `[2c]` f32.
+struct BatchStats;
+
+impl BatchStats {
+    fn portable<S: Backend>(&self, s: &S, l: &Layout) -> Result<(S, Shape)> {
+        portable::output(&reference::stats(&portable::tensor(s, l)?)?)
+    }
+}
+
+impl CustomOp1 for BatchStats {
+    fn name(&self) -> &'static str {
+        "batch-norm-stats"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        if all_f32(&[s]) {
+            cpu::stats(s, l)
+        } else {
+            self.portable(s, l)
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.portable(s, l)
+    }
+}
+
+/// `(x, [weight, bias, mean, var])` or `(x, params, residual)` -> the output.
+struct BatchNormTrain {
+    relu: bool,
+}
+
+impl BatchNormTrain {
+    fn portable<S: Backend>(
+        &self,
+        (xs, xl): (&S, &Layout),
+        (ps, pl): (&S, &Layout),
+        residual: Option<(&S, &Layout)>,
+    ) -> Result<(S, Shape)> {
+        let x = portable::tensor(xs, xl)?;
+        let params = portable::tensor(ps, pl)?;
+        let r = residual.map(|(s, l)| portable::tensor(s, l)).transpose()?;
+        portable::output(&reference::forward(&x, &params, r.as_ref(), self.relu)?)
+    }
+
+    fn cpu(
+        &self,
+        x: (&CpuStorage, &Layout),
+        params: (&CpuStorage, &Layout),
+        residual: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let mut storages = vec![x.0, params.0];
+        storages.extend(residual.map(|r| r.0));
+        if all_f32(&storages) {
+            cpu::forward(x, params, residual, self.relu)
+        } else {
+            self.portable(x, params, residual)
+        }
+    }
+
+    /// The gradients of `x`, of the packed parameters and (when `residual`) of the residual.
+    fn grads(
+        &self,
+        x: &Tensor,
+        params: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+        residual: bool,
+    ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+        let back = BatchNormBackward {
+            relu: self.relu,
+            residual,
+            params: params.clone(),
+        };
+        let out = x.apply_op3_no_bwd(&dy.contiguous()?, y, &back)?;
+        let len = x.elem_count();
+        let plane = |i: usize| -> Result<Tensor> {
+            out.narrow(0, i * len, len)?
+                .reshape(x.shape())?
+                .to_dtype(x.dtype())
+        };
+        let planes = if residual { 2 } else { 1 };
+        let dparams = out.narrow(0, planes * len, params.elem_count())?;
+        Ok((plane(0)?, dparams, residual.then(|| plane(1)).transpose()?))
+    }
+}
+
+impl CustomOp2 for BatchNormTrain {
+    fn name(&self) -> &'static str {
+        "batch-norm-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ps: &CpuStorage,
+        pl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.cpu((xs, xl), (ps, pl), None)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ps: &candle_core::CudaStorage,
+        pl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.portable((xs, xl), (ps, pl), None)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        params: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dp, _) = self.grads(x, params, y, dy, false)?;
+        Ok((Some(dx), Some(dp)))
+    }
+}
+
+impl CustomOp3 for BatchNormTrain {
+    fn name(&self) -> &'static str {
+        "batch-norm-train-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ps: &CpuStorage,
+        pl: &Layout,
+        rs: &CpuStorage,
+        rl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.cpu((xs, xl), (ps, pl), Some((rs, rl)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ps: &candle_core::CudaStorage,
+        pl: &Layout,
+        rs: &candle_core::CudaStorage,
+        rl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.portable((xs, xl), (ps, pl), Some((rs, rl)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        params: &Tensor,
+        _residual: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dp, dres) = self.grads(x, params, y, dy, true)?;
+        Ok((Some(dx), Some(dp), dres))
+    }
+}
+
+/// `(x, dy, y)` -> `[dx | dresidual (when residual) | dweight | dbias | 2c zeros]`, f32, with the
+/// packed parameters held by the op (a fourth input; Candle's ops take at most three).
+struct BatchNormBackward {
+    relu: bool,
+    residual: bool,
+    params: Tensor,
+}
+
+impl BatchNormBackward {
+    fn portable<S: Backend>(&self, args: [(&S, &Layout); 3]) -> Result<(S, Shape)> {
+        let [x, dy, y] = args.map(|(s, l)| portable::tensor(s, l));
+        let params = portable::with_storage(&self.params, |s: &S, l| portable::tensor(s, l))?;
+        let out = reference::backward(&x?, &dy?, &y?, &params, self.relu, self.residual)?;
+        portable::output(&out)
+    }
+}
+
+impl CustomOp3 for BatchNormBackward {
+    fn name(&self) -> &'static str {
+        "batch-norm-train-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+        ys: &CpuStorage,
+        yl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if !all_f32(&[xs, gs, ys]) {
+            return self.portable([(xs, xl), (gs, gl), (ys, yl)]);
+        }
+        portable::with_storage(&self.params, |ps: &CpuStorage, pl| {
+            cpu::backward((xs, xl), (gs, gl), (ys, yl), (ps, pl), self.relu, self.residual)
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+        ys: &candle_core::CudaStorage,
+        yl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.portable([(xs, xl), (gs, gl), (ys, yl)])
+    }
+}

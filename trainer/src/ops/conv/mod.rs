@@ -1,0 +1,149 @@
+//! 2-D convolution without bias, as ResNets use it: one autograd node on every device.
+//!
+//! The node's forward and backward each pick their kernel from the storage they get: on the CPU
+//! in f32 the im2col + gemm kernels of [`cpu`] (Candle's own convolution sends the input gradient
+//! through a plain `conv_transpose2d` loop, and building it from Candle ops costs a zero-fill and
+//! an add per op and per gradient in Candle's backward); otherwise (CUDA, bf16) the tensor ops of
+//! [`reference`], run inside the node (see [`crate::ops::portable`]). The input image needs no
+//! gradient and gets none.
+
+pub mod cpu;
+pub mod reference;
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+
+use crate::ops::portable::{self, Backend};
+
+/// Kernel size, stride and padding (square).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Geometry {
+    pub k: usize,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl Geometry {
+    /// Output size along a dimension of `n`.
+    pub fn out(&self, n: usize) -> usize {
+        (n + 2 * self.padding - self.k) / self.stride + 1
+    }
+}
+
+/// Convolves `x [n, c_in, h, w]` with `weight [c_out, c_in, k, k]` of the same dtype.
+pub fn conv2d(x: &Tensor, weight: &Tensor, g: Geometry) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op2(&weight.contiguous()?, Conv2d { g })
+}
+
+/// The node: `(x, weight) -> y`.
+struct Conv2d {
+    g: Geometry,
+}
+
+impl Conv2d {
+    fn portable<S: Backend>(&self, xs: &S, xl: &Layout, ws: &S, wl: &Layout) -> Result<(S, Shape)> {
+        let (x, w) = (portable::tensor(xs, xl)?, portable::tensor(ws, wl)?);
+        portable::output(&reference::forward(&x, &w, self.g)?)
+    }
+}
+
+impl CustomOp2 for Conv2d {
+    fn name(&self) -> &'static str {
+        "conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        match (xs, ws) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => cpu::forward(xs, xl, ws, wl, self.g),
+            _ => self.portable(xs, xl, ws, wl),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.portable(xs, xl, ws, wl)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let need_dx = x.track_op();
+        let back = Conv2dBackward { g: self.g, need_dx };
+        let out = x.apply_op3_no_bwd(weight, &dy.contiguous()?, &back)?;
+        let dx_len = if need_dx { x.elem_count() } else { 0 };
+        let dx = if need_dx {
+            Some(out.narrow(0, 0, dx_len)?.reshape(x.shape())?)
+        } else {
+            None
+        };
+        let dw = out
+            .narrow(0, dx_len, weight.elem_count())?
+            .reshape(weight.shape())?;
+        Ok((dx, Some(dw)))
+    }
+}
+
+/// The backward: `(x, weight, dy) -> [dx (empty unless need_dx), dweight]`, flat.
+struct Conv2dBackward {
+    g: Geometry,
+    need_dx: bool,
+}
+
+impl Conv2dBackward {
+    fn portable<S: Backend>(&self, args: [(&S, &Layout); 3]) -> Result<(S, Shape)> {
+        let [x, w, dy] = args.map(|(s, l)| portable::tensor(s, l));
+        portable::output(&reference::backward(&x?, &w?, &dy?, self.g, self.need_dx)?)
+    }
+}
+
+impl CustomOp3 for Conv2dBackward {
+    fn name(&self) -> &'static str {
+        "conv2d-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        match (xs, ws, gs) {
+            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                cpu::backward((xs, xl), (ws, wl), (gs, gl), self.g, self.need_dx)
+            }
+            _ => self.portable([(xs, xl), (ws, wl), (gs, gl)]),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.portable([(xs, xl), (ws, wl), (gs, gl)])
+    }
+}

@@ -1,0 +1,190 @@
+//! The optimiser and EMA updates as in-place ops on a parameter or state buffer: the kernels of
+//! [`cpu`] on contiguous f32 CPU tensors, otherwise the tensor ops of [`reference`] whose result
+//! is written into the buffer (see [`crate::ops::portable`]). As tensor ops, LARS costs about ten
+//! passes and as many fresh buffers per parameter, 15% of a ResNet-18 step at 32 px on the CPU.
+
+pub mod cpu;
+pub mod reference;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
+
+use crate::ops::cpu_storage::{f32_slice, f32_slice_mut};
+use crate::ops::portable::{self, Backend};
+
+/// `dst = keep * dst + take * src` (or `src²` when `square`): the EMA target update and Adam's
+/// moments (`take = 1 - keep`), and momentum SGD's step `w -= lr * m` (`keep = 1, take = -lr`).
+pub struct Blend {
+    pub keep: f64,
+    pub take: f64,
+    pub square: bool,
+}
+
+/// Momentum SGD's buffer update `m = momentum * m + ratio * (g + decay * w)`, on `m` with
+/// `(w, g)`; `ratio` is LARS's `trust * |w| / |g + decay * w|` (1 where a norm is 0) when
+/// `trust` is set, else 1.
+pub struct Momentum {
+    pub momentum: f64,
+    pub decay: f64,
+    pub trust: Option<f64>,
+}
+
+/// AdamW's parameter step `w -= lr * (m_hat / (sqrt(v_hat) + eps) + decay * w)`, on `w` with
+/// the moments `(m, v)`; `corrections` are `1 - beta1^t` and `1 - beta2^t`.
+pub struct AdamStep {
+    pub lr: f64,
+    pub decay: f64,
+    pub corrections: (f64, f64),
+    pub eps: f64,
+}
+
+impl Blend {
+    /// Applies the blend to `dst` with `src`.
+    pub fn apply(&self, dst: &Tensor, src: &Tensor) -> Result<()> {
+        dst.inplace_op2(&src.contiguous()?, self)
+    }
+}
+
+impl Momentum {
+    /// Updates the momentum buffer `m` with the weight `w` and its gradient `g`.
+    pub fn apply(&self, m: &Tensor, w: &Tensor, g: &Tensor) -> Result<()> {
+        m.inplace_op3(&w.contiguous()?, &g.contiguous()?, self)
+    }
+}
+
+impl AdamStep {
+    /// Steps the weight `w` with the moments `m` and `v`.
+    pub fn apply(&self, w: &Tensor, m: &Tensor, v: &Tensor) -> Result<()> {
+        w.inplace_op3(&m.contiguous()?, &v.contiguous()?, self)
+    }
+}
+
+/// Whether every storage holds f32 (the CPU kernels' dtype).
+fn all_f32(storages: &[&CpuStorage]) -> bool {
+    storages.iter().all(|s| s.dtype() == DType::F32)
+}
+
+/// The in-place op's portable side: `dst = f(dst, args)` with tensor ops.
+fn portable_update<S: Backend, const N: usize>(
+    dst: &mut S,
+    dl: &Layout,
+    args: [(&S, &Layout); N],
+    f: impl FnOnce(&Tensor, [Tensor; N]) -> Result<Tensor>,
+) -> Result<()> {
+    let current = portable::tensor(&*dst, dl)?;
+    let args = args
+        .map(|(s, l)| portable::tensor(s, l))
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?;
+    let args: [Tensor; N] = args.try_into().expect("N arguments");
+    let value = f(&current, args)?;
+    portable::assign(dst, dl, &value)
+}
+
+impl InplaceOp2 for Blend {
+    fn name(&self) -> &'static str {
+        "blend"
+    }
+
+    fn cpu_fwd(&self, ds: &mut CpuStorage, dl: &Layout, ss: &CpuStorage, sl: &Layout) -> Result<()> {
+        if !all_f32(&[ds, ss]) {
+            return portable_update(ds, dl, [(ss, sl)], |d, [s]| reference::blend(self, d, &s));
+        }
+        let src = f32_slice(ss, sl, self.name())?;
+        cpu::blend(self, f32_slice_mut(ds, dl, self.name())?, src);
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        ds: &mut candle_core::CudaStorage,
+        dl: &Layout,
+        ss: &candle_core::CudaStorage,
+        sl: &Layout,
+    ) -> Result<()> {
+        portable_update(ds, dl, [(ss, sl)], |d, [s]| reference::blend(self, d, &s))
+    }
+}
+
+impl InplaceOp3 for Momentum {
+    fn name(&self) -> &'static str {
+        "momentum"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ms: &mut CpuStorage,
+        ml: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<()> {
+        if !all_f32(&[ms, ws, gs]) {
+            return portable_update(ms, ml, [(ws, wl), (gs, gl)], |m, [w, g]| {
+                reference::momentum(self, m, &w, &g)
+            });
+        }
+        let w = f32_slice(ws, wl, self.name())?;
+        let g = f32_slice(gs, gl, self.name())?;
+        cpu::momentum(self, f32_slice_mut(ms, ml, self.name())?, w, g);
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        ms: &mut candle_core::CudaStorage,
+        ml: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> Result<()> {
+        portable_update(ms, ml, [(ws, wl), (gs, gl)], |m, [w, g]| {
+            reference::momentum(self, m, &w, &g)
+        })
+    }
+}
+
+impl InplaceOp3 for AdamStep {
+    fn name(&self) -> &'static str {
+        "adam-step"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ws: &mut CpuStorage,
+        wl: &Layout,
+        ms: &CpuStorage,
+        ml: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<()> {
+        if !all_f32(&[ws, ms, vs]) {
+            return portable_update(ws, wl, [(ms, ml), (vs, vl)], |w, [m, v]| {
+                reference::adam_step(self, w, &m, &v)
+            });
+        }
+        let m = f32_slice(ms, ml, self.name())?;
+        let v = f32_slice(vs, vl, self.name())?;
+        cpu::adam_step(self, f32_slice_mut(ws, wl, self.name())?, m, v);
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        ws: &mut candle_core::CudaStorage,
+        wl: &Layout,
+        ms: &candle_core::CudaStorage,
+        ml: &Layout,
+        vs: &candle_core::CudaStorage,
+        vl: &Layout,
+    ) -> Result<()> {
+        portable_update(ws, wl, [(ms, ml), (vs, vl)], |w, [m, v]| {
+            reference::adam_step(self, w, &m, &v)
+        })
+    }
+}
