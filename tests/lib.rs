@@ -105,7 +105,8 @@ pub fn write_photo_like_jpegs(dir: &Path, count: usize) -> Vec<PathBuf> {
             for y in 0..h {
                 for x in 0..w {
                     let (fx, fy) = (x as f32 / w as f32, y as f32 / h as f32);
-                    let disc = |cx: f32, cy: f32, r: f32| (fx - cx).powi(2) + (fy - cy).powi(2) < r * r;
+                    let disc =
+                        |cx: f32, cy: f32, r: f32| (fx - cx).powi(2) + (fy - cy).powi(2) < r * r;
                     let inside = disc(0.3 + 0.05 * i as f32, 0.4, 0.2) || disc(0.7, 0.65, 0.12);
                     grain ^= grain << 13;
                     grain ^= grain >> 17;
@@ -117,7 +118,11 @@ pub fn write_photo_like_jpegs(dir: &Path, count: usize) -> Vec<PathBuf> {
                         140.0 + 80.0 * (6.0 * fx + 4.0 * fy).cos(),
                     ];
                     for (ch, v) in base.iter().enumerate() {
-                        let v = if inside { 255.0 - v * (0.5 + 0.2 * ch as f32) } else { *v };
+                        let v = if inside {
+                            255.0 - v * (0.5 + 0.2 * ch as f32)
+                        } else {
+                            *v
+                        };
                         pixels.push((v + noise).clamp(0.0, 255.0) as u8);
                     }
                 }

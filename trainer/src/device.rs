@@ -21,3 +21,18 @@ pub fn parse(name: &str) -> Result<Device> {
     }
     Ok(Device::new_cuda(ordinal)?)
 }
+
+/// The devices the tests run each op on: always the CPU, and the first GPU when the binary was
+/// built with the `cuda` feature and one is present (saying on stderr when it is skipped).
+pub fn available() -> Vec<Device> {
+    let mut devices = vec![Device::Cpu];
+    if !cfg!(feature = "cuda") {
+        eprintln!("CUDA skipped: built without the `cuda` feature");
+        return devices;
+    }
+    match Device::new_cuda(0) {
+        Ok(d) => devices.push(d),
+        Err(e) => eprintln!("CUDA skipped: no GPU ({e})"),
+    }
+    devices
+}

@@ -3,8 +3,10 @@
 use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use trainer::eval::{knn, linear_probe, Features};
-use trainer::maskdeep::normalize;
+use trainer::eval::features::Features;
+use trainer::eval::knn::knn;
+use trainer::eval::linear::linear_probe;
+use trainer::method::maskdeep::normalize;
 
 /// `per_class` points per class around the class's own axis (separable when `noise` is small),
 /// or pure noise when `informative` is false.

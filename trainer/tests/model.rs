@@ -7,11 +7,11 @@ use candle_nn::{VarBuilder, VarMap};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use trainer::config::TrainConfig;
-use trainer::maskdeep::{normalize, Loss, MaskDeep, Views};
-use trainer::masking::{masked_pool, visible_count, VisibleCells};
-use trainer::maxpool::{max_pool_3x3_s2, max_pool_3x3_s2_views};
-use trainer::resnet::{Depth, ResNet, ResNetConfig};
-use trainer::{ema, params};
+use trainer::method::ema;
+use trainer::method::maskdeep::{normalize, Loss, MaskDeep, Views};
+use trainer::method::masking::{masked_pool, visible_count, VisibleCells};
+use trainer::nn::params;
+use trainer::nn::resnet::{Depth, ResNet, ResNetConfig};
 
 fn torchvision_keys(arch: &str) -> BTreeMap<String, Vec<usize>> {
     let path = format!(
@@ -85,75 +85,6 @@ fn stage_outputs_have_the_documented_strides_and_channels() {
         vec![vec![2, 64, 8, 8], vec![2, 128, 4, 4], vec![2, 256, 2, 2]]
     );
     assert_eq!(cfg.channels(), [64, 128, 256]);
-}
-
-#[test]
-fn max_pool_matches_a_direct_loop_on_both_paths() {
-    let dev = Device::Cpu;
-    for (h, w) in [(8, 8), (7, 9), (1, 2)] {
-        let x = Tensor::rand(0f32, 1.0, (2, 3, h, w), &dev).unwrap();
-        let data: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
-        let (ho, wo) = ((h - 1) / 2 + 1, (w - 1) / 2 + 1);
-        for y in [max_pool_3x3_s2(&x), max_pool_3x3_s2_views(&x)] {
-            let y = y.unwrap();
-            assert_eq!(y.dims(), &[2, 3, ho, wo]);
-            let got: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
-            let mut k = 0;
-            for plane in 0..6 {
-                for i in 0..ho {
-                    for j in 0..wo {
-                        let mut best = f32::NEG_INFINITY;
-                        for di in 0..3 {
-                            for dj in 0..3 {
-                                let (r, c) = ((2 * i + di) as isize - 1, (2 * j + dj) as isize - 1);
-                                if r >= 0 && c >= 0 && (r as usize) < h && (c as usize) < w {
-                                    best =
-                                        best.max(data[plane * h * w + r as usize * w + c as usize]);
-                                }
-                            }
-                        }
-                        assert_eq!(got[k], best);
-                        k += 1;
-                    }
-                }
-            }
-        }
-    }
-}
-
-#[test]
-fn max_pool_gradients_agree_on_both_paths() {
-    let dev = Device::Cpu;
-    for (h, w) in [(8, 8), (7, 9)] {
-        // Continuous random values: no ties, so the maximum of each window is unique.
-        let x =
-            candle_core::Var::from_tensor(&Tensor::rand(0f32, 1.0, (2, 3, h, w), &dev).unwrap())
-                .unwrap();
-        let probe =
-            Tensor::rand(-1f32, 1.0, (2, 3, (h - 1) / 2 + 1, (w - 1) / 2 + 1), &dev).unwrap();
-        let grad = |pool: fn(&Tensor) -> candle_core::Result<Tensor>| -> Vec<f32> {
-            let grads = (pool(x.as_tensor()).unwrap() * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            grads
-                .get(x.as_tensor())
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap()
-        };
-        let (ours, views) = (grad(max_pool_3x3_s2), grad(max_pool_3x3_s2_views));
-        // Every output's gradient lands on one input: the totals match the probe's.
-        let total: f32 = probe.sum_all().unwrap().to_scalar().unwrap();
-        assert!((ours.iter().sum::<f32>() - total).abs() < 1e-4);
-        for (a, b) in ours.iter().zip(&views) {
-            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
-        }
-    }
 }
 
 #[test]
@@ -339,18 +270,26 @@ fn ema_update_follows_its_formula() {
 
 #[test]
 fn the_loss_decreases_when_training_on_a_tiny_fixed_batch() {
-    use trainer::optim::{Optimizer, Rule};
+    use trainer::train::optim::{Optimizer, Rule};
+    use trainer::train::step::{Rates, TrainStep};
     let cfg = tiny("maskdeep-r18-small");
     let model = MaskDeep::new(&cfg, &Device::Cpu).unwrap();
-    let mut opt =
-        Optimizer::new(Rule::Sgd, params::trainable(&model.online_vars), 0.9, 0.0).unwrap();
+    let opt = Optimizer::new(Rule::Sgd, params::trainable(&model.online_vars), 0.9, 0.0).unwrap();
+    let mut trainer = TrainStep::new(model, opt);
     let x = batch(&cfg, 8);
+    let views = Views {
+        global: &x,
+        local: None,
+        batch: cfg.batch_size,
+    };
+    let rates = Rates {
+        lr: 0.05,
+        tau: 0.99,
+    };
     let mut losses = Vec::new();
     for step in 0..15 {
-        let loss = loss_on(&model, &x, step).total;
+        let loss = trainer.run(&views, step, rates, None).unwrap().total;
         losses.push(loss.to_scalar::<f32>().unwrap());
-        opt.step(&loss.backward().unwrap(), 0.05).unwrap();
-        ema::update(&model.online_vars, &model.target_vars, 0.99).unwrap();
     }
     let first: f32 = losses[..3].iter().sum::<f32>() / 3.0;
     let last: f32 = losses[12..].iter().sum::<f32>() / 3.0;

@@ -5,9 +5,9 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 use shared::shard::Encoding;
 use shared::synth::{write_packed_train, SynthSpec};
-use trainer::checkpoint;
 use trainer::config::TrainConfig;
-use trainer::pretrain::{run, PretrainJob};
+use trainer::train::checkpoint;
+use trainer::train::pretrain::{run, PretrainJob};
 
 fn shards(dir: &Path) -> PathBuf {
     let spec = SynthSpec {

@@ -50,7 +50,10 @@ impl GradientHook for CaptureGrads {
         let mut out = Vec::new();
         for (name, var) in &self.vars {
             if let Some(g) = store.get(var.as_tensor()) {
-                out.push((name.clone(), g.to_dtype(DType::F32)?.to_device(&Device::Cpu)?));
+                out.push((
+                    name.clone(),
+                    g.to_dtype(DType::F32)?.to_device(&Device::Cpu)?,
+                ));
             }
         }
         *self.grads.lock().unwrap_or_else(|e| e.into_inner()) = out;

@@ -48,4 +48,3 @@ pub(super) fn accuracy(scored: &[(bool, bool)]) -> Accuracy {
         top5: 100.0 * scored.iter().filter(|s| s.1).count() as f64 / n,
     }
 }
-

@@ -8,8 +8,8 @@ use candle_nn::{VarBuilder, VarMap};
 use rand::Rng;
 
 use crate::config::TrainConfig;
-use crate::nn::heads::Mlp;
 use crate::method::masking::{masked_pool, VisibleCells};
+use crate::nn::heads::Mlp;
 use crate::nn::params;
 use crate::nn::resnet::ResNet;
 
@@ -127,8 +127,8 @@ impl MaskDeep {
 
     /// The optimiser of the online parameters that the config names.
     pub fn optimizer(&self) -> Result<crate::train::optim::Optimizer> {
-        let rule =
-            crate::train::optim::Rule::parse(&self.cfg.optimizer, self.cfg.trust).ok_or_else(|| {
+        let rule = crate::train::optim::Rule::parse(&self.cfg.optimizer, self.cfg.trust)
+            .ok_or_else(|| {
                 candle_core::Error::Msg(format!("unknown optimizer `{}`", self.cfg.optimizer))
             })?;
         crate::train::optim::Optimizer::new(

@@ -98,7 +98,10 @@ pub fn assign<S: Backend>(dst: &mut S, layout: &Layout, value: &Tensor) -> Resul
 
 /// Reads an op-held tensor (one that is not among the op's arguments) as this backend's storage
 /// and calls `f` with it.
-pub fn with_storage<S: Backend, T>(t: &Tensor, f: impl FnOnce(&S, &Layout) -> Result<T>) -> Result<T> {
+pub fn with_storage<S: Backend, T>(
+    t: &Tensor,
+    f: impl FnOnce(&S, &Layout) -> Result<T>,
+) -> Result<T> {
     let (storage, layout) = t.storage_and_layout();
     let Some(s) = S::of(&storage) else {
         candle_core::bail!("op: a held tensor is on another device than the arguments");

@@ -2,6 +2,7 @@
 //! EMA. Pretraining, `trainer bench` and `trainer parity` all run it; the data-parallel
 //! all-reduce of the gradients goes into the hook.
 
+use std::cell::Cell;
 use std::time::{Duration, Instant};
 
 use candle_core::backprop::GradStore;
@@ -109,6 +110,7 @@ impl TrainStep {
         let mut update_ops = self.optimizer.step(&grads, rates.lr)?;
         update_ops += ema::update(&self.model.online_vars, &self.model.target_vars, rates.tau)?;
         let update = lap(t_update)?;
+        STEPS_RUN.with(|n| n.set(n.get() + 1));
         if let Some(p) = profile {
             *p = StepProfile {
                 forward,
@@ -121,6 +123,16 @@ impl TrainStep {
         }
         Ok(loss)
     }
+}
+
+thread_local! {
+    static STEPS_RUN: Cell<u64> = const { Cell::new(0) };
+}
+
+/// How many steps [`TrainStep::run`] has completed on the calling thread: lets a test check that
+/// an entry point (pretraining, bench, parity) trains through it.
+pub fn steps_run_on_this_thread() -> u64 {
+    STEPS_RUN.with(Cell::get)
 }
 
 /// The ops of the autograd graph behind `roots`: the tensors made by an op that leads back to a

@@ -49,7 +49,9 @@ pub fn forward(
     let (n, c, l) = ncl(xl.shape())?;
     let x = f32_slice(xs, xl, name)?;
     let p = f32_slice(ps, pl, name)?;
-    let residual = residual.map(|(rs, rl)| f32_slice(rs, rl, name)).transpose()?;
+    let residual = residual
+        .map(|(rs, rl)| f32_slice(rs, rl, name))
+        .transpose()?;
     let (w, b, mean, var) = (&p[..c], &p[c..2 * c], &p[2 * c..3 * c], &p[3 * c..]);
     let mut y = vec![0f32; n * c * l];
     y.par_chunks_mut(l).enumerate().for_each(|(i, dst)| {

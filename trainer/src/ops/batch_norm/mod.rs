@@ -11,7 +11,9 @@
 pub mod cpu;
 pub mod reference;
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+};
 
 use crate::ops::portable::{self, Backend};
 
@@ -270,7 +272,14 @@ impl CustomOp3 for BatchNormBackward {
             return self.portable([(xs, xl), (gs, gl), (ys, yl)]);
         }
         portable::with_storage(&self.params, |ps: &CpuStorage, pl| {
-            cpu::backward((xs, xl), (gs, gl), (ys, yl), (ps, pl), self.relu, self.residual)
+            cpu::backward(
+                (xs, xl),
+                (gs, gl),
+                (ys, yl),
+                (ps, pl),
+                self.relu,
+                self.residual,
+            )
         })
     }
 

@@ -16,7 +16,11 @@ fn ncl_f32(x: &Tensor) -> Result<Tensor> {
 pub fn stats(x: &Tensor) -> Result<Tensor> {
     let x = ncl_f32(x)?;
     let mean = x.mean_keepdim(2)?.mean_keepdim(0)?;
-    let var = x.broadcast_sub(&mean)?.sqr()?.mean_keepdim(2)?.mean_keepdim(0)?;
+    let var = x
+        .broadcast_sub(&mean)?
+        .sqr()?
+        .mean_keepdim(2)?
+        .mean_keepdim(0)?;
     Tensor::cat(&[mean.flatten_all()?, var.flatten_all()?], 0)
 }
 
@@ -32,7 +36,12 @@ fn normalise(x: &Tensor, w: &Tensor, b: &Tensor, mean: &Tensor, var: &Tensor) ->
 }
 
 /// The forward with the statistics in `params` = `[weight, bias, mean, var]`; `x`'s dtype out.
-pub fn forward(x: &Tensor, params: &Tensor, residual: Option<&Tensor>, relu: bool) -> Result<Tensor> {
+pub fn forward(
+    x: &Tensor,
+    params: &Tensor,
+    residual: Option<&Tensor>,
+    relu: bool,
+) -> Result<Tensor> {
     let c = x.dim(1)?;
     let p = |i: usize| params.narrow(0, i * c, c);
     let mut y = normalise(&ncl_f32(x)?, &p(0)?, &p(1)?, &p(2)?, &p(3)?)?;
@@ -65,8 +74,18 @@ pub fn backward(
     let b = Var::from_tensor(&params.narrow(0, c, c)?)?;
     let xt = xv.as_tensor();
     let mean = xt.mean_keepdim(2)?.mean_keepdim(0)?;
-    let var = xt.broadcast_sub(&mean)?.sqr()?.mean_keepdim(2)?.mean_keepdim(0)?;
-    let out = normalise(xt, w.as_tensor(), b.as_tensor(), &mean.flatten_all()?, &var.flatten_all()?)?;
+    let var = xt
+        .broadcast_sub(&mean)?
+        .sqr()?
+        .mean_keepdim(2)?
+        .mean_keepdim(0)?;
+    let out = normalise(
+        xt,
+        w.as_tensor(),
+        b.as_tensor(),
+        &mean.flatten_all()?,
+        &var.flatten_all()?,
+    )?;
     let grads = (out * &g)?.sum_all()?.backward()?;
     let grad = |v: &Var| -> Result<Tensor> {
         match grads.get(v.as_tensor()) {
@@ -78,6 +97,10 @@ pub fn backward(
     if residual {
         parts.push(g.flatten_all()?);
     }
-    parts.extend([grad(&w)?, grad(&b)?, Tensor::zeros(2 * c, DType::F32, x.device())?]);
+    parts.extend([
+        grad(&w)?,
+        grad(&b)?,
+        Tensor::zeros(2 * c, DType::F32, x.device())?,
+    ]);
     Tensor::cat(&parts, 0)
 }

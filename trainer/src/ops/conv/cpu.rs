@@ -23,7 +23,7 @@ pub fn forward(
     wl: &Layout,
     g: Geometry,
 ) -> Result<(CpuStorage, Shape)> {
-let d = Dims::new(xl, wl, g)?;
+    let d = Dims::new(xl, wl, g)?;
     let x = f32_slice(xs, xl, NAME)?;
     let weight = f32_slice(ws, wl, NAME)?;
     let (kk, hw, chw) = (d.kk(), d.hw(), d.c * d.h * d.w);
@@ -87,7 +87,7 @@ pub fn backward(
     g: Geometry,
     need_dx: bool,
 ) -> Result<(CpuStorage, Shape)> {
-let d = Dims::new(xl, wl, g)?;
+    let d = Dims::new(xl, wl, g)?;
     let x = f32_slice(xs, xl, BACKWARD_NAME)?;
     let weight = f32_slice(ws, wl, BACKWARD_NAME)?;
     let dy = f32_slice(gs, gl, BACKWARD_NAME)?;

@@ -33,7 +33,12 @@ pub fn backward(
 }
 
 /// `dx` of shape `[n, c_in, h, w]` from `dy` `[n, c_out, ho, wo]`.
-pub fn input_grad(dy: &Tensor, weight: &Tensor, (h, w): (usize, usize), g: Geometry) -> Result<Tensor> {
+pub fn input_grad(
+    dy: &Tensor,
+    weight: &Tensor,
+    (h, w): (usize, usize),
+    g: Geometry,
+) -> Result<Tensor> {
     let Geometry { k, stride, padding } = g;
     if padding >= k {
         candle_core::bail!("conv2d: padding {padding} >= kernel {k}");

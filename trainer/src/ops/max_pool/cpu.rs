@@ -14,60 +14,65 @@ const BACKWARD_NAME: &str = "max-pool-3x3-s2-backward";
 /// `x [n, c, h, w] -> y [n, c, ho, wo]`.
 pub fn forward(s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
     let (count, h, w) = planes(l, NAME)?;
-        let x = f32_slice(s, l, NAME)?;
-        let (ho, wo) = (out(h), out(w));
-        let mut y = vec![0f32; count * ho * wo];
-        // Separable: the max over each row's column windows, then over three such rows.
-        y.par_chunks_mut(ho * wo)
-            .zip(x.par_chunks(h * w))
-            .for_each_init(Vec::new, |rows, (dst, plane)| {
-                rows.clear();
-                for line in plane.chunks_exact(w) {
-                    rows.extend((0..wo).map(|j| {
-                        let right = (2 * j + 1).min(w - 1);
-                        let m = line[2 * j].max(line[right]);
-                        if j > 0 {
-                            m.max(line[2 * j - 1])
-                        } else {
-                            m
-                        }
-                    }));
-                }
-                for (i, out) in dst.chunks_exact_mut(wo).enumerate() {
-                    let at = |r: usize| &rows[r * wo..(r + 1) * wo];
-                    let (mid, below) = (at(2 * i), at((2 * i + 1).min(h - 1)));
-                    for (j, o) in out.iter_mut().enumerate() {
-                        *o = mid[j].max(below[j]);
+    let x = f32_slice(s, l, NAME)?;
+    let (ho, wo) = (out(h), out(w));
+    let mut y = vec![0f32; count * ho * wo];
+    // Separable: the max over each row's column windows, then over three such rows.
+    y.par_chunks_mut(ho * wo)
+        .zip(x.par_chunks(h * w))
+        .for_each_init(Vec::new, |rows, (dst, plane)| {
+            rows.clear();
+            for line in plane.chunks_exact(w) {
+                rows.extend((0..wo).map(|j| {
+                    let right = (2 * j + 1).min(w - 1);
+                    let m = line[2 * j].max(line[right]);
+                    if j > 0 {
+                        m.max(line[2 * j - 1])
+                    } else {
+                        m
                     }
-                    if i > 0 {
-                        for (o, &v) in out.iter_mut().zip(at(2 * i - 1)) {
-                            *o = o.max(v);
-                        }
+                }));
+            }
+            for (i, out) in dst.chunks_exact_mut(wo).enumerate() {
+                let at = |r: usize| &rows[r * wo..(r + 1) * wo];
+                let (mid, below) = (at(2 * i), at((2 * i + 1).min(h - 1)));
+                for (j, o) in out.iter_mut().enumerate() {
+                    *o = mid[j].max(below[j]);
+                }
+                if i > 0 {
+                    for (o, &v) in out.iter_mut().zip(at(2 * i - 1)) {
+                        *o = o.max(v);
                     }
                 }
-            });
-        let dims = l.shape().dims();
-        Ok((CpuStorage::F32(y), Shape::from((dims[0], dims[1], ho, wo))))
+            }
+        });
+    let dims = l.shape().dims();
+    Ok((CpuStorage::F32(y), Shape::from((dims[0], dims[1], ho, wo))))
 }
 
 /// `(x, dy) -> dx`: each output's gradient added at its window's first maximum.
-pub fn backward(xs: &CpuStorage, xl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
+pub fn backward(
+    xs: &CpuStorage,
+    xl: &Layout,
+    gs: &CpuStorage,
+    gl: &Layout,
+) -> Result<(CpuStorage, Shape)> {
     let (count, h, w) = planes(xl, BACKWARD_NAME)?;
-        let x = f32_slice(xs, xl, BACKWARD_NAME)?;
-        let dy = f32_slice(gs, gl, BACKWARD_NAME)?;
-        let (ho, wo) = (out(h), out(w));
-        if dy.len() != count * ho * wo {
-            candle_core::bail!("{}: the gradient does not fit the input", BACKWARD_NAME);
-        }
-        let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(h * w)
-            .zip(x.par_chunks(h * w).zip(dy.par_chunks(ho * wo)))
-            .for_each(|(dst, (plane, g))| {
-                for (k, &g) in g.iter().enumerate() {
-                    dst[argmax(plane, (h, w), (k / wo, k % wo))] += g;
-                }
-            });
-        Ok((CpuStorage::F32(dx), xl.shape().clone()))
+    let x = f32_slice(xs, xl, BACKWARD_NAME)?;
+    let dy = f32_slice(gs, gl, BACKWARD_NAME)?;
+    let (ho, wo) = (out(h), out(w));
+    if dy.len() != count * ho * wo {
+        candle_core::bail!("{}: the gradient does not fit the input", BACKWARD_NAME);
+    }
+    let mut dx = vec![0f32; x.len()];
+    dx.par_chunks_mut(h * w)
+        .zip(x.par_chunks(h * w).zip(dy.par_chunks(ho * wo)))
+        .for_each(|(dst, (plane, g))| {
+            for (k, &g) in g.iter().enumerate() {
+                dst[argmax(plane, (h, w), (k / wo, k % wo))] += g;
+            }
+        });
+    Ok((CpuStorage::F32(dx), xl.shape().clone()))
 }
 
 /// The plane geometry of a `[n, c, h, w]` layout: (planes, h, w).
@@ -92,4 +97,3 @@ fn argmax(plane: &[f32], (h, w): (usize, usize), (i, j): (usize, usize)) -> usiz
     }
     best
 }
-

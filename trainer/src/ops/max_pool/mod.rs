@@ -5,8 +5,8 @@
 pub mod cpu;
 pub mod reference;
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
 use crate::ops::portable::{self, Backend};
 
@@ -48,7 +48,9 @@ impl CustomOp1 for MaxPool {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(x.apply_op2_no_bwd(&dy.contiguous()?, &MaxPoolBackward)?))
+        Ok(Some(
+            x.apply_op2_no_bwd(&dy.contiguous()?, &MaxPoolBackward)?,
+        ))
     }
 }
 

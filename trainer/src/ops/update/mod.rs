@@ -86,7 +86,13 @@ impl InplaceOp2 for Blend {
         "blend"
     }
 
-    fn cpu_fwd(&self, ds: &mut CpuStorage, dl: &Layout, ss: &CpuStorage, sl: &Layout) -> Result<()> {
+    fn cpu_fwd(
+        &self,
+        ds: &mut CpuStorage,
+        dl: &Layout,
+        ss: &CpuStorage,
+        sl: &Layout,
+    ) -> Result<()> {
         if !all_f32(&[ds, ss]) {
             return portable_update(ds, dl, [(ss, sl)], |d, [s]| reference::blend(self, d, &s));
         }

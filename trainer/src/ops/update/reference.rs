@@ -35,5 +35,7 @@ fn trust_ratio(w: &Tensor, d: &Tensor, trust: f64) -> Result<Tensor> {
     let both = w_norm.gt(0.0)?.mul(&d_norm.gt(0.0)?)?;
     let ratio = ((w_norm * trust)? / d_norm.maximum(1e-300)?)?;
     let one = Tensor::ones_like(&ratio)?;
-    both.where_cond(&ratio, &one)?.to_dtype(w.dtype())?.reshape(1)
+    both.where_cond(&ratio, &one)?
+        .to_dtype(w.dtype())?
+        .reshape(1)
 }

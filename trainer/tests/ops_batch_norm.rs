@@ -1,7 +1,10 @@
-//! The fused CPU BatchNorm against the textbook formula written with plain tensor ops.
+//! The BatchNorm op against the textbook formula written with plain tensor ops (differentiated by
+//! autograd), on every device and path.
 
-use candle_core::{Device, Tensor, Var};
-use trainer::batchnorm_cpu::forward_train;
+mod common;
+
+use candle_core::{DType, Device, Tensor, Var};
+use trainer::ops::batch_norm;
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
     (a - b)
@@ -34,6 +37,12 @@ fn fused_batchnorm_residual_relu_matches_the_formula_forward_and_backward() {
 /// Outputs, batch statistics and the gradients of `forward_train(.., relu, residual)` against
 /// plain tensor ops (the ReLU by candle's own op).
 fn check_against_formula(relu: bool, with_residual: bool) {
+    for (device, dtype) in common::cases() {
+        check_case(relu, with_residual, &device, dtype);
+    }
+}
+
+fn check_case(relu: bool, with_residual: bool, device: &Device, dtype: DType) {
     let dev = Device::Cpu;
     let (n, c, l) = (4, 3, 10);
     let x = Var::from_tensor(&(Tensor::randn(0f32, 2.0, (n, c, l), &dev).unwrap() + 1.5).unwrap())
@@ -43,15 +52,42 @@ fn check_against_formula(relu: bool, with_residual: bool) {
     let probe = Tensor::randn(0f32, 1.0, (n, c, l), &dev).unwrap();
 
     let r = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, c, l), &dev).unwrap()).unwrap();
-    let residual = with_residual.then_some(r.as_tensor());
-    let (y, mean, var) =
-        forward_train(x.as_tensor(), w.as_tensor(), b.as_tensor(), relu, residual).unwrap();
-    let grads = (&y * &probe)
+    // The op's inputs on the case's device and dtype; the parameters stay f32 (master weights).
+    let on = |t: &Tensor, dtype| {
+        Var::from_tensor(&t.to_dtype(dtype).unwrap().to_device(device).unwrap()).unwrap()
+    };
+    let (xd, wd, bd, rd) = (
+        on(&x, dtype),
+        on(&w, DType::F32),
+        on(&b, DType::F32),
+        on(&r, dtype),
+    );
+    let back = |t: &Tensor| t.to_dtype(DType::F32).unwrap().to_device(&dev).unwrap();
+    let (y, stats) = batch_norm::train(
+        xd.as_tensor(),
+        wd.as_tensor(),
+        bd.as_tensor(),
+        with_residual.then_some(rd.as_tensor()),
+        relu,
+    )
+    .unwrap();
+    assert_eq!(y.dtype(), dtype);
+    let probe_d = probe.to_dtype(dtype).unwrap().to_device(device).unwrap();
+    let grads_d = (&y * &probe_d)
         .unwrap()
         .sum_all()
         .unwrap()
         .backward()
         .unwrap();
+    let (y, mean, var) = (
+        back(&y),
+        back(&stats.narrow(0, 0, c).unwrap()),
+        back(&stats.narrow(0, c, c).unwrap()),
+    );
+    let grads: Vec<Option<Tensor>> = [&xd, &wd, &bd, &rd]
+        .iter()
+        .map(|v| grads_d.get(v.as_tensor()).map(back))
+        .collect();
 
     let xt = x.as_tensor();
     let m_ref = xt.mean_keepdim(2).unwrap().mean_keepdim(0).unwrap();
@@ -70,7 +106,7 @@ fn check_against_formula(relu: bool, with_residual: bool) {
         .unwrap()
         .broadcast_add(&b.as_tensor().reshape((1, c, 1)).unwrap())
         .unwrap();
-    let y_ref = match residual {
+    let y_ref = match with_residual.then_some(r.as_tensor()) {
         Some(r) => (y_ref + r).unwrap(),
         None => y_ref,
     };
@@ -97,17 +133,21 @@ fn check_against_formula(relu: bool, with_residual: bool) {
     assert!(max_abs(&y, &y_ref) < 1e-5);
     assert!(max_abs(&mean, &m_ref.flatten_all().unwrap()) < 1e-5);
     assert!(max_abs(&var, &v_ref.flatten_all().unwrap()) < 1e-4);
-    let mut vars = vec![("x", &x), ("weight", &w), ("bias", &b)];
+    let mut vars = vec![
+        ("x", &x, &grads[0]),
+        ("weight", &w, &grads[1]),
+        ("bias", &b, &grads[2]),
+    ];
     if with_residual {
-        vars.push(("residual", &r));
+        vars.push(("residual", &r, &grads[3]));
     } else {
-        assert!(grads.get(r.as_tensor()).is_none());
+        assert!(grads[3].is_none());
     }
-    for (what, v) in vars {
-        let d = max_abs(
-            grads.get(v.as_tensor()).unwrap(),
-            g_ref.get(v.as_tensor()).unwrap(),
+    for (what, v, grad) in vars {
+        let d = max_abs(grad.as_ref().unwrap(), g_ref.get(v.as_tensor()).unwrap());
+        assert!(
+            d < 1e-4,
+            "{what} gradient off by {d} ({device:?}, {dtype:?})"
         );
-        assert!(d < 1e-4, "{what} gradient off by {d}");
     }
 }

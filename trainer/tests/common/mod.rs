@@ -1,0 +1,28 @@
+//! What the op tests share: the (device, dtype) cases each op runs on.
+
+use candle_core::{DType, Device};
+
+/// Every case an op test covers: the CPU kernels (f32), the reference path inside the op on the
+/// CPU (f64, a dtype without a CPU kernel: the route CUDA takes until its kernels land), and f32
+/// on CUDA when the build has the feature and a GPU is present.
+pub fn cases() -> Vec<(Device, DType)> {
+    let mut out = Vec::new();
+    for device in trainer::device::available() {
+        if device.is_cpu() {
+            out.push((device.clone(), DType::F64));
+        }
+        out.push((device, DType::F32));
+    }
+    out
+}
+
+/// The tolerance of a comparison with an f32 CPU reference on `device`: CUDA's convolutions may
+/// round through TF32. (Not every test binary that includes this module compares this way.)
+#[allow(dead_code)]
+pub fn tolerance(device: &Device) -> f32 {
+    if device.is_cpu() {
+        1e-5
+    } else {
+        2e-3
+    }
+}
