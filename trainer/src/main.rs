@@ -224,12 +224,12 @@ impl EvalArgs {
                     device: self.device.clone(),
                 }
                 .resolve()?;
-                let what = format!("random {}", cfg.arch.name());
+                let what = format!("random {}", cfg.model.arch.name());
                 (MaskDeep::new(&cfg, &device)?, what)
             }
             _ => bail!("give --checkpoint or --random (not both)"),
         };
-        let size = model.config().image_size;
+        let size = model.config().data.image_size;
         let features = |p: &PathBuf| {
             features::extract(
                 &model.online.backbone,
@@ -313,10 +313,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench(args) => {
             let mut cfg = args.config.resolve()?;
             if let Some(b) = args.batch {
-                cfg.batch_size = b;
+                cfg.data.batch_size = b;
             }
             if let Some(s) = args.size {
-                cfg.image_size = s;
+                cfg.data.image_size = s;
             }
             cfg.validate()?;
             let device = trainer::device::parse(&args.config.device)?;
@@ -324,16 +324,16 @@ fn run(cli: Cli) -> Result<()> {
             let mut sweep = Vec::new();
             for &g in &args.groups {
                 let mut c = cfg.clone();
-                c.groups = g;
+                c.method.groups = g;
                 sweep.push(bench::time_steps(&c, &device, args.steps)?);
             }
             if args.json {
                 let out = serde_json::json!({
                     "preset": cfg.preset,
                     "device": args.config.device,
-                    "batch": cfg.batch_size,
-                    "size": cfg.image_size,
-                    "bf16": cfg.bf16,
+                    "batch": cfg.data.batch_size,
+                    "size": cfg.data.image_size,
+                    "bf16": cfg.model.bf16,
                     "views_per_second": main.views_per_second,
                     "step": main,
                     "groups": sweep,
@@ -343,8 +343,8 @@ fn run(cli: Cli) -> Result<()> {
                 println!(
                     "{} batch {} at {} px on {}: {:.1} views/s ({:.1} ms/step)",
                     cfg.preset,
-                    cfg.batch_size,
-                    cfg.image_size,
+                    cfg.data.batch_size,
+                    cfg.data.image_size,
                     args.config.device,
                     main.views_per_second,
                     main.step_ms
@@ -423,7 +423,7 @@ fn run(cli: Cli) -> Result<()> {
             println!(
                 "wrote {} ({} backbone)",
                 out.display(),
-                model.config().arch.name()
+                model.config().model.arch.name()
             );
         }
         Command::Plot {

@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use trainer::config::TrainConfig;
+use trainer::config::{Level, TrainConfig};
 use trainer::method::ema;
 use trainer::method::maskdeep::{normalize, Loss, MaskDeep, Views};
 use trainer::method::masking::{masked_pool, visible_count, VisibleCells};
@@ -58,12 +58,12 @@ fn parameter_names_and_shapes_match_torchvision() {
 
 fn tiny(preset: &str) -> TrainConfig {
     let mut c = TrainConfig::preset(preset).unwrap();
-    c.width = 0.125;
-    c.image_size = 32;
-    c.proj_hidden = 32;
-    c.proj_dim = 16;
-    c.pred_hidden = 32;
-    c.batch_size = 4;
+    c.model.width = 0.125;
+    c.data.image_size = 32;
+    c.model.proj_hidden = 32;
+    c.model.proj_dim = 16;
+    c.model.pred_hidden = 32;
+    c.data.batch_size = 4;
     c
 }
 
@@ -164,8 +164,8 @@ fn masked_pooling_equals_a_loop_over_groups() {
 }
 
 fn batch(cfg: &TrainConfig, seed: u64) -> Tensor {
-    let s = cfg.image_size as usize;
-    let n = cfg.global_views * cfg.batch_size;
+    let s = cfg.data.image_size as usize;
+    let n = cfg.data.global_views * cfg.data.batch_size;
     let dev = Device::Cpu;
     let values: Vec<f32> = {
         use rand::Rng;
@@ -182,7 +182,7 @@ fn loss_on(model: &MaskDeep, x: &Tensor, mask_seed: u64) -> Loss {
     let views = Views {
         global: x,
         local: None,
-        batch: model.config().batch_size,
+        batch: model.config().data.batch_size,
     };
     let mut rng = ChaCha8Rng::seed_from_u64(mask_seed);
     let masks = model.sample_masks(&mut rng, &views).unwrap();
@@ -211,7 +211,7 @@ fn byol_preset_loss_equals_an_independent_byol_loss() {
     let z = model.target.projectors[0]
         .forward(&t.levels[2].mean((2, 3)).unwrap(), true)
         .unwrap();
-    let b = cfg.batch_size;
+    let b = cfg.data.batch_size;
     let cos = |a: &Tensor, b: &Tensor| -> Vec<f32> {
         let a = normalize(a).unwrap();
         let b = normalize(b).unwrap();
@@ -226,8 +226,8 @@ fn byol_preset_loss_equals_an_independent_byol_loss() {
 #[test]
 fn every_trainable_parameter_gets_a_gradient_and_the_target_none() {
     let mut cfg = tiny("maskdeep-r18-small");
-    cfg.levels = vec!["c3".into(), "c4".into(), "c5".into()];
-    cfg.level_weights = vec![1.0, 1.0, 1.0];
+    cfg.method.levels = vec![Level::C3, Level::C4, Level::C5];
+    cfg.method.level_weights = vec![1.0, 1.0, 1.0];
     let model = MaskDeep::new(&cfg, &Device::Cpu).unwrap();
     let x = batch(&cfg, 6);
     let grads = loss_on(&model, &x, 0).total.backward().unwrap();
@@ -280,7 +280,7 @@ fn the_loss_decreases_when_training_on_a_tiny_fixed_batch() {
     let views = Views {
         global: &x,
         local: None,
-        batch: cfg.batch_size,
+        batch: cfg.data.batch_size,
     };
     let rates = Rates {
         lr: 0.05,

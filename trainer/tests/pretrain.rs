@@ -97,7 +97,7 @@ fn a_stopped_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_one() {
     assert!(err.contains("--resume"), "{err}");
     // Resuming with another config is refused.
     let mut other = cfg.clone();
-    other.lr = 0.5;
+    other.optim.lr = 0.5;
     let mut j = job(&other, &data, &split_dir);
     j.resume = true;
     assert!(run(&j).unwrap_err().to_string().contains("config differs"));
@@ -139,8 +139,8 @@ fn bad_config_values_are_refused_with_the_key_named() {
         .to_string()
         .contains("visible_ratio"));
     let mut c = tiny();
-    c.set("levels=[\"c6\"]").unwrap();
-    assert!(c.validate().unwrap_err().to_string().contains("c6"));
+    let err = c.set("levels=[\"c6\"]").unwrap_err().to_string();
+    assert!(err.contains("levels") && err.contains("c6"), "{err}");
     for bad in ["lr_final=1.5", "ema_final=0.5", "rotation=200"] {
         let mut c = tiny();
         c.set(bad).unwrap();
@@ -159,9 +159,9 @@ fn pretraining_reads_view_shards_and_checks_they_fit_the_config() {
     let views_job = shared::viewshards::ViewsJob {
         source: data.clone(),
         views: cfg.view_specs(),
-        seed: cfg.seed,
+        seed: cfg.run.seed,
         epochs: 1,
-        batch_size: cfg.batch_size,
+        batch_size: cfg.data.batch_size,
         threads: 2,
         shard_size: 1 << 20,
         out: views_dir.clone(),
@@ -174,7 +174,7 @@ fn pretraining_reads_view_shards_and_checks_they_fit_the_config() {
         .to_string();
     assert!(err.contains("loader views"), "{err}");
     let mut one = cfg.clone();
-    one.epochs = 1;
+    one.schedule.epochs = 1;
     let summary = run(&job(&one, &views_dir, &dir.path().join("r2"))).unwrap();
     assert_eq!(summary.steps, 3);
     // Another view size, or a rotation the shards were not made with, does not fit them.

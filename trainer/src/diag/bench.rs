@@ -40,15 +40,15 @@ pub fn time_steps(cfg: &TrainConfig, device: &Device, steps: usize) -> Result<St
     let model = MaskDeep::new(cfg, device)?;
     let optimizer = model.optimizer()?;
     let mut trainer = TrainStep::new(model, optimizer);
-    let b = cfg.batch_size;
-    let s = cfg.image_size as usize;
-    let global = Tensor::randn(0f32, 1.0, (cfg.global_views * b, 3, s, s), device)?;
-    let l = cfg.local_size as usize;
-    let local = if cfg.local_views > 0 {
+    let b = cfg.data.batch_size;
+    let s = cfg.data.image_size as usize;
+    let global = Tensor::randn(0f32, 1.0, (cfg.data.global_views * b, 3, s, s), device)?;
+    let l = cfg.data.local_size as usize;
+    let local = if cfg.data.local_views > 0 {
         Some(Tensor::randn(
             0f32,
             1.0,
-            (cfg.local_views * b, 3, l, l),
+            (cfg.data.local_views * b, 3, l, l),
             device,
         )?)
     } else {
@@ -77,10 +77,10 @@ pub fn time_steps(cfg: &TrainConfig, device: &Device, steps: usize) -> Result<St
         v[v.len() / 2]
     };
     let step_ms = median(&|s| s.total);
-    let views = (b * (cfg.global_views + cfg.local_views)) as f64;
+    let views = (b * (cfg.data.global_views + cfg.data.local_views)) as f64;
     let last = samples.last().copied().unwrap_or_default();
     Ok(StepTimes {
-        groups: cfg.groups,
+        groups: cfg.method.groups,
         views_per_second: views / (step_ms / 1e3),
         step_ms,
         online_encoder_ms: median(&|s| s.forward.online_encoder),

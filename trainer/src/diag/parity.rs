@@ -67,9 +67,13 @@ fn run(cfg: &TrainConfig, device: &Device, input: &Tensor) -> candle_core::Resul
     let views = Views {
         global: &x,
         local: None,
-        batch: cfg.batch_size,
+        batch: cfg.data.batch_size,
     };
-    let dtype = if cfg.bf16 { DType::BF16 } else { DType::F32 };
+    let dtype = if cfg.model.bf16 {
+        DType::BF16
+    } else {
+        DType::F32
+    };
     let c5 = model
         .online
         .backbone
@@ -104,20 +108,20 @@ fn rel(a: &Tensor, b: &Tensor) -> candle_core::Result<f64> {
 /// Compares a small ResNet-18 MaskDeep step on `device` (bf16 when asked) with the CPU in f32.
 pub fn check(device: &Device, name: &str, bf16: bool) -> anyhow::Result<ParityReport> {
     let mut cfg = TrainConfig::preset("maskdeep-r18-imagenet")?;
-    cfg.width = 0.5;
-    cfg.image_size = 64;
-    cfg.batch_size = 8;
-    cfg.proj_hidden = 256;
-    cfg.pred_hidden = 256;
-    let n = cfg.global_views * cfg.batch_size;
-    let s = cfg.image_size as usize;
+    cfg.model.width = 0.5;
+    cfg.data.image_size = 64;
+    cfg.data.batch_size = 8;
+    cfg.model.proj_hidden = 256;
+    cfg.model.pred_hidden = 256;
+    let n = cfg.data.global_views * cfg.data.batch_size;
+    let s = cfg.data.image_size as usize;
     let mut rng = ChaCha8Rng::seed_from_u64(11);
     let values: Vec<f32> = (0..n * 3 * s * s)
         .map(|_| rng.random_range(-2.0..2.0))
         .collect();
     let input = Tensor::from_vec(values, (n, 3, s, s), &Device::Cpu)?;
     let reference = run(&cfg, &Device::Cpu, &input)?;
-    cfg.bf16 = bf16;
+    cfg.model.bf16 = bf16;
     let other = run(&cfg, device, &input)?;
     // Gradients that are zero in exact arithmetic (the bias of a Linear that feeds a BatchNorm)
     // hold only rounding noise; they are skipped when their norm is below 1e-6 of the largest.

@@ -40,7 +40,7 @@ pub fn write_torchvision(model: &MaskDeep, steps: u64, path: &Path) -> Result<()
 /// GAP(C5) features of it (`probe.features`), for checking an export in another framework.
 pub fn probe(model: &MaskDeep) -> Result<HashMap<String, Tensor>> {
     use rand::{Rng, SeedableRng};
-    let size = model.config().image_size as usize;
+    let size = model.config().data.image_size as usize;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     let values: Vec<f32> = (0..2 * 3 * size * size)
         .map(|_| rng.random_range(-2.0..2.0))

@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use rand::Rng;
 
-use crate::config::TrainConfig;
+use crate::config::{Targets, TrainConfig};
 use crate::method::masking::{masked_pool, VisibleCells};
 use crate::nn::heads::Mlp;
 use crate::nn::params;
@@ -28,8 +28,8 @@ impl Branch {
             Mlp::new(
                 vb.pp("projector").pp(name),
                 channels[level],
-                cfg.proj_hidden,
-                cfg.proj_dim,
+                cfg.model.proj_hidden,
+                cfg.model.proj_dim,
             )
         })?;
         Ok(Branch {
@@ -43,11 +43,11 @@ fn level_heads(
     cfg: &TrainConfig,
     mut make: impl FnMut(usize, &str) -> Result<Mlp>,
 ) -> Result<Vec<Mlp>> {
-    let indices = cfg.level_indices().map_err(candle_core::Error::wrap)?;
+    let indices = cfg.level_indices();
     indices
         .iter()
-        .zip(&cfg.levels)
-        .map(|(&i, name)| make(i, name))
+        .zip(&cfg.method.levels)
+        .map(|(&i, level)| make(i, level.name()))
         .collect()
 }
 
@@ -81,6 +81,8 @@ pub struct ForwardProfile {
     pub heads: Duration,
     pub target: Duration,
     pub target_ops: usize,
+    /// Time spent counting `target_ops` (not part of the step's work).
+    pub counting: Duration,
 }
 
 /// A step's inputs: normalised views, global first.
@@ -102,20 +104,20 @@ impl MaskDeep {
         let predictors = level_heads(cfg, |_, name| {
             Mlp::new(
                 vb.pp("predictor").pp(name),
-                cfg.proj_dim,
-                cfg.pred_hidden,
-                cfg.proj_dim,
+                cfg.model.proj_dim,
+                cfg.model.pred_hidden,
+                cfg.model.proj_dim,
             )
         })?;
         let target = Branch::new(
             cfg,
             &VarBuilder::from_varmap(&target_vars, DType::F32, device),
         )?;
-        params::init(&online_vars, cfg.seed)?;
+        params::init(&online_vars, cfg.run.seed)?;
         params::copy_all(&target_vars_view(&online_vars, &target_vars), &target_vars)?;
         Ok(MaskDeep {
             cfg: cfg.clone(),
-            levels: cfg.level_indices().map_err(candle_core::Error::wrap)?,
+            levels: cfg.level_indices(),
             online_vars,
             target_vars,
             online,
@@ -127,15 +129,13 @@ impl MaskDeep {
 
     /// The optimiser of the online parameters that the config names.
     pub fn optimizer(&self) -> Result<crate::train::optim::Optimizer> {
-        let rule = crate::train::optim::Rule::parse(&self.cfg.optimizer, self.cfg.trust)
-            .ok_or_else(|| {
-                candle_core::Error::Msg(format!("unknown optimizer `{}`", self.cfg.optimizer))
-            })?;
+        let rule =
+            crate::train::optim::Rule::from_config(self.cfg.optim.optimizer, self.cfg.optim.trust);
         crate::train::optim::Optimizer::new(
             rule,
             params::trainable(&self.online_vars),
-            self.cfg.momentum,
-            self.cfg.weight_decay,
+            self.cfg.optim.momentum,
+            self.cfg.optim.weight_decay,
         )
     }
 
@@ -162,10 +162,16 @@ impl MaskDeep {
         let mut add = |t: &Tensor| -> Result<()> {
             let (rows, _, h, w) = t.dims4()?;
             let grid = (h.div_ceil(stride), w.div_ceil(stride));
-            out.push(if self.cfg.visible_ratio >= 1.0 {
-                VisibleCells::all(rows, self.cfg.groups, grid)
+            out.push(if self.cfg.method.visible_ratio >= 1.0 {
+                VisibleCells::all(rows, self.cfg.method.groups, grid)
             } else {
-                VisibleCells::sample(rng, rows, self.cfg.groups, grid, self.cfg.visible_ratio)
+                VisibleCells::sample(
+                    rng,
+                    rows,
+                    self.cfg.method.groups,
+                    grid,
+                    self.cfg.method.visible_ratio,
+                )
             });
             Ok(())
         };
@@ -184,7 +190,7 @@ impl MaskDeep {
         times: Option<&mut ForwardProfile>,
     ) -> Result<Loss> {
         let mut clock = Clock::new(&self.device, times.is_some());
-        let dtype = if self.cfg.bf16 {
+        let dtype = if self.cfg.model.bf16 {
             DType::BF16
         } else {
             DType::F32
@@ -207,7 +213,7 @@ impl MaskDeep {
                 let weights = mask.pooling_tensor((h, w), fmap.dtype(), &self.device)?;
                 let pooled = masked_pool(fmap, &weights)?
                     .to_dtype(DType::F32)?
-                    .reshape((n * self.cfg.groups, c))?;
+                    .reshape((n * self.cfg.method.groups, c))?;
                 rows.push(pooled);
             }
             let pooled = Tensor::cat(&rows, 0)?;
@@ -231,21 +237,25 @@ impl MaskDeep {
             }
             targets.push(z.detach());
         }
-        let target_ops = crate::train::step::graph_ops(&target_graph);
         let t_target = clock.lap()?;
+        let counting = Instant::now();
+        let target_ops = crate::train::step::graph_ops(&target_graph);
+        drop(target_graph);
+        let counting = counting.elapsed();
         if let Some(t) = times {
             t.online_encoder += t_enc;
             t.heads += t_heads;
             t.target += t_target;
             t.target_ops = target_ops;
+            t.counting = counting;
         }
 
         let weights = self.target_weights()?;
         let mut per_level = Vec::with_capacity(self.levels.len());
         let mut total: Option<Tensor> = None;
         for (li, (p, z)) in preds.iter().zip(&targets).enumerate() {
-            let l = multi_target_loss(p, z, &weights, views.batch, self.cfg.groups)?;
-            let weighted = (&l * self.cfg.level_weights[li])?;
+            let l = multi_target_loss(p, z, &weights, views.batch, self.cfg.method.groups)?;
+            let weighted = (&l * self.cfg.method.level_weights[li])?;
             total = Some(match total {
                 None => weighted,
                 Some(t) => (t + weighted)?,
@@ -261,10 +271,10 @@ impl MaskDeep {
     /// `[online views * groups, global views]`: the weight of each (online view, group, target)
     /// cosine, summing to 1 over included pairs.
     fn target_weights(&self) -> Result<Tensor> {
-        let n_global = self.cfg.global_views;
-        let n_views = n_global + self.cfg.local_views;
-        let groups = self.cfg.groups;
-        let include = |i: usize, j: usize| self.cfg.targets == "all" || i != j;
+        let n_global = self.cfg.data.global_views;
+        let n_views = n_global + self.cfg.data.local_views;
+        let groups = self.cfg.method.groups;
+        let include = |i: usize, j: usize| self.cfg.method.targets == Targets::All || i != j;
         let pairs = (0..n_views)
             .flat_map(|i| (0..n_global).map(move |j| (i, j)))
             .filter(|&(i, j)| include(i, j))

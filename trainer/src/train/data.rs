@@ -67,13 +67,13 @@ pub fn plan(dir: &Path, cfg: &TrainConfig) -> Result<DataPlan> {
     }
     let dataset = Dataset::open(dir)
         .with_context(|| format!("{} is neither packed shards nor view shards", dir.display()))?;
-    let sampler = Sampler::new(dataset.len(), cfg.seed, 0, 1, cfg.batch_size)?;
+    let sampler = Sampler::new(dataset.len(), cfg.run.seed, 0, 1, cfg.data.batch_size)?;
     if sampler.steps_per_epoch() == 0 {
         bail!(
             "{} holds {} images, fewer than one batch of {}: lower batch_size",
             dir.display(),
             dataset.len(),
-            cfg.batch_size
+            cfg.data.batch_size
         );
     }
     Ok(DataPlan {
@@ -96,15 +96,18 @@ fn check_view_shards(shards: &ViewShards, cfg: &TrainConfig, dir: &Path) -> Resu
             want
         );
     }
-    if m.views.iter().any(|v| v.rotation != cfg.rotation as f32) {
+    if m.views
+        .iter()
+        .any(|v| v.rotation != cfg.data.rotation as f32)
+    {
         bail!(
             "view shards in {} were made with a rotation other than the config's {} degrees: \
              set rotation to the value given to `loader views --rotation`",
             dir.display(),
-            cfg.rotation
+            cfg.data.rotation
         );
     }
-    if m.batch_size != cfg.batch_size {
+    if m.batch_size != cfg.data.batch_size {
         bail!(
             "view shards in {} were made with batch size {}: set batch_size={}",
             dir.display(),
@@ -128,19 +131,19 @@ impl Batches {
             }
         } else {
             let dataset = Arc::new(Dataset::open(dir)?);
-            let threads = if cfg.threads == 0 {
+            let threads = if cfg.data.threads == 0 {
                 std::thread::available_parallelism().map_or(1, |n| n.get())
             } else {
-                cfg.threads
+                cfg.data.threads
             };
             Source::Stream(Pipeline::start(
                 dataset,
                 PipelineConfig {
                     views: cfg.view_specs(),
-                    batch_size: cfg.batch_size,
-                    seed: cfg.seed,
+                    batch_size: cfg.data.batch_size,
+                    seed: cfg.run.seed,
                     threads,
-                    prefetch: cfg.prefetch,
+                    prefetch: cfg.data.prefetch,
                     rank: 0,
                     world_size: 1,
                     start_step: start,
@@ -151,7 +154,7 @@ impl Batches {
         };
         Ok(Batches {
             source,
-            batch_size: cfg.batch_size,
+            batch_size: cfg.data.batch_size,
         })
     }
 

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, Var};
 
+use crate::config::OptimizerKind;
 use crate::nn::params;
 use crate::ops::update::{AdamStep, Blend, Momentum};
 
@@ -23,13 +24,12 @@ pub enum Rule {
 }
 
 impl Rule {
-    /// From the config's `optimizer` name and LARS trust coefficient.
-    pub fn parse(name: &str, trust: f64) -> Option<Self> {
-        match name {
-            "lars" => Some(Rule::Lars { trust }),
-            "sgd" => Some(Rule::Sgd),
-            "adamw" => Some(Rule::AdamW),
-            _ => None,
+    /// The rule a config names, with its LARS trust coefficient.
+    pub fn from_config(kind: OptimizerKind, trust: f64) -> Self {
+        match kind {
+            OptimizerKind::Lars => Rule::Lars { trust },
+            OptimizerKind::Sgd => Rule::Sgd,
+            OptimizerKind::Adamw => Rule::AdamW,
         }
     }
 }

@@ -110,12 +110,12 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
     write_json_atomic(&config_path, cfg)?;
 
     let plan = data::plan(&job.data, cfg)?;
-    let mut total = cfg.epochs * plan.steps_per_epoch as u64;
-    if cfg.max_steps > 0 {
-        total = if cfg.epochs > 0 {
-            total.min(cfg.max_steps)
+    let mut total = cfg.schedule.epochs * plan.steps_per_epoch as u64;
+    if cfg.schedule.max_steps > 0 {
+        total = if cfg.schedule.epochs > 0 {
+            total.min(cfg.schedule.max_steps)
         } else {
-            cfg.max_steps
+            cfg.schedule.max_steps
         };
     }
     if let Some(available) = plan.max_steps {
@@ -127,7 +127,7 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
             );
         }
     }
-    let warmup = (cfg.warmup_epochs * plan.steps_per_epoch as f64).round() as u64;
+    let warmup = (cfg.schedule.warmup_epochs * plan.steps_per_epoch as f64).round() as u64;
     let base_lr = cfg.scaled_lr();
 
     let mut model = MaskDeep::new(cfg, &job.device)?;
@@ -153,7 +153,7 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
     let bar = progress_bar(job.progress, total, start);
     let end = job.stop_after.map_or(total, |n| total.min(start + n));
     let mut batches = Batches::open(&job.data, cfg, start as usize, end as usize)?;
-    let views_per_sample = cfg.global_views + cfg.local_views;
+    let views_per_sample = cfg.data.global_views + cfg.data.local_views;
     let knn_sets = match &job.knn {
         Some(sets) => Some((Dataset::open(&sets.train)?, Dataset::open(&sets.val)?)),
         None => None,
@@ -170,9 +170,10 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
         for (index, reason) in &batch.skipped {
             say(&bar, format!("warning: skipped record {index}: {reason}"));
         }
-        let lr = schedule::learning_rate(base_lr, cfg.lr_final, step, warmup, total);
-        let tau = schedule::ema_momentum(cfg.ema_base, cfg.ema_final, step, total);
-        let (global, local) = data::to_device(&batch, cfg.global_views, &job.device)?;
+        let lr = schedule::learning_rate(base_lr, cfg.schedule.lr_final, step, warmup, total);
+        let tau =
+            schedule::ema_momentum(cfg.schedule.ema_base, cfg.schedule.ema_final, step, total);
+        let (global, local) = data::to_device(&batch, cfg.data.global_views, &job.device)?;
         let views = Views {
             global: &global,
             local: local.as_ref(),
@@ -223,9 +224,11 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
         ));
         bar.inc(1);
         let epoch_end = step.is_multiple_of(plan.steps_per_epoch as u64);
-        let periodic = cfg.checkpoint_every > 0 && step.is_multiple_of(cfg.checkpoint_every);
+        let periodic =
+            cfg.run.checkpoint_every > 0 && step.is_multiple_of(cfg.run.checkpoint_every);
         let epochs_done = step / plan.steps_per_epoch as u64;
-        let knn_due = epoch_end && cfg.knn_every > 0 && epochs_done.is_multiple_of(cfg.knn_every);
+        let knn_due =
+            epoch_end && cfg.run.knn_every > 0 && epochs_done.is_multiple_of(cfg.run.knn_every);
         if let Some((train, val)) = &knn_sets {
             if knn_due || step == total {
                 let (top1, top5) = knn_accuracy(&trainer.model, train, val, &job.device)?;
@@ -257,7 +260,7 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
                 &trainer.model,
                 &trainer.optimizer,
                 &state,
-                cfg.keep_checkpoints,
+                cfg.run.keep_checkpoints,
             )?);
         }
     }
@@ -268,7 +271,7 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
         steps: step,
         final_loss: last_loss,
         checkpoint: last_checkpoint.context("the run made no step: nothing to train")?,
-        views_per_second: (ran as usize * cfg.batch_size * views_per_sample) as f64 / elapsed,
+        views_per_second: (ran as usize * cfg.data.batch_size * views_per_sample) as f64 / elapsed,
         data_wait: wait.as_secs_f64() / elapsed,
     })
 }
@@ -283,7 +286,7 @@ fn knn_accuracy(
     val: &Dataset,
     device: &Device,
 ) -> Result<(f64, f64)> {
-    let size = model.config().image_size;
+    let size = model.config().data.image_size;
     let backbone = &model.online.backbone;
     let batch = 256;
     let train = features::extract(backbone, train, size, batch, device)?;

@@ -91,17 +91,12 @@ impl TrainStep {
             Ok(since.elapsed())
         };
         let start = Instant::now();
-        let mut rng = mask_rng(self.model.config().seed, step);
+        let mut rng = mask_rng(self.model.config().run.seed, step);
         let masks = self.model.sample_masks(&mut rng, views)?;
         let mut forward = ForwardProfile::default();
         let loss = self
             .model
             .loss(views, &masks, timed.then_some(&mut forward))?;
-        let graph_ops = if timed {
-            graph_ops(std::slice::from_ref(&loss.total))
-        } else {
-            0
-        };
         let t_backward = Instant::now();
         let mut grads = loss.total.backward()?;
         self.hook.on_gradients(&mut grads)?;
@@ -110,14 +105,15 @@ impl TrainStep {
         let mut update_ops = self.optimizer.step(&grads, rates.lr)?;
         update_ops += ema::update(&self.model.online_vars, &self.model.target_vars, rates.tau)?;
         let update = lap(t_update)?;
+        let total = start.elapsed() - forward.counting;
         STEPS_RUN.with(|n| n.set(n.get() + 1));
         if let Some(p) = profile {
             *p = StepProfile {
                 forward,
                 backward,
                 update,
-                total: start.elapsed(),
-                graph_ops,
+                total,
+                graph_ops: graph_ops(std::slice::from_ref(&loss.total)),
                 update_ops,
             };
         }

@@ -1,0 +1,81 @@
+//! The typed config keeps the flat `config.json` of earlier runs and `--set key=value` working.
+
+use trainer::config::{Level, OptimizerKind, Preset, Targets, TrainConfig};
+
+const BEFORE_SECTIONS: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/config-before-sections.json"
+);
+
+fn flat(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap()
+}
+
+#[test]
+fn a_run_config_written_before_the_sections_loads_and_round_trips() {
+    let cfg = TrainConfig::load(BEFORE_SECTIONS.as_ref()).unwrap();
+    assert_eq!(cfg.preset, Preset::MaskDeepR18Small);
+    assert_eq!(cfg.model.width, 0.25);
+    assert_eq!(cfg.method.levels, vec![Level::C4, Level::C5]);
+    assert_eq!(cfg.method.targets, Targets::All);
+    assert_eq!(cfg.optim.optimizer, OptimizerKind::Adamw);
+    assert_eq!(cfg.data.rotation, 180.0);
+    assert_eq!(cfg.run.knn_every, 4);
+    let text = std::fs::read_to_string(BEFORE_SECTIONS).unwrap();
+    assert_eq!(serde_json::to_value(&cfg).unwrap(), flat(&text));
+}
+
+#[test]
+fn keys_added_later_take_their_defaults_when_missing() {
+    let mut old = flat(&std::fs::read_to_string(BEFORE_SECTIONS).unwrap());
+    let map = old.as_object_mut().unwrap();
+    for key in ["lr_final", "ema_final", "rotation"] {
+        map.remove(key);
+    }
+    let cfg = TrainConfig::from_json(old).unwrap();
+    assert_eq!(
+        (
+            cfg.schedule.lr_final,
+            cfg.schedule.ema_final,
+            cfg.data.rotation
+        ),
+        (0.0, 1.0, 0.0)
+    );
+}
+
+#[test]
+fn unknown_keys_and_wrong_choices_are_refused_by_name() {
+    let mut old = flat(&std::fs::read_to_string(BEFORE_SECTIONS).unwrap());
+    old.as_object_mut()
+        .unwrap()
+        .insert("widht".into(), serde_json::json!(1.0));
+    let err = TrainConfig::from_json(old).unwrap_err().to_string();
+    assert!(err.contains("`widht`"), "{err}");
+
+    let mut cfg = TrainConfig::preset("byol-r18-small").unwrap();
+    assert!(cfg
+        .set("no_such_key=1")
+        .unwrap_err()
+        .to_string()
+        .contains("no_such_key"));
+    assert!(cfg.set("targets=some").is_err());
+    assert!(cfg.set("levels=[\"c6\"]").is_err());
+    assert!(cfg.set("preset=resnet").is_err());
+    cfg.set("optimizer=sgd").unwrap();
+    cfg.set("levels=[\"c3\",\"c5\"]").unwrap();
+    cfg.set("level_weights=[1,2]").unwrap();
+    assert_eq!(cfg.optim.optimizer, OptimizerKind::Sgd);
+    assert_eq!(cfg.level_indices(), vec![0, 2]);
+    cfg.validate().unwrap();
+}
+
+#[test]
+fn every_preset_parses_back_from_its_name() {
+    for preset in Preset::ALL {
+        let cfg = TrainConfig::preset(preset.name()).unwrap();
+        assert_eq!(cfg.preset, preset);
+        cfg.validate().unwrap();
+        let json = serde_json::to_value(&cfg).unwrap();
+        assert_eq!(TrainConfig::from_json(json).unwrap(), cfg);
+    }
+}
