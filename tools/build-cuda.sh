@@ -5,7 +5,8 @@
 # - toolkit: installs the pinned CUDA 13.0 compiler, headers and libraries from PyPI into
 #   $CUDA_CACHE (default ~/.cache/maskdeep-cuda, outside the repo), adds the unversioned library
 #   links and a link-time stub for the driver library (libcuda.so belongs to the driver).
-# - build: `cargo build --release` with `--features cuda` and with `--features cudnn` into
+# - build: `cargo build --release` with `--features cuda` and with `--features cudnn` (and each
+#   variant's op test binaries, `cargo test --no-run`) into
 #   $CUDA_TARGET (default ~/.cache/maskdeep-cuda/target; it stores absolute paths, keep it in place).
 # - bundle: writes carry/cuda-bundle.tar.xz (binaries + tools/gpu-check.sh) into the repo's ignored
 #   `carry/` folder, ready to travel to the GPU machine.
@@ -68,6 +69,17 @@ build() {
         cargo build --release --features "$feature" -p trainer --target-dir "$TARGET/gpu"
         mkdir -p "$TARGET/bin"
         cp "$TARGET/gpu/release/trainer" "$TARGET/bin/trainer-$feature"
+        # The op tests of this variant (they run each op on the GPU when one is present).
+        mkdir -p "$TARGET/bin/tests-$feature"
+        cargo test --release --no-run --features "$feature" -p trainer --target-dir "$TARGET/gpu" \
+            --test ops_conv --test ops_batch_norm --test ops_max_pool --test ops_update \
+            --message-format=json |
+            python3 -c 'import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
+        print(m["target"]["name"], m["executable"])' |
+            while read -r name exe; do cp "$exe" "$TARGET/bin/tests-$feature/$name"; done
     done
     cargo build --release -p loader --target-dir "$TARGET/gpu"
     cp "$TARGET/gpu/release/loader" "$TARGET/bin/loader"
@@ -78,6 +90,7 @@ bundle() {
     stage_dir=$(mktemp -d)
     mkdir -p "$stage_dir/bundle" carry
     cp "$TARGET/bin/trainer-cuda" "$TARGET/bin/trainer-cudnn" "$TARGET/bin/loader" "$stage_dir/bundle/"
+    cp -r "$TARGET/bin/tests-cuda" "$TARGET/bin/tests-cudnn" "$stage_dir/bundle/"
     strip "$stage_dir/bundle/"* 2>/dev/null || true
     cp tools/gpu-check.sh tools/bench_torch_step.py tools/gpu_summary.py tools/bf16_torch_reference.py "$stage_dir/bundle/"
     tar -C "$stage_dir" -cJf carry/cuda-bundle.tar.xz.tmp bundle

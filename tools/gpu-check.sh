@@ -24,6 +24,20 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)
 row "GPU" "$gpu"
 
+# 0. The op tests of both builds: every op on the GPU against its CPU kernel and reference.
+for t in cuda cudnn; do
+    for test in "$bin/tests-$t"/*; do
+        name=$(basename "$test")
+        note "op tests $name ($t build)"
+        if NVIDIA_TF32_OVERRIDE=0 timeout 120 "$test" --nocapture >"$work/test-$t-$name" 2>&1; then
+            row "op tests $name ($t)" "$(grep -E '^test result' "$work/test-$t-$name" | tail -n 1)"
+        else
+            row "op tests $name ($t)" "FAILED: $(grep -E 'panicked|^test .* FAILED' "$work/test-$t-$name" | head -n 2 | tr '\n' ' ')"
+        fi
+        cat "$work/test-$t-$name" >>"$log"
+    done
+done
+
 # 1. Parity: CPU f32 vs CUDA f32 and bf16. TF32 off (cuDNN and cuBLAS would otherwise round f32
 # convolutions and matmuls to 10-bit mantissas); the throughput runs below keep it, as PyTorch does.
 for t in cuda cudnn; do

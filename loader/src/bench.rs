@@ -160,11 +160,6 @@ fn run_streamed(
     Ok((steps * batch) as f64 / start.elapsed().as_secs_f64())
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 /// Runs `loader bench`.
 pub fn run(a: BenchArgs) -> Result<()> {
     let views = shared::views::preset(&a.preset)?;
@@ -194,7 +189,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 one_thread_times.add(&times);
             }
         }
-        scaling.push((t, median(rates)));
+        scaling.push((t, shared::stats::median(rates)));
     }
     let (threads, sps) = *scaling.last().expect("at least one count");
     let streamed = match &src {
@@ -203,7 +198,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             let rates = (0..a.repeats)
                 .map(|_| run_streamed(ds, &views, threads, a.samples, a.batch, a.seed))
                 .collect::<Result<Vec<_>>>()?;
-            Some(median(rates))
+            Some(shared::stats::median(rates))
         }
         _ => None,
     };

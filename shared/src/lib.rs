@@ -17,6 +17,7 @@ pub mod resize;
 pub mod sampler;
 pub mod shard;
 pub mod source;
+pub mod stats;
 pub mod synth;
 pub mod views;
 pub mod viewshards;

@@ -261,18 +261,11 @@ pub fn make_view(
         augment::solarize(px, 128);
     }
     lap(&mut times.colour);
-    let plane = (spec.size * spec.size) as usize;
     match out {
-        ViewOut::U8(dst) => {
-            for (i, p) in px.chunks_exact(3).enumerate() {
-                dst[i] = p[0];
-                dst[plane + i] = p[1];
-                dst[2 * plane + i] = p[2];
-            }
-        }
+        ViewOut::U8(dst) => hwc_to_chw(px, dst),
         ViewOut::F32(dst, mean, std) => {
-            let scale: [f32; 3] = std::array::from_fn(|c| 1.0 / (255.0 * std[c]));
-            let shift: [f32; 3] = std::array::from_fn(|c| mean[c] / std[c]);
+            let plane = (spec.size * spec.size) as usize;
+            let (scale, shift) = normalising_affine(mean, std);
             for (i, p) in px.chunks_exact(3).enumerate() {
                 for c in 0..3 {
                     dst[c * plane + i] = p[c] as f32 * scale[c] - shift[c];
@@ -282,6 +275,28 @@ pub fn make_view(
     }
     lap(&mut times.collate);
     Ok(())
+}
+
+/// Interleaved RGB pixels (HWC) into three planes (CHW); `chw` holds as many bytes as `hwc`.
+pub fn hwc_to_chw(hwc: &[u8], chw: &mut [u8]) {
+    let plane = hwc.len() / 3;
+    let (r, gb) = chw.split_at_mut(plane);
+    let (g, b) = gb.split_at_mut(plane);
+    for (i, p) in hwc.chunks_exact(3).enumerate() {
+        r[i] = p[0];
+        g[i] = p[1];
+        b[i] = p[2];
+    }
+}
+
+/// The per-channel `(scale, shift)` with which `v * scale - shift` maps an 8-bit value `v` to
+/// `(v / 255 - mean) / std`: the one definition of the input normalisation, on the host or the
+/// device.
+pub fn normalising_affine(mean: [f32; 3], std: [f32; 3]) -> ([f32; 3], [f32; 3]) {
+    (
+        std::array::from_fn(|c| 1.0 / (255.0 * std[c])),
+        std::array::from_fn(|c| mean[c] / std[c]),
+    )
 }
 
 #[cfg(test)]

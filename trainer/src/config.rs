@@ -47,6 +47,17 @@ pub struct ModelConfig {
     pub bf16: bool,
 }
 
+impl ModelConfig {
+    /// The dtype the encoder computes in: bf16 under mixed precision, else f32.
+    pub fn compute_dtype(&self) -> candle_core::DType {
+        if self.bf16 {
+            candle_core::DType::BF16
+        } else {
+            candle_core::DType::F32
+        }
+    }
+}
+
 /// MaskDeep's masking and loss.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MethodConfig {

@@ -102,6 +102,11 @@ struct ConfigArgs {
 }
 
 impl ConfigArgs {
+    /// Whether any of --preset, --config, --set was given.
+    fn describes_a_model(&self) -> bool {
+        self.preset.is_some() || self.config.is_some() || !self.sets.is_empty()
+    }
+
     fn resolve(&self) -> Result<TrainConfig> {
         let mut cfg = match (&self.preset, &self.config) {
             (Some(name), None) => TrainConfig::preset(name)?,
@@ -155,10 +160,10 @@ enum EvalCommand {
         #[command(flatten)]
         common: EvalArgs,
         /// Neighbour counts to report.
-        #[arg(long, value_delimiter = ',', default_value = "20,200")]
+        #[arg(long, value_delimiter = ',', num_args = 1.., default_values_t = knn::DEFAULT_K)]
         k: Vec<usize>,
         /// Temperature of the neighbours' weights exp(cos / T).
-        #[arg(long, default_value_t = 0.07)]
+        #[arg(long, default_value_t = knn::TEMPERATURE)]
         temperature: f64,
     },
     /// A linear classifier on frozen features (precomputed once; SGD, cosine schedule).
@@ -179,15 +184,14 @@ struct EvalArgs {
     /// A checkpoint folder, or a run folder (its newest checkpoint).
     #[arg(long, required_unless_present = "random")]
     checkpoint: Option<PathBuf>,
-    /// Evaluate a randomly initialised backbone of the --preset's architecture instead (the
-    /// baseline every report shows).
-    #[arg(long, requires = "preset")]
-    random: bool,
-    /// With --random: the preset (and --set values) giving the architecture and image size.
+    /// Evaluate a randomly initialised backbone instead (the baseline every report shows), of the
+    /// architecture and image size that --preset (with --set values) or --config gives: a run's
+    /// config.json makes the baseline match that run by construction.
     #[arg(long)]
-    preset: Option<String>,
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    sets: Vec<String>,
+    random: bool,
+    /// With --random: where the backbone's config comes from, and the device for both.
+    #[command(flatten)]
+    config: ConfigArgs,
     /// Labelled packed shards whose features are the kNN memory / probe training set.
     #[arg(long)]
     train: PathBuf,
@@ -197,9 +201,6 @@ struct EvalArgs {
     /// Images per forward pass.
     #[arg(long, default_value_t = 256)]
     batch: usize,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    device: String,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -207,9 +208,18 @@ struct EvalArgs {
 
 impl EvalArgs {
     /// The backbone to evaluate and a description of it, with the features of both sets.
-    fn features(&self) -> Result<(String, features::Features, features::Features)> {
-        let device = trainer::device::parse(&self.device)?;
+    fn features(
+        &self,
+    ) -> Result<(
+        String,
+        features::LabelledFeatures,
+        features::LabelledFeatures,
+    )> {
+        let device = trainer::device::parse(&self.config.device)?;
         let (model, what) = match (&self.checkpoint, self.random) {
+            (Some(_), false) if self.config.describes_a_model() => bail!(
+                "--preset, --config and --set describe the --random backbone; a checkpoint brings its own config"
+            ),
             (Some(path), false) => {
                 let ckpt = checkpoint::resolve(path)?;
                 let (model, state) = checkpoint::load_model(&ckpt, &device)?;
@@ -217,13 +227,7 @@ impl EvalArgs {
                 (model, what)
             }
             (None, true) => {
-                let cfg = ConfigArgs {
-                    preset: self.preset.clone(),
-                    config: None,
-                    sets: self.sets.clone(),
-                    device: self.device.clone(),
-                }
-                .resolve()?;
+                let cfg = self.config.resolve()?;
                 let what = format!("random {}", cfg.model.arch.name());
                 (MaskDeep::new(&cfg, &device)?, what)
             }

@@ -3,10 +3,10 @@
 use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use trainer::eval::features::Features;
+use trainer::eval::features::LabelledFeatures;
 use trainer::eval::knn::knn;
 use trainer::eval::linear::linear_probe;
-use trainer::method::maskdeep::normalize;
+use trainer::method::maskdeep::l2_normalize_rows;
 
 /// `per_class` points per class around the class's own axis (separable when `noise` is small),
 /// or pure noise when `informative` is false.
@@ -16,7 +16,7 @@ fn features(
     noise: f32,
     informative: bool,
     seed: u64,
-) -> Features {
+) -> LabelledFeatures {
     let dim = 16;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut x = Vec::new();
@@ -31,8 +31,8 @@ fn features(
         }
     }
     let x = Tensor::from_vec(x, (classes * per_class, dim), &Device::Cpu).unwrap();
-    Features {
-        x: normalize(&x).unwrap(),
+    LabelledFeatures {
+        x: l2_normalize_rows(&x).unwrap(),
         labels,
         classes,
     }
@@ -61,13 +61,13 @@ fn uninformative_features_score_near_chance() {
 fn the_nearest_neighbour_decides_with_k_1() {
     // Train: class 0 at +x, class 1 at +y; val points lean towards one or the other.
     let dev = Device::Cpu;
-    let train = Features {
+    let train = LabelledFeatures {
         x: Tensor::new(&[[1f32, 0.0], [0.0, 1.0]], &dev).unwrap(),
         labels: vec![0, 1],
         classes: 2,
     };
-    let val = Features {
-        x: normalize(&Tensor::new(&[[0.9f32, 0.1], [0.2, 0.8]], &dev).unwrap()).unwrap(),
+    let val = LabelledFeatures {
+        x: l2_normalize_rows(&Tensor::new(&[[0.9f32, 0.1], [0.2, 0.8]], &dev).unwrap()).unwrap(),
         labels: vec![0, 0],
         classes: 2,
     };

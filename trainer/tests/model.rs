@@ -8,7 +8,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use trainer::config::{Level, TrainConfig};
 use trainer::method::ema;
-use trainer::method::maskdeep::{normalize, Loss, MaskDeep, Views};
+use trainer::method::maskdeep::{l2_normalize_rows, Loss, MaskDeep, Views};
 use trainer::method::masking::{masked_pool, visible_count, VisibleCells};
 use trainer::nn::params;
 use trainer::nn::resnet::{Depth, ResNet, ResNetConfig};
@@ -213,8 +213,8 @@ fn byol_preset_loss_equals_an_independent_byol_loss() {
         .unwrap();
     let b = cfg.data.batch_size;
     let cos = |a: &Tensor, b: &Tensor| -> Vec<f32> {
-        let a = normalize(a).unwrap();
-        let b = normalize(b).unwrap();
+        let a = l2_normalize_rows(a).unwrap();
+        let b = l2_normalize_rows(b).unwrap();
         (a * b).unwrap().sum(1).unwrap().to_vec1().unwrap()
     };
     let c12 = cos(&p.narrow(0, 0, b).unwrap(), &z.narrow(0, b, b).unwrap());

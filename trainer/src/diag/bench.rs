@@ -72,9 +72,7 @@ pub fn time_steps(cfg: &TrainConfig, device: &Device, steps: usize) -> Result<St
         }
     }
     let median = |f: &dyn Fn(&StepProfile) -> std::time::Duration| {
-        let mut v: Vec<f64> = samples.iter().map(|s| f(s).as_secs_f64() * 1e3).collect();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
+        shared::stats::median(samples.iter().map(|s| f(s).as_secs_f64() * 1e3).collect())
     };
     let step_ms = median(&|s| s.total);
     let views = (b * (cfg.data.global_views + cfg.data.local_views)) as f64;

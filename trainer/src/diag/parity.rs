@@ -69,11 +69,7 @@ fn run(cfg: &TrainConfig, device: &Device, input: &Tensor) -> candle_core::Resul
         local: None,
         batch: cfg.data.batch_size,
     };
-    let dtype = if cfg.model.bf16 {
-        DType::BF16
-    } else {
-        DType::F32
-    };
+    let dtype = cfg.model.compute_dtype();
     let c5 = model
         .online
         .backbone

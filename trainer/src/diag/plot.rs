@@ -21,7 +21,7 @@ pub struct RunCurves {
 
 /// Reads `run/metrics.jsonl`: step lines carry `loss`, kNN lines `knn_top1`.
 pub fn read_run(run: &Path, name: &str) -> Result<RunCurves> {
-    let file = run.join("metrics.jsonl");
+    let file = run.join(crate::train::pretrain::METRICS_FILE);
     let text =
         std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
     let mut curves = RunCurves {

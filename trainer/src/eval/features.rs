@@ -7,12 +7,12 @@ use rayon::prelude::*;
 use shared::dataset::Dataset;
 use shared::resize::Filter;
 
-use crate::method::maskdeep::normalize;
+use crate::method::maskdeep::l2_normalize_rows;
 use crate::nn::resnet::ResNet;
-use crate::train::data::normalise;
+use crate::train::data::imagenet_normalised;
 
 /// Frozen features of a labelled dataset.
-pub struct Features {
+pub struct LabelledFeatures {
     /// `[n, c]`, L2-normalised rows, on the CPU.
     pub x: Tensor,
     pub labels: Vec<u32>,
@@ -39,12 +39,7 @@ fn centre_view(
         width: side,
     };
     shared::augment::crop_resize(resizer, img.as_ref(), crop, size, Filter::Bilinear, hwc)?;
-    let plane = (size * size) as usize;
-    for (p, px) in hwc.chunks_exact(3).enumerate() {
-        for c in 0..3 {
-            out[c * plane + p] = px[c];
-        }
-    }
+    shared::views::hwc_to_chw(hwc, out);
     Ok(())
 }
 
@@ -56,7 +51,7 @@ pub fn extract(
     size: u32,
     batch: usize,
     device: &Device,
-) -> Result<Features> {
+) -> Result<LabelledFeatures> {
     let n = dataset.len();
     let labels: Vec<u32> = (0..n)
         .map(|i| Ok(dataset.meta(i)?.label))
@@ -77,11 +72,11 @@ pub fn extract(
             || (fast_image_resize::Resizer::new(), Vec::new()),
             |scratch, (j, out)| centre_view(dataset, start + j, size, scratch, out),
         )?;
-        let x = normalise(&bytes, end - start, size as usize, device)?;
+        let x = imagenet_normalised(&bytes, end - start, size as usize, device)?;
         let f = backbone.embed(&x, false)?.to_dtype(DType::F32)?;
-        chunks.push(normalize(&f)?.detach().to_device(&Device::Cpu)?);
+        chunks.push(l2_normalize_rows(&f)?.detach().to_device(&Device::Cpu)?);
     }
-    Ok(Features {
+    Ok(LabelledFeatures {
         x: Tensor::cat(&chunks, 0)?,
         labels,
         classes,

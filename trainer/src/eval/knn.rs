@@ -4,7 +4,13 @@ use anyhow::{bail, Result};
 use rayon::prelude::*;
 use serde::Serialize;
 
-use super::features::Features;
+use super::features::LabelledFeatures;
+
+/// The neighbour counts reported by default; the first is the one monitored during training
+/// (DINO's and solo-learn's settings).
+pub const DEFAULT_K: [usize; 2] = [20, 200];
+/// The temperature of the neighbours' weights `exp(cos / T)`.
+pub const TEMPERATURE: f64 = 0.07;
 
 /// Top-1 and top-5 accuracy in percent.
 #[derive(Clone, Copy, Debug, Serialize, PartialEq)]
@@ -15,7 +21,12 @@ pub struct Accuracy {
 
 /// Weighted kNN: each validation feature votes with its `k` most similar training features,
 /// weighted `exp(cos / temperature)`.
-pub fn knn(train: &Features, val: &Features, k: usize, temperature: f64) -> Result<Accuracy> {
+pub fn knn(
+    train: &LabelledFeatures,
+    val: &LabelledFeatures,
+    k: usize,
+    temperature: f64,
+) -> Result<Accuracy> {
     let k = k.min(train.labels.len());
     if k == 0 {
         bail!("kNN needs at least one training feature");

@@ -4,7 +4,7 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{Linear, Module, VarBuilder, VarMap};
 
-use super::features::Features;
+use super::features::LabelledFeatures;
 use super::knn::{accuracy, Accuracy};
 use crate::nn::params;
 use crate::train::optim::{Optimizer, Rule};
@@ -13,8 +13,8 @@ use crate::train::schedule;
 /// A linear classifier (no BatchNorm) trained on frozen `train` features with SGD (momentum 0.9,
 /// batches of 256, cosine learning rate from `lr`, no weight decay) for `epochs`, scored on `val`.
 pub fn linear_probe(
-    train: &Features,
-    val: &Features,
+    train: &LabelledFeatures,
+    val: &LabelledFeatures,
     epochs: usize,
     lr: f64,
     seed: u64,

@@ -190,11 +190,7 @@ impl MaskDeep {
         times: Option<&mut ForwardProfile>,
     ) -> Result<Loss> {
         let mut clock = Clock::new(&self.device, times.is_some());
-        let dtype = if self.cfg.model.bf16 {
-            DType::BF16
-        } else {
-            DType::F32
-        };
+        let dtype = self.cfg.model.compute_dtype();
         let mut inputs = vec![views.global];
         inputs.extend(views.local);
         let feats = inputs
@@ -218,7 +214,7 @@ impl MaskDeep {
             }
             let pooled = Tensor::cat(&rows, 0)?;
             let z = self.online.projectors[li].forward(&pooled, true)?;
-            preds.push(normalize(&self.predictors[li].forward(&z, true)?)?);
+            preds.push(l2_normalize_rows(&self.predictors[li].forward(&z, true)?)?);
         }
         let t_heads = clock.lap()?;
 
@@ -231,7 +227,7 @@ impl MaskDeep {
         let mut target_graph = Vec::new();
         for (li, &level) in self.levels.iter().enumerate() {
             let pooled = tfeats.levels[level].mean((2, 3))?.to_dtype(DType::F32)?;
-            let z = normalize(&self.target.projectors[li].forward(&pooled, true)?)?;
+            let z = l2_normalize_rows(&self.target.projectors[li].forward(&pooled, true)?)?;
             if times.is_some() {
                 target_graph.push(z.clone());
             }
@@ -320,7 +316,7 @@ pub fn multi_target_loss(
 }
 
 /// Rows scaled to unit L2 norm.
-pub fn normalize(x: &Tensor) -> Result<Tensor> {
+pub fn l2_normalize_rows(x: &Tensor) -> Result<Tensor> {
     let norm = (x.sqr()?.sum_keepdim(1)? + 1e-12)?.sqrt()?;
     x.broadcast_div(&norm)
 }

@@ -197,7 +197,7 @@ pub struct ResNet {
 }
 
 /// The stage outputs a backbone returns.
-pub struct Features {
+pub struct StageOutputs {
     /// C3, C4, C5 (strides 8, 16, 32 with the ImageNet stem).
     pub levels: [Tensor; 3],
 }
@@ -251,7 +251,7 @@ impl ResNet {
 
     /// Runs the backbone on normalised `[batch, 3, H, W]` images; BatchNorm uses batch statistics
     /// (and updates its running statistics) when `train`.
-    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Features> {
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<StageOutputs> {
         let mut x = self.stem.forward(x, train, true, None)?;
         if !self.config.small_stem {
             x = max_pool_3x3_s2(&x)?;
@@ -266,7 +266,7 @@ impl ResNet {
             }
         }
         let levels: [Tensor; 3] = levels.try_into().expect("three stages after the first");
-        Ok(Features { levels })
+        Ok(StageOutputs { levels })
     }
 
     /// Global-average-pooled C5: the representation that probes and export use.

@@ -231,17 +231,12 @@ impl Batches {
 
 /// u8 CHW images `[n, 3, s, s]` to ImageNet-normalised f32 on `device` (normalised there: 4x fewer
 /// bytes cross to the device).
-pub fn normalise(bytes: &[u8], n: usize, size: usize, device: &Device) -> Result<Tensor> {
+pub fn imagenet_normalised(bytes: &[u8], n: usize, size: usize, device: &Device) -> Result<Tensor> {
     let x = Tensor::from_slice(bytes, (n, 3, size, size), device)?.to_dtype(DType::F32)?;
-    let scale: Vec<f32> = IMAGENET_STD.iter().map(|s| 1.0 / (255.0 * s)).collect();
-    let shift: Vec<f32> = IMAGENET_MEAN
-        .iter()
-        .zip(IMAGENET_STD)
-        .map(|(m, s)| -m / s)
-        .collect();
-    let scale = Tensor::from_vec(scale, (1, 3, 1, 1), device)?;
-    let shift = Tensor::from_vec(shift, (1, 3, 1, 1), device)?;
-    Ok(x.broadcast_mul(&scale)?.broadcast_add(&shift)?)
+    let (scale, shift) = shared::views::normalising_affine(IMAGENET_MEAN, IMAGENET_STD);
+    let scale = Tensor::from_slice(&scale, (1, 3, 1, 1), device)?;
+    let shift = Tensor::from_slice(&shift, (1, 3, 1, 1), device)?;
+    Ok(x.broadcast_mul(&scale)?.broadcast_sub(&shift)?)
 }
 
 /// The global views of `batch` stacked view-major (`[global * n, 3, S, S]`), and the local views
@@ -258,7 +253,12 @@ pub fn to_device(
         }
         let size = batch.sizes[range.start] as usize;
         let bytes: Vec<u8> = batch.views[range.clone()].concat();
-        Ok(Some(normalise(&bytes, n * range.len(), size, device)?))
+        Ok(Some(imagenet_normalised(
+            &bytes,
+            n * range.len(),
+            size,
+            device,
+        )?))
     };
     let global = stack(0..global_views)?.context("no global view")?;
     let local = stack(global_views..batch.views.len())?;

@@ -276,8 +276,8 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
     })
 }
 
-/// Neighbours of the kNN evaluation during training (DINO's and solo-learn's setting).
-const KNN_K: usize = 20;
+/// Neighbours of the kNN evaluation during training.
+const KNN_K: usize = knn::DEFAULT_K[0];
 
 /// kNN top-1 and top-5 of the online backbone (eval mode: the running statistics do not change).
 fn knn_accuracy(
@@ -291,7 +291,7 @@ fn knn_accuracy(
     let batch = 256;
     let train = features::extract(backbone, train, size, batch, device)?;
     let val = features::extract(backbone, val, size, batch, device)?;
-    let acc = knn::knn(&train, &val, KNN_K, 0.07)?;
+    let acc = knn::knn(&train, &val, KNN_K, knn::TEMPERATURE)?;
     Ok((acc.top1, acc.top5))
 }
 
