@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use crate::error::{Error, IoContext, Result};
 use serde::{Deserialize, Serialize};
 use shared::views::ViewSpec;
 
@@ -179,7 +179,10 @@ impl Preset {
     pub fn parse(name: &str) -> Result<Self> {
         match PRESETS.iter().position(|&p| p == name) {
             Some(i) => Ok(Self::ALL[i]),
-            None => bail!("unknown preset `{name}`; known: {}", PRESETS.join(", ")),
+            None => Err(Error::config(
+                "preset",
+                format!("unknown preset `{name}`; known: {}", PRESETS.join(", ")),
+            )),
         }
     }
 
@@ -337,7 +340,10 @@ impl TrainConfig {
         if let serde_json::Value::Object(map) = &value {
             let known = TrainConfig::preset(PRESETS[0])?.keys();
             if let Some(unknown) = map.keys().find(|k| !known.contains(k)) {
-                bail!("unknown config key `{unknown}`; known keys: {known:?}");
+                return Err(Error::config(
+                    unknown.as_str(),
+                    format!("unknown config key `{unknown}`; known keys: {known:?}"),
+                ));
             }
         }
         Ok(serde_json::from_value(value)?)
@@ -346,12 +352,14 @@ impl TrainConfig {
     /// Reads a JSON config file (as written to a run's `config.json`: every key required except
     /// `lr_final`, `ema_final` and `rotation`, which configs written before they existed lack).
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read config {}", path.display()))?;
+        let text = std::fs::read_to_string(path).io("read config", path)?;
         let c = serde_json::from_str(&text)
-            .map_err(anyhow::Error::from)
+            .map_err(Error::from)
             .and_then(TrainConfig::from_json)
-            .with_context(|| format!("config {} is not a valid training config", path.display()))?;
+            .map_err(|e| Error::BadFile {
+                path: path.to_path_buf(),
+                message: format!("not a valid training config: {e}"),
+            })?;
         c.validate()?;
         Ok(c)
     }
@@ -359,7 +367,10 @@ impl TrainConfig {
     /// Applies one `key=value` override; the value is JSON (`0.5`, `true`, `["c5"]`) or a bare string.
     pub fn set(&mut self, assignment: &str) -> Result<()> {
         let Some((key, value)) = assignment.split_once('=') else {
-            bail!("--set expects key=value, got `{assignment}`");
+            return Err(Error::config(
+                assignment,
+                format!("--set expects key=value, got `{assignment}`"),
+            ));
         };
         let mut json = serde_json::to_value(&*self)?;
         let obj = json
@@ -367,19 +378,33 @@ impl TrainConfig {
             .expect("config serialises to an object");
         if !obj.contains_key(key) {
             let keys: Vec<&String> = obj.keys().collect();
-            bail!("unknown config key `{key}`; known keys: {keys:?}");
+            return Err(Error::config(
+                key,
+                format!("unknown config key `{key}`; known keys: {keys:?}"),
+            ));
         }
         let parsed = serde_json::from_str(value)
             .unwrap_or_else(|_| serde_json::Value::String(value.to_string()));
         obj.insert(key.to_string(), parsed);
-        *self = TrainConfig::from_json(json)
-            .with_context(|| format!("--set {assignment}: wrong type of value for `{key}`"))?;
+        *self = TrainConfig::from_json(json).map_err(|e| {
+            Error::config(
+                key,
+                format!("--set {assignment}: wrong type of value for `{key}` ({e})"),
+            )
+        })?;
         Ok(())
     }
 
     /// Checks that the values make sense together.
     pub fn validate(&self) -> Result<()> {
-        let check = |ok: bool, msg: &str| if ok { Ok(()) } else { bail!("{msg}") };
+        // Each message starts with the key it is about.
+        let check = |ok: bool, msg: &str| {
+            if ok {
+                return Ok(());
+            }
+            let key = msg.split(' ').next().unwrap_or_default();
+            Err(Error::config(key, msg))
+        };
         check(self.model.width > 0.0, "width must be > 0")?;
         check(self.data.image_size >= 16, "image_size must be at least 16")?;
         check(
@@ -406,7 +431,7 @@ impl TrainConfig {
         )?;
         check(
             self.method.targets == Targets::All || self.data.global_views >= 2,
-            "targets = cross needs at least 2 global views",
+            "targets = cross needs at least 2 global views (global_views)",
         )?;
         check(
             self.optim.lr > 0.0 && self.optim.lr.is_finite(),
@@ -435,17 +460,16 @@ impl TrainConfig {
         )?;
         check(
             self.schedule.epochs > 0 || self.schedule.max_steps > 0,
-            "set epochs or max_steps above 0",
+            "epochs or max_steps must be above 0",
         )?;
         check(self.data.prefetch >= 1, "prefetch must be at least 1")?;
         check(
             self.run.keep_checkpoints >= 1,
             "keep_checkpoints must be at least 1",
         )?;
-        check(
-            self.model.proj_hidden > 0 && self.model.proj_dim > 0 && self.model.pred_hidden > 0,
-            "head widths must be > 0",
-        )
+        check(self.model.proj_hidden > 0, "proj_hidden must be > 0")?;
+        check(self.model.proj_dim > 0, "proj_dim must be > 0")?;
+        check(self.model.pred_hidden > 0, "pred_hidden must be > 0")
     }
 
     /// The masked levels as indices into (C3, C4, C5), in config order.

@@ -1,6 +1,6 @@
 //! Choosing the compute device from `--device`.
 
-use anyhow::{bail, Result};
+use crate::error::{Error, Result};
 use candle_core::Device;
 
 /// `cpu`, `cuda` or `cuda:N`. CUDA needs a binary built with `--features cuda`.
@@ -10,14 +10,19 @@ pub fn parse(name: &str) -> Result<Device> {
         "cuda" => 0,
         other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
             Some(Ok(n)) => n,
-            _ => bail!("unknown device `{name}`: use cpu, cuda or cuda:N"),
+            _ => {
+                return Err(Error::Device(format!(
+                    "unknown device `{name}`: use cpu, cuda or cuda:N"
+                )))
+            }
         },
     };
     if !cfg!(feature = "cuda") {
-        bail!(
+        return Err(Error::Device(
             "this trainer was built without CUDA: rebuild with `cargo build --release --features cuda` \
              (or tools/build-cuda.sh on a machine without a GPU)"
-        );
+                .into(),
+        ));
     }
     Ok(Device::new_cuda(ordinal)?)
 }

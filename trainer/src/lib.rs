@@ -8,6 +8,7 @@
 pub mod config;
 pub mod device;
 pub mod diag;
+pub mod error;
 pub mod eval;
 pub mod method;
 pub mod nn;

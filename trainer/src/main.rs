@@ -441,7 +441,7 @@ fn run(cli: Cli) -> Result<()> {
                     let (name, dir) = r.split_once('=').unwrap_or((r.as_str(), r.as_str()));
                     trainer::diag::plot::read_run(std::path::Path::new(dir), name)
                 })
-                .collect::<Result<Vec<_>>>()?;
+                .collect::<Result<Vec<_>, _>>()?;
             let reference = match &reference {
                 Some(r) => {
                     let (name, value) = r

@@ -6,6 +6,7 @@ use candle_core::Device;
 use shared::shard::Encoding;
 use shared::synth::{write_packed_train, SynthSpec};
 use trainer::config::TrainConfig;
+use trainer::error::Error;
 use trainer::train::checkpoint;
 use trainer::train::pretrain::{run, PretrainJob};
 
@@ -117,17 +118,42 @@ fn a_diverging_loss_stops_the_run_and_keeps_the_last_checkpoint() {
         cfg.set(kv).unwrap();
     }
     let out = dir.path().join("run");
-    let err = run(&job(&cfg, &data, &out)).unwrap_err().to_string();
-    assert!(err.contains("loss became"), "{err}");
+    let err = run(&job(&cfg, &data, &out)).unwrap_err();
+    let Error::NonFiniteLoss {
+        step,
+        last_checkpoint,
+        ..
+    } = err
+    else {
+        panic!("not a non-finite loss: {err}");
+    };
     let kept = checkpoint::list(&out).unwrap();
     assert!(!kept.is_empty(), "the last good checkpoint is kept");
+    assert_eq!(last_checkpoint.as_ref(), kept.last(), "the error names it");
+    assert_eq!(
+        checkpoint::read_state(kept.last().unwrap()).unwrap().step,
+        step
+    );
     let state = checkpoint::read_state(kept.last().unwrap()).unwrap();
     assert!(state.loss.is_finite());
+}
+
+/// The key a config error names.
+fn key_of(err: Error) -> String {
+    match err {
+        Error::Config { key, .. } => key,
+        other => panic!("not a config error: {other}"),
+    }
 }
 
 #[test]
 fn bad_config_values_are_refused_with_the_key_named() {
     let mut c = tiny();
+    assert_eq!(key_of(c.set("no_such_key=1").unwrap_err()), "no_such_key");
+    assert_eq!(
+        key_of(c.set("batch_size=\"big\"").unwrap_err()),
+        "batch_size"
+    );
     let err = c.set("no_such_key=1").unwrap_err().to_string();
     assert!(err.contains("no_such_key"), "{err}");
     let err = c.set("batch_size=\"big\"").unwrap_err().to_string();
@@ -141,11 +167,18 @@ fn bad_config_values_are_refused_with_the_key_named() {
     let mut c = tiny();
     let err = c.set("levels=[\"c6\"]").unwrap_err().to_string();
     assert!(err.contains("levels") && err.contains("c6"), "{err}");
-    for bad in ["lr_final=1.5", "ema_final=0.5", "rotation=200"] {
+    for bad in [
+        "lr_final=1.5",
+        "ema_final=0.5",
+        "rotation=200",
+        "width=0",
+        "proj_dim=0",
+        "epochs=0",
+    ] {
         let mut c = tiny();
         c.set(bad).unwrap();
         let key = bad.split('=').next().unwrap();
-        assert!(c.validate().unwrap_err().to_string().contains(key), "{bad}");
+        assert_eq!(key_of(c.validate().unwrap_err()), key, "{bad}");
     }
     assert!(TrainConfig::preset("maskdeep-r99-imagenet").is_err());
 }

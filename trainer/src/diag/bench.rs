@@ -2,7 +2,7 @@
 //! step into online encoder forward, heads, target forward, backward and optimiser + EMA, and
 //! counts the ops a step runs.
 
-use anyhow::Result;
+use crate::error::Result;
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 

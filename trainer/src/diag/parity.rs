@@ -11,6 +11,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use crate::config::TrainConfig;
+use crate::error::{Error, Result};
 use crate::method::maskdeep::{MaskDeep, Views};
 use crate::nn::params;
 use crate::train::step::{GradientHook, Rates, TrainStep};
@@ -102,7 +103,7 @@ fn rel(a: &Tensor, b: &Tensor) -> candle_core::Result<f64> {
 }
 
 /// Compares a small ResNet-18 MaskDeep step on `device` (bf16 when asked) with the CPU in f32.
-pub fn check(device: &Device, name: &str, bf16: bool) -> anyhow::Result<ParityReport> {
+pub fn check(device: &Device, name: &str, bf16: bool) -> Result<ParityReport> {
     let mut cfg = TrainConfig::preset("maskdeep-r18-imagenet")?;
     cfg.model.width = 0.5;
     cfg.data.image_size = 64;
@@ -140,7 +141,9 @@ pub fn check(device: &Device, name: &str, bf16: bool) -> anyhow::Result<ParityRe
         }
     }
     if other.grads.len() != reference.grads.len() {
-        anyhow::bail!("the two devices produced gradients for different parameters");
+        return Err(Error::Mismatch(
+            "the two devices produced gradients for different parameters".into(),
+        ));
     }
     let output_rel = rel(&other.c5, &reference.c5)?;
     let loss_rel = (other.loss - reference.loss).abs() / reference.loss.abs().max(1e-30);

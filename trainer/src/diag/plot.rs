@@ -3,7 +3,7 @@
 //! example the random backbone's kNN accuracy). Lines and axes are drawn with `plotters`; text
 //! comes from the 8x8 bitmap font of `font8x8`, so no system font is needed.
 
-use anyhow::{bail, Context, Result};
+use crate::error::{Error, IoContext, Result};
 use font8x8::UnicodeFonts;
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -22,8 +22,7 @@ pub struct RunCurves {
 /// Reads `run/metrics.jsonl`: step lines carry `loss`, kNN lines `knn_top1`.
 pub fn read_run(run: &Path, name: &str) -> Result<RunCurves> {
     let file = run.join(crate::train::pretrain::METRICS_FILE);
-    let text =
-        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    let text = std::fs::read_to_string(&file).io("read", &file)?;
     let mut curves = RunCurves {
         name: name.to_string(),
         loss: Vec::new(),
@@ -34,8 +33,10 @@ pub fn read_run(run: &Path, name: &str) -> Result<RunCurves> {
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
     {
-        let v: serde_json::Value = serde_json::from_str(line)
-            .with_context(|| format!("{} line {}: not JSON", file.display(), i + 1))?;
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| Error::BadFile {
+            path: file.clone(),
+            message: format!("line {}: not JSON ({e})", i + 1),
+        })?;
         let step = v["step"].as_f64();
         match (step, v["loss"].as_f64(), v["knn_top1"].as_f64()) {
             (Some(s), Some(loss), _) => curves.loss.push((s, loss)),
@@ -44,7 +45,10 @@ pub fn read_run(run: &Path, name: &str) -> Result<RunCurves> {
         }
     }
     if curves.loss.is_empty() {
-        bail!("{} has no training steps yet", file.display());
+        return Err(Error::BadFile {
+            path: file,
+            message: "no training steps yet".into(),
+        });
     }
     Ok(curves)
 }
@@ -71,7 +75,7 @@ type Labels = Vec<(i32, i32, String)>;
 /// (written to a temporary name, then renamed). `reference` adds a dashed kNN line.
 pub fn draw(runs: &[RunCurves], reference: Option<(&str, f64)>, out: &Path) -> Result<()> {
     if runs.is_empty() {
-        bail!("nothing to plot: give at least one run");
+        return Err(Error::Plot("nothing to plot: give at least one run".into()));
     }
     let mut buf = vec![255u8; (WIDTH * HEIGHT * 3) as usize];
     let mut labels = Labels::new();
@@ -91,16 +95,17 @@ pub fn draw(runs: &[RunCurves], reference: Option<(&str, f64)>, out: &Path) -> R
             half,
             &mut labels,
         )?;
-        root.present().context("drawing the plot")?;
+        root.present().map_err(drawing("drawing the plot"))?;
     }
-    let mut img = image::RgbImage::from_raw(WIDTH, HEIGHT, buf).context("plot buffer size")?;
+    let mut img = image::RgbImage::from_raw(WIDTH, HEIGHT, buf)
+        .ok_or_else(|| Error::Plot("the plot buffer has the wrong size".into()))?;
     for (x, y, text) in &labels {
         stamp(&mut img, *x, *y, text);
     }
     let tmp = shared::fsutil::temp_path(out);
     img.save_with_format(&tmp, image::ImageFormat::Png)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, out).with_context(|| format!("writing {}", out.display()))?;
+        .map_err(|e| Error::Plot(format!("cannot write {}: {e}", tmp.display())))?;
+    std::fs::rename(&tmp, out).io("write", out)?;
     Ok(())
 }
 
@@ -142,7 +147,7 @@ fn panel(
         .margin_left(MARGIN_LEFT)
         .margin_right(MARGIN_RIGHT)
         .build_cartesian_2d(0.0..x_hi, y_lo..y_hi)
-        .context("plot axes")?;
+        .map_err(drawing("plot axes"))?;
     let axis = BLACK.stroke_width(1);
     let grid = RGBColor(225, 225, 225).stroke_width(1);
     for &y in &y_ticks {
@@ -151,7 +156,7 @@ fn panel(
                 vec![(0.0, y), (x_hi, y)],
                 grid,
             )))
-            .context("grid")?;
+            .map_err(drawing("grid"))?;
         let (px, py) = chart.backend_coord(&(0.0, y));
         let text = tick_text(y);
         labels.push((px - 8 - text_width(&text), py - 8, text));
@@ -168,7 +173,7 @@ fn panel(
             vec![(0.0, y_hi), (0.0, y_lo), (x_hi, y_lo)],
             axis,
         )))
-        .context("axes")?;
+        .map_err(drawing("axes"))?;
     let mut legend = Vec::new();
     for (i, (points, run)) in series.iter().zip(runs).enumerate() {
         if points.is_empty() {
@@ -180,7 +185,7 @@ fn panel(
                 points.iter().copied(),
                 colour.stroke_width(2),
             ))
-            .context("line")?;
+            .map_err(drawing("line"))?;
         legend.push((run.name.clone(), colour, false));
     }
     if let Some((name, r)) = reference {
@@ -188,7 +193,9 @@ fn panel(
             let a = x_hi * k as f64 / 40.0;
             PathElement::new(vec![(a, r), (a + x_hi / 80.0, r)], BLACK.stroke_width(2))
         });
-        chart.draw_series(dashes).context("reference line")?;
+        chart
+            .draw_series(dashes)
+            .map_err(drawing("reference line"))?;
         legend.push((name.to_string(), BLACK, true));
     }
     let (lx, ly) = chart.backend_coord(&(x_hi, y_hi));
@@ -199,7 +206,7 @@ fn panel(
         let (sx, len) = (x - x0, if *dashed { 10 } else { 28 });
         let swatch = vec![(sx, y + 8), (sx + len, y + 8)];
         area.draw(&PathElement::new(swatch, colour.stroke_width(3)))
-            .context("legend")?;
+            .map_err(drawing("legend"))?;
         labels.push((x + 38, y, name.clone()));
     }
     Ok(())
@@ -263,6 +270,11 @@ fn stamp(img: &mut image::RgbImage, x: i32, y: i32, text: &str) {
             }
         }
     }
+}
+
+/// Turns a drawing error of `what` into the trainer's error.
+fn drawing<E: std::fmt::Display>(what: &'static str) -> impl FnOnce(E) -> Error {
+    move |e| Error::Plot(format!("{what}: {e}"))
 }
 
 #[cfg(test)]

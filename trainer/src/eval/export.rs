@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use anyhow::Result;
+use crate::error::{IoContext, Result};
 use candle_core::{Device, Tensor};
 
 use crate::method::maskdeep::MaskDeep;
@@ -32,7 +32,7 @@ pub fn write_torchvision(model: &MaskDeep, steps: u64, path: &Path) -> Result<()
     let tensors = torchvision_state_dict(model, steps)?;
     let tmp = shared::fsutil::temp_path(path);
     candle_core::safetensors::save(&tensors, &tmp)?;
-    std::fs::rename(&tmp, path)?;
+    std::fs::rename(&tmp, path).io("write", path)?;
     Ok(())
 }
 

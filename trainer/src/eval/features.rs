@@ -1,7 +1,7 @@
 //! Features of frozen backbones from packed shards: the centre square of each image, resized to
 //! the training size, through the backbone in eval mode, globally pooled and L2-normalised.
 
-use anyhow::{bail, Result};
+use crate::error::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 use shared::dataset::Dataset;
@@ -57,10 +57,10 @@ pub fn extract(
         .map(|i| Ok(dataset.meta(i)?.label))
         .collect::<Result<_>>()?;
     if labels.contains(&u32::MAX) {
-        bail!(
+        return Err(Error::Data(format!(
             "{} is unlabelled: evaluation needs class labels",
             dataset.dir().display()
-        );
+        )));
     }
     let classes = dataset.manifest().classes.len().max(1);
     let per = 3 * (size * size) as usize;

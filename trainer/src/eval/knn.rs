@@ -1,6 +1,6 @@
 //! Weighted kNN on frozen features (the protocol of DINO and solo-learn).
 
-use anyhow::{bail, Result};
+use crate::error::{Error, Result};
 use rayon::prelude::*;
 use serde::Serialize;
 
@@ -29,7 +29,9 @@ pub fn knn(
 ) -> Result<Accuracy> {
     let k = k.min(train.labels.len());
     if k == 0 {
-        bail!("kNN needs at least one training feature");
+        return Err(Error::Data(
+            "kNN needs at least one training feature".into(),
+        ));
     }
     let sims = val.x.matmul(&train.x.t()?)?.to_vec2::<f32>()?;
     let classes = train.classes.max(val.classes);

@@ -1,6 +1,6 @@
 //! A linear probe on frozen features.
 
-use anyhow::{Context, Result};
+use crate::error::Result;
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{Linear, Module, VarBuilder, VarMap};
 
@@ -56,8 +56,7 @@ pub fn linear_probe(
     let top = logits
         .arg_sort_last_dim(false)?
         .narrow(D::Minus1, 0, 5.min(classes))?
-        .to_vec2::<u32>()
-        .context("probe predictions")?;
+        .to_vec2::<u32>()?;
     let scored: Vec<(bool, bool)> = top
         .iter()
         .zip(&val.labels)

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use crate::error::{Error, IoContext, Result};
 use serde::{Deserialize, Serialize};
 use shared::fsutil::{read_json, write_json_atomic};
 
@@ -42,7 +42,7 @@ pub fn list(run: &Path) -> Result<Vec<PathBuf>> {
         return Ok(Vec::new());
     }
     let mut out: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .with_context(|| format!("cannot list {}", dir.display()))?
+        .io("list", &dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
             let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
@@ -65,22 +65,20 @@ pub fn save(
     let path = dir.join(format!("step-{:08}", state.step));
     let tmp = dir.join(format!("step-{:08}.tmp", state.step));
     if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
+        std::fs::remove_dir_all(&tmp).io("remove", &tmp)?;
     }
-    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    std::fs::create_dir_all(&tmp).io("create", &tmp)?;
     model.online_vars.save(tmp.join(ONLINE))?;
     model.target_vars.save(tmp.join(TARGET))?;
     candle_core::safetensors::save(&optimizer.state()?, tmp.join(OPTIMIZER))?;
     write_json_atomic(&tmp.join(STATE), state)?;
     if path.exists() {
-        std::fs::remove_dir_all(&path)?;
+        std::fs::remove_dir_all(&path).io("remove", &path)?;
     }
-    std::fs::rename(&tmp, &path)
-        .with_context(|| format!("cannot move checkpoint into {}", path.display()))?;
+    std::fs::rename(&tmp, &path).io("move a checkpoint into", &path)?;
     let all = list(run)?;
     for old in &all[..all.len().saturating_sub(keep)] {
-        std::fs::remove_dir_all(old)
-            .with_context(|| format!("cannot remove old checkpoint {}", old.display()))?;
+        std::fs::remove_dir_all(old).io("remove the old checkpoint", old)?;
     }
     Ok(path)
 }
@@ -97,25 +95,26 @@ pub fn load(
     optimizer: Option<&mut Optimizer>,
 ) -> Result<TrainState> {
     let state = read_state(checkpoint)?;
-    let context = |what: &str| {
-        format!(
-            "checkpoint {} has no matching {what} (was it made with another config?)",
-            checkpoint.display()
-        )
+    let mismatch = |what: &'static str| {
+        move |source| Error::Checkpoint {
+            path: checkpoint.to_path_buf(),
+            what,
+            source: Box::new(source),
+        }
     };
     model
         .online_vars
         .load(checkpoint.join(ONLINE))
-        .with_context(|| context("online weights"))?;
+        .map_err(mismatch("online weights"))?;
     model
         .target_vars
         .load(checkpoint.join(TARGET))
-        .with_context(|| context("target weights"))?;
+        .map_err(mismatch("target weights"))?;
     if let Some(opt) = optimizer {
         let tensors = candle_core::safetensors::load(checkpoint.join(OPTIMIZER), model.device())
-            .with_context(|| context("optimiser state"))?;
+            .map_err(mismatch("optimiser state"))?;
         opt.load_state(&tensors)
-            .with_context(|| context("optimiser state"))?;
+            .map_err(mismatch("optimiser state"))?;
     }
     Ok(state)
 }
@@ -127,20 +126,22 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
     }
     match list(path)?.pop() {
         Some(p) => Ok(p),
-        None => bail!(
+        None => Err(Error::Run(format!(
             "{} is neither a checkpoint folder nor a run folder with checkpoints",
             path.display()
-        ),
+        ))),
     }
 }
 
 /// The run configuration a checkpoint was trained with (`RUNDIR/config.json` above
 /// `RUNDIR/checkpoints/step-N`).
 pub fn run_config(checkpoint: &Path) -> Result<crate::config::TrainConfig> {
-    let run = checkpoint
-        .parent()
-        .and_then(Path::parent)
-        .context("a checkpoint folder lies in RUNDIR/checkpoints/")?;
+    let run = checkpoint.parent().and_then(Path::parent).ok_or_else(|| {
+        Error::Run(format!(
+            "{}: a checkpoint folder lies in RUNDIR/checkpoints/",
+            checkpoint.display()
+        ))
+    })?;
     crate::config::TrainConfig::load(&run.join(crate::train::pretrain::CONFIG_FILE))
 }
 

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use crate::error::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use shared::dataset::Dataset;
 use shared::pipeline::{Output, Pipeline, PipelineConfig, IMAGENET_MEAN, IMAGENET_STD};
@@ -65,16 +65,20 @@ pub fn plan(dir: &Path, cfg: &TrainConfig) -> Result<DataPlan> {
             records: shards.len(),
         });
     }
-    let dataset = Dataset::open(dir)
-        .with_context(|| format!("{} is neither packed shards nor view shards", dir.display()))?;
+    let dataset = Dataset::open(dir).map_err(|e| {
+        Error::Data(format!(
+            "{} is neither packed shards nor view shards: {e}",
+            dir.display()
+        ))
+    })?;
     let sampler = Sampler::new(dataset.len(), cfg.run.seed, 0, 1, cfg.data.batch_size)?;
     if sampler.steps_per_epoch() == 0 {
-        bail!(
+        return Err(Error::Data(format!(
             "{} holds {} images, fewer than one batch of {}: lower batch_size",
             dir.display(),
             dataset.len(),
             cfg.data.batch_size
-        );
+        )));
     }
     Ok(DataPlan {
         steps_per_epoch: sampler.steps_per_epoch(),
@@ -88,32 +92,32 @@ fn check_view_shards(shards: &ViewShards, cfg: &TrainConfig, dir: &Path) -> Resu
     let sizes: Vec<u32> = m.views.iter().map(|v| v.size).collect();
     let want: Vec<u32> = cfg.view_specs().iter().map(|v| v.size).collect();
     if sizes != want {
-        bail!(
+        return Err(Error::Data(format!(
             "view shards in {} have views of {:?} px but the config wants {:?} \
              (image_size, global_views, local_views, local_size)",
             dir.display(),
             sizes,
             want
-        );
+        )));
     }
     if m.views
         .iter()
         .any(|v| v.rotation != cfg.data.rotation as f32)
     {
-        bail!(
+        return Err(Error::Data(format!(
             "view shards in {} were made with a rotation other than the config's {} degrees: \
              set rotation to the value given to `loader views --rotation`",
             dir.display(),
             cfg.data.rotation
-        );
+        )));
     }
     if m.batch_size != cfg.data.batch_size {
-        bail!(
+        return Err(Error::Data(format!(
             "view shards in {} were made with batch size {}: set batch_size={}",
             dir.display(),
             m.batch_size,
             m.batch_size
-        );
+        )));
     }
     Ok(())
 }
@@ -184,7 +188,9 @@ impl Batches {
                     .into_iter()
                     .map(|v| match v {
                         shared::pipeline::ViewData::U8(bytes) => Ok(bytes),
-                        shared::pipeline::ViewData::F32(_) => bail!("pipeline gave f32 views"),
+                        shared::pipeline::ViewData::F32(_) => {
+                            Err(Error::Data("the pipeline gave f32 views".into()))
+                        }
                     })
                     .collect::<Result<Vec<_>>>()?;
                 Ok(Some(HostBatch {
@@ -260,7 +266,8 @@ pub fn to_device(
             device,
         )?))
     };
-    let global = stack(0..global_views)?.context("no global view")?;
+    let global = stack(0..global_views)?
+        .ok_or_else(|| Error::Data("a batch without global views".into()))?;
     let local = stack(global_views..batch.views.len())?;
     Ok((global, local))
 }

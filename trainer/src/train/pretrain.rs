@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use crate::error::{Error, IoContext, Result};
 use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -89,24 +89,26 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
     let config_path = job.out.join(CONFIG_FILE);
     let existing = checkpoint::list(&job.out)?;
     if job.resume {
-        let saved = TrainConfig::load(&config_path).with_context(|| {
-            format!("--resume: {} has no readable run config", job.out.display())
+        let saved = TrainConfig::load(&config_path).map_err(|e| {
+            Error::Run(format!(
+                "--resume: {} has no readable run config ({e})",
+                job.out.display()
+            ))
         })?;
         if &saved != cfg {
-            bail!(
+            return Err(Error::Run(format!(
                 "--resume: the config differs from the run's {}; resume with --config {}",
                 config_path.display(),
                 config_path.display()
-            );
+            )));
         }
     } else if !existing.is_empty() {
-        bail!(
+        return Err(Error::Run(format!(
             "{} already holds a run with checkpoints: add --resume to continue it, or choose another --out",
             job.out.display()
-        );
+        )));
     }
-    std::fs::create_dir_all(&job.out)
-        .with_context(|| format!("cannot create {}", job.out.display()))?;
+    std::fs::create_dir_all(&job.out).io("create", &job.out)?;
     write_json_atomic(&config_path, cfg)?;
 
     let plan = data::plan(&job.data, cfg)?;
@@ -120,11 +122,11 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
     }
     if let Some(available) = plan.max_steps {
         if total > available as u64 {
-            bail!(
+            return Err(Error::Data(format!(
                 "{} holds view shards for {available} steps but the run needs {total}: \
                  lower epochs/max_steps or make more epochs with `loader views`",
                 job.data.display()
-            );
+            )));
         }
     }
     let warmup = (cfg.schedule.warmup_epochs * plan.steps_per_epoch as f64).round() as u64;
@@ -148,7 +150,7 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
         .create(true)
         .append(true)
         .open(&metrics_path)
-        .with_context(|| format!("cannot open {}", metrics_path.display()))?;
+        .io("open", &metrics_path)?;
 
     let bar = progress_bar(job.progress, total, start);
     let end = job.stop_after.map_or(total, |n| total.min(start + n));
@@ -184,15 +186,11 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
         let loss = trainer.run(&views, step, Rates { lr, tau }, None)?;
         let value = loss.total.to_scalar::<f32>()? as f64;
         if !value.is_finite() {
-            let keep = last_checkpoint
-                .as_ref()
-                .map_or("none yet".to_string(), |p: &PathBuf| {
-                    p.display().to_string()
-                });
-            bail!(
-                "the loss became {value} at step {step}: training stopped. The last good checkpoint \
-                 ({keep}) is intact; lower lr or warmup faster, then --resume"
-            );
+            return Err(Error::NonFiniteLoss {
+                step,
+                value,
+                last_checkpoint,
+            });
         }
         let per_level = loss
             .per_level
@@ -218,7 +216,7 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
             skipped,
         };
         serde_json::to_writer(&mut metrics, &line)?;
-        writeln!(metrics)?;
+        writeln!(metrics).io("write", &metrics_path)?;
         bar.set_message(format!(
             "loss {value:.4}  {views_per_second:.0} views/s  epoch {epoch}"
         ));
@@ -240,7 +238,7 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
                     knn_top5: top5,
                 };
                 serde_json::to_writer(&mut metrics, &line)?;
-                writeln!(metrics)?;
+                writeln!(metrics).io("write", &metrics_path)?;
                 say(
                     &bar,
                     format!("step {step}: kNN (k={KNN_K}) top-1 {top1:.2}%  top-5 {top5:.2}%"),
@@ -254,7 +252,7 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
                 total_steps: total,
                 loss: value,
             };
-            metrics.flush()?;
+            metrics.flush().io("write", &metrics_path)?;
             last_checkpoint = Some(checkpoint::save(
                 &job.out,
                 &trainer.model,
@@ -270,7 +268,8 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
     Ok(Summary {
         steps: step,
         final_loss: last_loss,
-        checkpoint: last_checkpoint.context("the run made no step: nothing to train")?,
+        checkpoint: last_checkpoint
+            .ok_or_else(|| Error::Run("the run made no step: nothing to train".into()))?,
         views_per_second: (ran as usize * cfg.data.batch_size * views_per_sample) as f64 / elapsed,
         data_wait: wait.as_secs_f64() / elapsed,
     })
@@ -300,7 +299,7 @@ fn truncate_metrics(path: &Path, start: u64) -> Result<()> {
     if !path.exists() {
         return Ok(());
     }
-    let text = std::fs::read_to_string(path)?;
+    let text = std::fs::read_to_string(path).io("read", path)?;
     let kept: String = text
         .lines()
         .filter(|line| {
