@@ -72,7 +72,7 @@ build() {
         # The op tests of this variant (they run each op on the GPU when one is present).
         mkdir -p "$TARGET/bin/tests-$feature"
         cargo test --release --no-run --features "$feature" -p trainer --target-dir "$TARGET/gpu" \
-            --test ops_conv --test ops_batch_norm --test ops_max_pool --test ops_update \
+            --test ops \
             --message-format=json |
             python3 -c 'import json, sys
 for line in sys.stdin:
@@ -91,7 +91,7 @@ bundle() {
     mkdir -p "$stage_dir/bundle" carry
     cp "$TARGET/bin/trainer-cuda" "$TARGET/bin/trainer-cudnn" "$TARGET/bin/loader" "$stage_dir/bundle/"
     cp -r "$TARGET/bin/tests-cuda" "$TARGET/bin/tests-cudnn" "$stage_dir/bundle/"
-    strip "$stage_dir/bundle/"* 2>/dev/null || true
+    strip "$stage_dir/bundle/"* "$stage_dir/bundle/"tests-*/* 2>/dev/null || true
     cp tools/gpu-check.sh tools/bench_torch_step.py tools/gpu_summary.py tools/bf16_torch_reference.py "$stage_dir/bundle/"
     tar -C "$stage_dir" -cJf carry/cuda-bundle.tar.xz.tmp bundle
     mv carry/cuda-bundle.tar.xz.tmp carry/cuda-bundle.tar.xz

@@ -1,4 +1,5 @@
-//! The pretraining loop on real shards: exact resumption, NaN handling, config errors.
+//! The pretraining loop on real shards: exact resumption, NaN handling, config errors; and the one
+//! step type that pretraining, bench and parity share.
 
 use std::path::{Path, PathBuf};
 
@@ -6,9 +7,11 @@ use candle_core::Device;
 use shared::shard::Encoding;
 use shared::synth::{write_packed_train, SynthSpec};
 use trainer::config::TrainConfig;
+use trainer::diag::{bench, parity};
 use trainer::error::Error;
 use trainer::train::checkpoint;
 use trainer::train::pretrain::{run, PretrainJob};
+use trainer::train::step::steps_run_on_this_thread;
 
 fn shards(dir: &Path) -> PathBuf {
     let spec = SynthSpec {
@@ -220,4 +223,36 @@ fn pretraining_reads_view_shards_and_checks_they_fit_the_config() {
             .to_string();
         assert!(err.contains(key), "{err}");
     }
+}
+
+#[test]
+fn pretraining_bench_and_parity_run_the_step_type() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = shards(dir.path());
+    let mut cfg = tiny();
+    cfg.set("epochs=1").unwrap();
+
+    let before = steps_run_on_this_thread();
+    let summary = run(&job(&cfg, &data, &dir.path().join("run"))).unwrap();
+    assert_eq!(summary.steps, 3, "24 images in batches of 8");
+    assert_eq!(steps_run_on_this_thread() - before, 3, "pretraining");
+
+    let before = steps_run_on_this_thread();
+    let times = bench::time_steps(&cfg, &Device::Cpu, 2).unwrap();
+    assert_eq!(
+        steps_run_on_this_thread() - before,
+        3,
+        "bench: a warm-up and two timed steps"
+    );
+    assert!(times.ops.backward > 0 && times.ops.forward > times.ops.backward);
+    assert!(times.ops.update > 0);
+
+    let before = steps_run_on_this_thread();
+    let report = parity::check(&Device::Cpu, "cpu", false).unwrap();
+    assert_eq!(
+        steps_run_on_this_thread() - before,
+        2,
+        "parity: the reference and the device"
+    );
+    assert!(report.pass, "{report:?}");
 }

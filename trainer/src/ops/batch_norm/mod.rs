@@ -11,10 +11,9 @@
 pub mod cpu;
 pub mod reference;
 
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
-};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
+use crate::ops::cpu_storage::all_f32;
 use crate::ops::portable::{self, Backend};
 
 /// The variance's epsilon (PyTorch's default).
@@ -56,13 +55,6 @@ pub fn train(
     };
     Ok((y, stats))
 }
-
-/// Whether every storage holds f32 (the CPU kernels' dtype).
-fn all_f32(storages: &[&CpuStorage]) -> bool {
-    storages.iter().all(|s| s.dtype() == DType::F32)
-}
-
-use candle_core::backend::BackendStorage;
 
 /// `x -> [mean, biased variance]`, `[2c]` f32.
 struct BatchStats;

@@ -12,6 +12,7 @@ pub mod reference;
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
+use crate::ops::cpu_storage::all_f32;
 use crate::ops::portable::{self, Backend};
 
 /// Kernel size, stride and padding (square).
@@ -59,9 +60,10 @@ impl CustomOp2 for Conv2d {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        match (xs, ws) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => cpu::forward(xs, xl, ws, wl, self.g),
-            _ => self.portable(xs, xl, ws, wl),
+        if all_f32(&[xs, ws]) {
+            cpu::forward(xs, xl, ws, wl, self.g)
+        } else {
+            self.portable(xs, xl, ws, wl)
         }
     }
 
@@ -126,11 +128,10 @@ impl CustomOp3 for Conv2dBackward {
         gs: &CpuStorage,
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        match (xs, ws, gs) {
-            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                cpu::backward((xs, xl), (ws, wl), (gs, gl), self.g, self.need_dx)
-            }
-            _ => self.portable([(xs, xl), (ws, wl), (gs, gl)]),
+        if all_f32(&[xs, ws, gs]) {
+            cpu::backward((xs, xl), (ws, wl), (gs, gl), self.g, self.need_dx)
+        } else {
+            self.portable([(xs, xl), (ws, wl), (gs, gl)])
         }
     }
 

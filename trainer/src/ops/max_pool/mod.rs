@@ -5,9 +5,9 @@
 pub mod cpu;
 pub mod reference;
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 
+use crate::ops::cpu_storage::all_f32;
 use crate::ops::portable::{self, Backend};
 
 /// The pool of `x`, whose values must be non-negative (it follows a ReLU): the reference pads
@@ -31,7 +31,7 @@ impl CustomOp1 for MaxPool {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        if s.dtype() == DType::F32 {
+        if all_f32(&[s]) {
             cpu::forward(s, l)
         } else {
             self.portable(s, l)
@@ -77,7 +77,7 @@ impl CustomOp2 for MaxPoolBackward {
         gs: &CpuStorage,
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        if xs.dtype() == DType::F32 && gs.dtype() == DType::F32 {
+        if all_f32(&[xs, gs]) {
             cpu::backward(xs, xl, gs, gl)
         } else {
             self.portable((xs, xl), (gs, gl))

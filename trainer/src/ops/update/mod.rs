@@ -6,10 +6,9 @@
 pub mod cpu;
 pub mod reference;
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
+use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
 
-use crate::ops::cpu_storage::{f32_slice, f32_slice_mut};
+use crate::ops::cpu_storage::{all_f32, f32_slice, f32_slice_mut};
 use crate::ops::portable::{self, Backend};
 
 /// `dst = keep * dst + take * src` (or `src²` when `square`): the EMA target update and Adam's
@@ -57,11 +56,6 @@ impl AdamStep {
     pub fn apply(&self, w: &Tensor, m: &Tensor, v: &Tensor) -> Result<()> {
         w.inplace_op3(&m.contiguous()?, &v.contiguous()?, self)
     }
-}
-
-/// Whether every storage holds f32 (the CPU kernels' dtype).
-fn all_f32(storages: &[&CpuStorage]) -> bool {
-    storages.iter().all(|s| s.dtype() == DType::F32)
 }
 
 /// The in-place op's portable side: `dst = f(dst, args)` with tensor ops.

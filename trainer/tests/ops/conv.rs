@@ -1,7 +1,7 @@
 //! The convolution op against Candle's built-in convolution, on every device and path: outputs
 //! and both gradients.
 
-mod common;
+use super::common;
 
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};

@@ -1,7 +1,7 @@
 //! The in-place update ops (optimiser and EMA) against their tensor-op references, on every
 //! device and path, over tensors larger than one parallel chunk.
 
-mod common;
+use super::common;
 
 use candle_core::{DType, Device, Tensor};
 use trainer::ops::update::{reference, AdamStep, Blend, Momentum};

@@ -1,7 +1,7 @@
 //! The stem's max-pool op against a direct loop and against its tensor-op reference, on every
 //! device and path.
 
-mod common;
+use super::common;
 
 use candle_core::{DType, Device, Tensor};
 use trainer::ops::max_pool::{max_pool_3x3_s2, reference};

@@ -1,7 +1,7 @@
 //! The BatchNorm op against the textbook formula written with plain tensor ops (differentiated by
 //! autograd), on every device and path.
 
-mod common;
+use super::common;
 
 use candle_core::{DType, Device, Tensor, Var};
 use trainer::ops::batch_norm;

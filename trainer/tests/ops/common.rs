@@ -17,8 +17,7 @@ pub fn cases() -> Vec<(Device, DType)> {
 }
 
 /// The tolerance of a comparison with an f32 CPU reference on `device`: CUDA's convolutions may
-/// round through TF32. (Not every test binary that includes this module compares this way.)
-#[allow(dead_code)]
+/// round through TF32.
 pub fn tolerance(device: &Device) -> f32 {
     if device.is_cpu() {
         1e-5
