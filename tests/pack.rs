@@ -500,3 +500,77 @@ fn views_command_writes_view_shards() {
     loader_ok(&[&args[..args.len() - 1], &[p(&again)]].concat());
     assert_eq!(folder_bytes(&views), folder_bytes(&again));
 }
+
+/// The stderr of a failed `loader` run (and that it failed).
+fn loader_err(args: &[&str]) -> String {
+    let out = loader(args);
+    assert!(!out.status.success(), "loader {args:?} succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn only_the_same_job_resumes_into_a_finished_pack() {
+    let t = tempfile::tempdir().unwrap();
+    let syn = t.path().join("syn");
+    synth(&syn, 3, 4, 32);
+    let (train, val) = (syn.join("train"), syn.join("val"));
+    let out = t.path().join("out");
+    loader_ok(&["pack", p(&train), "--out", p(&out)]);
+    let packed = folder_bytes(&out);
+
+    // The same source and options: nothing to do, and it says so.
+    let again = loader_ok(&["pack", p(&train), "--out", p(&out)]);
+    let said = String::from_utf8_lossy(&again.stderr);
+    assert!(said.contains("nothing to do"), "{said}");
+    assert!(!said.contains("images/s"), "{said}");
+
+    // Another source with the same classes (the val split by mistake): refused, naming the file.
+    let err = loader_err(&["pack", p(&val), "--out", p(&out)]);
+    assert!(
+        err.contains("another job") && err.contains("its file 3"),
+        "{err}"
+    );
+
+    // The same source with one more image: refused, naming it.
+    let first_class = fs::read_dir(&train)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let image = fs::read_dir(&first_class)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    fs::copy(&image, first_class.join("zz-added.png")).unwrap();
+    let err = loader_err(&["pack", p(&train), "--out", p(&out)]);
+    assert!(
+        err.contains("another job") && err.contains("zz-added.png"),
+        "{err}"
+    );
+
+    // Other options: refused, naming them.
+    fs::remove_file(first_class.join("zz-added.png")).unwrap();
+    let err = loader_err(&["pack", p(&train), "--out", p(&out), "--short-side", "40"]);
+    assert!(err.contains("other options"), "{err}");
+    assert_eq!(folder_bytes(&out), packed, "nothing was written");
+
+    // A folder of view shards is not a pack.
+    let views = t.path().join("views");
+    loader_ok(&[
+        "views",
+        p(&out),
+        "--preset",
+        "byol-small",
+        "--epochs",
+        "1",
+        "--batch",
+        "4",
+        "--out",
+        p(&views),
+    ]);
+    let err = loader_err(&["pack", p(&train), "--out", p(&views)]);
+    assert!(err.contains("view shards"), "{err}");
+}

@@ -325,10 +325,15 @@ fn pack(a: PackArgs) -> Result<()> {
     } else {
         if report.already_complete {
             eprintln!(
-                "{} already holds this finished pack; nothing to do",
-                a.out.display()
+                "{} already holds this finished pack of the same source and options ({} images \
+                 in {} shards); nothing to do",
+                a.out.display(),
+                m.records,
+                m.shards.len()
             );
-        } else if report.resumed_files > 0 {
+            return Ok(());
+        }
+        if report.resumed_files > 0 {
             eprintln!(
                 "resumed an interrupted pack after {} files",
                 report.resumed_files

@@ -89,6 +89,11 @@ pub struct Manifest {
     pub records: u64,
     /// Source files considered (the lines of `sources.txt`).
     pub sources: u64,
+    /// CRC-32 of the source listing: class names, then each file's path and label. A pack run
+    /// again into this folder resumes only when it lists the same. Absent in manifests written
+    /// before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_fingerprint: Option<u32>,
     /// Shards in record order.
     pub shards: Vec<ShardSummary>,
     /// Files that could not be packed, with reasons.

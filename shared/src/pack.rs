@@ -123,12 +123,21 @@ pub fn pack(job: &PackJob, progress: &mut dyn FnMut(PackProgress)) -> Result<Pac
         p.range(job.sources.files.len())
     });
 
+    let views = out.join(crate::viewshards::VIEWS_MANIFEST);
+    if views.exists() {
+        return Err(Error::Invalid(format!(
+            "{} holds view shards ({}), not a pack: use a new --out folder",
+            out.display(),
+            views.display()
+        )));
+    }
     let manifest_file = out.join(names.manifest());
     if manifest_file.exists() {
         let m = Manifest::load(&manifest_file)?;
-        if m.options != job.options || m.part != job.part {
+        if let Some(difference) = difference(&m, job, fingerprint, out)? {
             return Err(Error::Invalid(format!(
-                "{} holds a finished pack made with other options; use a new --out folder or delete it",
+                "{} holds a finished pack of another job: {difference}. Pack into a new --out \
+                 folder (or delete this one to repack it)",
                 out.display()
             )));
         }
@@ -311,6 +320,68 @@ fn prepare(job: &PackJob, i: usize, worker: &mut Worker) -> Result<Record, Strin
     })
 }
 
+/// What differs between the finished pack `m` in `out` and `job` (options, part, class list or
+/// source listing), or `None` when `job` is the job that made it.
+fn difference(m: &Manifest, job: &PackJob, fingerprint: u32, out: &Path) -> Result<Option<String>> {
+    if m.options != job.options {
+        return Ok(Some(format!(
+            "it was made with other options ({:?}; now {:?})",
+            m.options, job.options
+        )));
+    }
+    if m.part != job.part {
+        return Ok(Some(format!(
+            "it is part {:?} (now {:?})",
+            m.part, job.part
+        )));
+    }
+    let classes = &job.sources.classes;
+    if &m.classes != classes {
+        let at = m.classes.iter().zip(classes).position(|(a, b)| a != b);
+        return Ok(Some(match at {
+            Some(i) => format!(
+                "its class {i} is `{}` where the source's is `{}`",
+                m.classes[i], classes[i]
+            ),
+            None => format!(
+                "it has {} classes where the source has {}",
+                m.classes.len(),
+                classes.len()
+            ),
+        }));
+    }
+    if m.source_fingerprint == Some(fingerprint) {
+        return Ok(None);
+    }
+    // Another listing, or a manifest from before fingerprints: compare the files themselves.
+    let listed = fs::read_to_string(out.join(SOURCES_FILE)).at(out.join(SOURCES_FILE))?;
+    let listed: Vec<&str> = listed.lines().collect();
+    let files = &job.sources.files;
+    if let Some(i) = listed.iter().zip(files).position(|(a, f)| *a != f.rel) {
+        return Ok(Some(format!(
+            "its file {i} is `{}` where the source's is `{}` (source {}, packed from {})",
+            listed[i],
+            files[i].rel,
+            job.sources.root.display(),
+            m.source
+        )));
+    }
+    if listed.len() != files.len() {
+        return Ok(Some(format!(
+            "it was packed from {} files where the source lists {} (source {}, packed from {})",
+            listed.len(),
+            files.len(),
+            job.sources.root.display(),
+            m.source
+        )));
+    }
+    Ok(match m.source_fingerprint {
+        // The same files under other labels (another --labels file or class assignment).
+        Some(_) => Some("the same files carry other labels".to_string()),
+        None => None,
+    })
+}
+
 /// Encodes RGB pixels as a baseline JPEG with 4:2:0 chroma at `quality`.
 pub fn encode_jpeg(img: &RgbImage, quality: u8) -> Result<Vec<u8>, String> {
     let (w, h) = (u16::try_from(img.width), u16::try_from(img.height));
@@ -399,6 +470,7 @@ fn build_manifest(
         unlabelled,
         records: shards.iter().map(|s| s.records).sum(),
         sources: job.sources.files.len() as u64,
+        source_fingerprint: Some(job.sources.fingerprint()),
         shards,
         failures,
     })
