@@ -375,11 +375,9 @@ fn difference(m: &Manifest, job: &PackJob, fingerprint: u32, out: &Path) -> Resu
             m.source
         )));
     }
-    Ok(match m.source_fingerprint {
-        // The same files under other labels (another --labels file or class assignment).
-        Some(_) => Some("the same files carry other labels".to_string()),
-        None => None,
-    })
+    // Same files: with a fingerprint that differs, their labels do (another --labels file).
+    Ok(m.source_fingerprint
+        .map(|_| "the same files carry other labels".to_string()))
 }
 
 /// Encodes RGB pixels as a baseline JPEG with 4:2:0 chroma at `quality`.
