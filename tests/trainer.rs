@@ -17,6 +17,29 @@ fn trainer(args: &[&str]) -> Output {
     out
 }
 
+/// Runs `trainer ARGS...`, expects it to fail, and returns its stderr.
+fn trainer_err(args: &[&str]) -> String {
+    let out = Command::new(bin("trainer"))
+        .args(args)
+        .output()
+        .expect("run trainer");
+    assert!(!out.status.success(), "trainer {args:?} succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Copies the files of `src` (two levels: class folders of files) into `dst`.
+fn copy_tree(src: &Path, dst: &Path) {
+    for class in std::fs::read_dir(src).unwrap() {
+        let class = class.unwrap().path();
+        let to = dst.join(class.file_name().unwrap());
+        std::fs::create_dir_all(&to).unwrap();
+        for file in std::fs::read_dir(&class).unwrap() {
+            let file = file.unwrap().path();
+            std::fs::copy(&file, to.join(file.file_name().unwrap())).unwrap();
+        }
+    }
+}
+
 const TINY: &[&str] = &[
     "--set",
     "width=0.125",
@@ -102,6 +125,62 @@ fn synth_pack_pretrain_eval_export() {
         assert!((0.0..=100.0).contains(&top1), "{r}");
     }
     assert!(random["model"].as_str().unwrap().starts_with("random"));
+    // The baseline built from the run's own config says it matches the run (size included).
+    let config = run.join("config.json");
+    let matched = eval(&["--random", "--config", p(&config), "--k", "5"]);
+    let model = matched["model"].as_str().unwrap();
+    assert!(model.contains("small stem, width 0.125, 32 px"), "{model}");
+    assert_eq!(
+        random["knn"], matched["knn"],
+        "the same backbone either way"
+    );
+    assert!(
+        trained["model"].as_str().unwrap().contains("32 px"),
+        "{trained}"
+    );
+
+    // A val set packed with another class list is refused, naming the class, before any work;
+    // pretraining with it writes nothing.
+    let other = d.join("data/val-renamed");
+    copy_tree(&d.join("data/val"), &other);
+    let last = std::fs::read_dir(&other)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .max()
+        .unwrap();
+    std::fs::rename(&last, other.join("zz-renamed")).unwrap();
+    let other_val = d.join("val-renamed");
+    pack(&other, &other_val);
+    let refused = trainer_err(&[
+        "eval",
+        "knn",
+        "--checkpoint",
+        p(&run),
+        "--train",
+        p(&train),
+        "--val",
+        p(&other_val),
+    ]);
+    assert!(
+        refused.contains("different class lists") && refused.contains("class 2"),
+        "{refused}"
+    );
+    let mut args = vec![
+        "pretrain",
+        "--preset",
+        "maskdeep-r18-small",
+        "--data",
+        p(&train),
+    ];
+    let fresh = d.join("fresh-run");
+    args.extend_from_slice(&["--out", p(&fresh), "--val", p(&other_val)]);
+    args.extend_from_slice(TINY);
+    let refused = trainer_err(&args);
+    assert!(refused.contains("different class lists"), "{refused}");
+    assert!(
+        !fresh.exists(),
+        "nothing is written to --out before the inputs are checked"
+    );
 
     let plot = d.join("training.png");
     trainer(&[

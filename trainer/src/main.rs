@@ -216,6 +216,8 @@ impl EvalArgs {
         features::LabelledFeatures,
     )> {
         let device = trainer::device::parse(&self.config.device)?;
+        let (train, val) = (Dataset::open(&self.train)?, Dataset::open(&self.val)?);
+        features::check_eval_sets(&train, &val)?;
         let (model, what) = match (&self.checkpoint, self.random) {
             (Some(_), false) if self.config.describes_a_model() => bail!(
                 "--preset, --config and --set describe the --random backbone; a checkpoint brings its own config"
@@ -223,28 +225,42 @@ impl EvalArgs {
             (Some(path), false) => {
                 let ckpt = checkpoint::resolve(path)?;
                 let (model, state) = checkpoint::load_model(&ckpt, &device)?;
-                let what = format!("{} step {}", model.config().preset, state.step);
+                let what = format!(
+                    "{} step {} ({})",
+                    model.config().preset,
+                    state.step,
+                    backbone_summary(model.config())
+                );
                 (model, what)
             }
             (None, true) => {
                 let cfg = self.config.resolve()?;
-                let what = format!("random {}", cfg.model.arch.name());
+                let what = format!("random {} ({})", cfg.model.arch.name(), backbone_summary(&cfg));
                 (MaskDeep::new(&cfg, &device)?, what)
             }
             _ => bail!("give --checkpoint or --random (not both)"),
         };
         let size = model.config().data.image_size;
-        let features = |p: &PathBuf| {
-            features::extract(
-                &model.online.backbone,
-                &Dataset::open(p)?,
-                size,
-                self.batch,
-                &device,
-            )
+        let extract = |set: &Dataset| {
+            features::extract(&model.online.backbone, set, size, self.batch, &device)
         };
-        Ok((what, features(&self.train)?, features(&self.val)?))
+        Ok((what, extract(&train)?, extract(&val)?))
     }
+}
+
+/// What an evaluation report says about the backbone: architecture, stem, width, image size.
+fn backbone_summary(cfg: &TrainConfig) -> String {
+    let stem = if cfg.model.small_stem {
+        "small stem"
+    } else {
+        "ImageNet stem"
+    };
+    format!(
+        "{}, {stem}, width {}, {} px",
+        cfg.model.arch.name(),
+        cfg.model.width,
+        cfg.data.image_size
+    )
 }
 
 #[derive(Args)]

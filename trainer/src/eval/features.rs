@@ -19,6 +19,37 @@ pub struct LabelledFeatures {
     pub classes: usize,
 }
 
+/// Checks, before any work, that `train` and `val` can be scored against each other: both fully
+/// labelled and with the same class names in the same order (labels are matched by index).
+pub fn check_eval_sets(train: &Dataset, val: &Dataset) -> Result<()> {
+    for set in [train, val] {
+        let m = set.manifest();
+        if m.unlabelled > 0 || m.classes.is_empty() {
+            return Err(Error::Data(format!(
+                "{} has {} unlabelled images: evaluation needs class labels",
+                set.dir().display(),
+                m.unlabelled
+            )));
+        }
+    }
+    let (a, b) = (&train.manifest().classes, &val.manifest().classes);
+    if a != b {
+        let at = a.iter().zip(b).position(|(x, y)| x != y);
+        let what = match at {
+            Some(i) => format!("class {i} is `{}` in one and `{}` in the other", a[i], b[i]),
+            None => format!("{} classes against {}", a.len(), b.len()),
+        };
+        return Err(Error::Data(format!(
+            "{} and {} were packed with different class lists ({what}): pack the val split with \
+             `--classes-from {}`",
+            train.dir().display(),
+            val.dir().display(),
+            train.dir().display()
+        )));
+    }
+    Ok(())
+}
+
 /// Per-thread scratch of [`centre_view`]: the resizer and its HWC output.
 type Scratch = (fast_image_resize::Resizer, Vec<u8>);
 

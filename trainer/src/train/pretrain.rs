@@ -17,7 +17,7 @@ use crate::eval::{features, knn};
 use crate::method::maskdeep::{MaskDeep, Views};
 use crate::train::checkpoint::{self, TrainState};
 use crate::train::data::{self, Batches};
-use crate::train::schedule;
+use crate::train::schedule::{self, RunLength};
 use crate::train::step::{Rates, TrainStep};
 use shared::dataset::Dataset;
 
@@ -108,18 +108,9 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
             job.out.display()
         )));
     }
-    std::fs::create_dir_all(&job.out).io("create", &job.out)?;
-    write_json_atomic(&config_path, cfg)?;
-
+    // Every input is checked before anything is written to --out.
     let plan = data::plan(&job.data, cfg)?;
-    let mut total = cfg.schedule.epochs * plan.steps_per_epoch as u64;
-    if cfg.schedule.max_steps > 0 {
-        total = if cfg.schedule.epochs > 0 {
-            total.min(cfg.schedule.max_steps)
-        } else {
-            cfg.schedule.max_steps
-        };
-    }
+    let RunLength { total, warmup } = RunLength::new(&cfg.schedule, plan.steps_per_epoch as u64);
     if let Some(available) = plan.max_steps {
         if total > available as u64 {
             return Err(Error::Data(format!(
@@ -129,7 +120,16 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
             )));
         }
     }
-    let warmup = (cfg.schedule.warmup_epochs * plan.steps_per_epoch as f64).round() as u64;
+    let knn_sets = match &job.knn {
+        Some(sets) => {
+            let (train, val) = (Dataset::open(&sets.train)?, Dataset::open(&sets.val)?);
+            features::check_eval_sets(&train, &val)?;
+            Some((train, val))
+        }
+        None => None,
+    };
+    std::fs::create_dir_all(&job.out).io("create", &job.out)?;
+    write_json_atomic(&config_path, cfg)?;
     let base_lr = cfg.scaled_lr();
 
     let mut model = MaskDeep::new(cfg, &job.device)?;
@@ -156,10 +156,6 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
     let end = job.stop_after.map_or(total, |n| total.min(start + n));
     let mut batches = Batches::open(&job.data, cfg, start as usize, end as usize)?;
     let views_per_sample = cfg.data.global_views + cfg.data.local_views;
-    let knn_sets = match &job.knn {
-        Some(sets) => Some((Dataset::open(&sets.train)?, Dataset::open(&sets.val)?)),
-        None => None,
-    };
     let (mut wait, mut busy) = (Duration::ZERO, Duration::ZERO);
     let mut last_loss = f64::NAN;
     let mut step = start;

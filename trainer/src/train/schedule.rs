@@ -3,6 +3,41 @@
 
 use std::f64::consts::PI;
 
+use crate::config::ScheduleConfig;
+
+/// The run's length in steps, the one definition every schedule uses: `epochs` epochs, cut to
+/// `max_steps` when that is set and shorter; the warmup is `warmup_epochs` of the epochs' run,
+/// shrunk in proportion when `max_steps` cuts the run short, so that it always ends within it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RunLength {
+    /// Steps of the whole run (the schedules end here).
+    pub total: u64,
+    /// Warmup steps, at most `total`.
+    pub warmup: u64,
+}
+
+impl RunLength {
+    /// The length of a run of `cfg` with `steps_per_epoch` steps an epoch.
+    pub fn new(cfg: &ScheduleConfig, steps_per_epoch: u64) -> Self {
+        let planned = cfg.epochs * steps_per_epoch;
+        let total = match (cfg.epochs, cfg.max_steps) {
+            (_, 0) => planned,
+            (0, max) => max,
+            (_, max) => planned.min(max),
+        };
+        let warmup_steps = cfg.warmup_epochs * steps_per_epoch as f64;
+        let warmup = if planned > 0 && total < planned {
+            warmup_steps * total as f64 / planned as f64
+        } else {
+            warmup_steps
+        };
+        RunLength {
+            total,
+            warmup: (warmup.round() as u64).min(total),
+        }
+    }
+}
+
 /// Learning rate at `step` (0-based) of `total`: `base * (step + 1) / warmup` during the warmup, then
 /// a cosine from `base` to `base * final_fraction` over the remaining steps.
 pub fn learning_rate(base: f64, final_fraction: f64, step: u64, warmup: u64, total: u64) -> f64 {
@@ -25,6 +60,55 @@ pub fn ema_momentum(base: f64, end: f64, step: u64, total: u64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn schedule(epochs: u64, max_steps: u64, warmup_epochs: f64) -> ScheduleConfig {
+        ScheduleConfig {
+            epochs,
+            max_steps,
+            warmup_epochs,
+            lr_final: 0.0,
+            ema_base: 0.99,
+            ema_final: 1.0,
+        }
+    }
+
+    #[test]
+    fn max_steps_shortens_the_warmup_with_the_run() {
+        // 100 epochs of 10 steps with 10 warmup epochs, cut to 30 steps: a 3-step warmup.
+        let run = RunLength::new(&schedule(100, 30, 10.0), 10);
+        assert_eq!(
+            run,
+            RunLength {
+                total: 30,
+                warmup: 3
+            }
+        );
+        assert_eq!(learning_rate(1.0, 0.0, 2, run.warmup, run.total), 1.0);
+        // A 3-step smoke test of the same preset leaves the warmup and reaches the full rate.
+        let run = RunLength::new(&schedule(100, 3, 10.0), 10);
+        assert!(run.warmup < run.total);
+        assert_eq!(
+            learning_rate(1.0, 0.0, run.warmup, run.warmup, run.total),
+            1.0
+        );
+        // Without max_steps, or with a longer one, the warmup is the configured one.
+        assert_eq!(
+            RunLength::new(&schedule(100, 0, 10.0), 10),
+            RunLength {
+                total: 1000,
+                warmup: 100
+            }
+        );
+        assert_eq!(RunLength::new(&schedule(100, 5000, 10.0), 10).warmup, 100);
+        // max_steps alone (epochs 0): the warmup still ends within the run.
+        assert_eq!(
+            RunLength::new(&schedule(0, 20, 10.0), 10),
+            RunLength {
+                total: 20,
+                warmup: 20
+            }
+        );
+    }
 
     #[test]
     fn warmup_is_linear_then_cosine_reaches_zero() {
