@@ -226,6 +226,50 @@ fn synth_pack_pretrain_eval_export() {
 }
 
 #[test]
+fn pretraining_into_a_log_file_prints_periodic_progress_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    synth(&d.join("data"), 2, 8, 40);
+    pack(&d.join("data/train"), &d.join("train"));
+    let (log, train, run) = (d.join("job.log"), d.join("train"), d.join("run"));
+    let mut args = vec![
+        "pretrain",
+        "--preset",
+        "byol-r18-small",
+        "--data",
+        p(&train),
+        "--out",
+        p(&run),
+        "--set",
+        "max_steps=4",
+        "--log-every",
+        "0",
+    ];
+    args.extend_from_slice(TINY);
+    let file = std::fs::File::create(&log).unwrap();
+    let status = Command::new(bin("trainer"))
+        .args(&args)
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("step ")).collect();
+    assert_eq!(
+        lines.len(),
+        4,
+        "one line per step with --log-every 0:\n{text}"
+    );
+    for (i, line) in lines.iter().enumerate() {
+        assert!(line.starts_with(&format!("step {}/4 ", i + 1)), "{line}");
+        for field in ["epoch", "loss", "lr", "views/s", "ETA"] {
+            assert!(line.contains(field), "{line} lacks {field}");
+        }
+    }
+}
+
+#[test]
 fn helpful_errors_for_wrong_use() {
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(bin("trainer"))

@@ -2,6 +2,7 @@
 //!
 //! The binary only parses arguments, shows progress and wires the library's pieces.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 
 /// mimalloc reuses freed tensor buffers instead of returning them to the OS and page-faulting them
@@ -10,6 +11,7 @@ use std::path::PathBuf;
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use anyhow::{bail, Context, Result};
+
 use clap::{Args, Parser, Subcommand};
 use shared::dataset::Dataset;
 use trainer::config::{TrainConfig, PRESETS};
@@ -18,6 +20,7 @@ use trainer::eval::{features, knn, linear};
 use trainer::method::maskdeep::MaskDeep;
 use trainer::train::checkpoint;
 use trainer::train::pretrain::{self, PretrainJob};
+use trainer::train::progress::ProgressMode;
 
 #[derive(Parser)]
 #[command(
@@ -151,6 +154,10 @@ struct PretrainArgs {
     /// Print a JSON summary at the end instead of text.
     #[arg(long)]
     json: bool,
+    /// Without a terminal (a job's log file) or with --json: print a plain progress line (step,
+    /// epoch, loss, lr, views/s, ETA) to stderr every this many seconds (0: every step).
+    #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
+    log_every: f64,
 }
 
 #[derive(Subcommand)]
@@ -314,20 +321,44 @@ fn run(cli: Cli) -> Result<()> {
                     train: args.knn_train.unwrap_or_else(|| args.data.clone()),
                     val,
                 }),
-                progress: !args.json,
+                progress: if std::io::stderr().is_terminal() && !args.json {
+                    ProgressMode::Bar
+                } else {
+                    ProgressMode::Lines {
+                        every: std::time::Duration::from_secs_f64(args.log_every),
+                    }
+                },
             };
             let summary = pretrain::run(&job)?;
             if args.json {
                 println!("{}", serde_json::to_string(&summary)?);
+            } else if summary.steps_this_run == 0 {
+                println!(
+                    "the run in {} had already finished ({} of {} steps); nothing to do\ncheckpoint: {}",
+                    job.out.display(),
+                    summary.steps,
+                    summary.total_steps,
+                    summary.checkpoint.display()
+                );
             } else {
                 println!(
-                    "done: {} steps, final loss {:.4}, {:.1} views/s, {:.1}% of the time waiting for data\ncheckpoint: {}",
+                    "{}: {} steps ({} of {} done), final loss {:.4}, {:.1} views/s, {:.1}% of the time waiting for data\ncheckpoint: {}",
+                    if summary.steps < summary.total_steps { "stopped" } else { "done" },
+                    summary.steps_this_run,
                     summary.steps,
+                    summary.total_steps,
                     summary.final_loss,
                     summary.views_per_second,
                     summary.data_wait * 100.0,
                     summary.checkpoint.display()
                 );
+                if summary.steps < summary.total_steps {
+                    println!(
+                        "the run is incomplete: continue it with the same command and --resume \
+                         (or --config {} --resume)",
+                        job.out.join(pretrain::CONFIG_FILE).display()
+                    );
+                }
             }
         }
         Command::Bench(args) => {

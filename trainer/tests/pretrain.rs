@@ -11,6 +11,7 @@ use trainer::diag::{bench, parity};
 use trainer::error::Error;
 use trainer::train::checkpoint;
 use trainer::train::pretrain::{run, PretrainJob};
+use trainer::train::progress::ProgressMode;
 use trainer::train::step::steps_run_on_this_thread;
 
 fn shards(dir: &Path) -> PathBuf {
@@ -52,7 +53,7 @@ fn job(cfg: &TrainConfig, data: &Path, out: &Path) -> PretrainJob {
         resume: false,
         stop_after: None,
         knn: None,
-        progress: false,
+        progress: ProgressMode::Off,
     }
 }
 

@@ -5,5 +5,6 @@ pub mod checkpoint;
 pub mod data;
 pub mod optim;
 pub mod pretrain;
+pub mod progress;
 pub mod schedule;
 pub mod step;

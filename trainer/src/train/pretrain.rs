@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, IoContext, Result};
 use candle_core::Device;
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use shared::fsutil::write_json_atomic;
 
@@ -17,6 +16,7 @@ use crate::eval::{features, knn};
 use crate::method::maskdeep::{MaskDeep, Views};
 use crate::train::checkpoint::{self, TrainState};
 use crate::train::data::{self, Batches};
+use crate::train::progress::{ProgressMode, Reporter, StepFigures};
 use crate::train::schedule::{self, RunLength};
 use crate::train::step::{Rates, TrainStep};
 use shared::dataset::Dataset;
@@ -38,8 +38,8 @@ pub struct PretrainJob {
     /// Labelled shards to score with kNN during training (`knn_every`), with the labelled shards
     /// whose features form the kNN memory.
     pub knn: Option<KnnSets>,
-    /// Draw a progress bar on the terminal.
-    pub progress: bool,
+    /// How to report progress on stderr.
+    pub progress: ProgressMode,
 }
 
 /// The packed, labelled shards of a kNN evaluation during training.
@@ -75,7 +75,13 @@ struct Metrics {
 /// How a run ended.
 #[derive(Debug, Serialize)]
 pub struct Summary {
+    /// Steps done in the whole run so far.
     pub steps: u64,
+    /// Steps of the whole run.
+    pub total_steps: u64,
+    /// Steps done by this invocation (0 when a finished run was resumed).
+    pub steps_this_run: u64,
+    /// The last loss of this invocation (NaN when it made no step).
     pub final_loss: f64,
     pub checkpoint: PathBuf,
     pub views_per_second: f64,
@@ -152,8 +158,8 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
         .open(&metrics_path)
         .io("open", &metrics_path)?;
 
-    let bar = progress_bar(job.progress, total, start);
     let end = job.stop_after.map_or(total, |n| total.min(start + n));
+    let mut reporter = Reporter::new(job.progress, start, end, total);
     let mut batches = Batches::open(&job.data, cfg, start as usize, end as usize)?;
     let views_per_sample = cfg.data.global_views + cfg.data.local_views;
     let (mut wait, mut busy) = (Duration::ZERO, Duration::ZERO);
@@ -166,7 +172,7 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
         };
         let t1 = Instant::now();
         for (index, reason) in &batch.skipped {
-            say(&bar, format!("warning: skipped record {index}: {reason}"));
+            reporter.say(&format!("warning: skipped record {index}: {reason}"));
         }
         let lr = schedule::learning_rate(base_lr, cfg.schedule.lr_final, step, warmup, total);
         let tau =
@@ -213,10 +219,13 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
         };
         serde_json::to_writer(&mut metrics, &line)?;
         writeln!(metrics).io("write", &metrics_path)?;
-        bar.set_message(format!(
-            "loss {value:.4}  {views_per_second:.0} views/s  epoch {epoch}"
-        ));
-        bar.inc(1);
+        reporter.step(&StepFigures {
+            step,
+            epoch,
+            loss: value,
+            lr,
+            views_per_second,
+        });
         let epoch_end = step.is_multiple_of(plan.steps_per_epoch as u64);
         let periodic =
             cfg.run.checkpoint_every > 0 && step.is_multiple_of(cfg.run.checkpoint_every);
@@ -235,10 +244,9 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
                 };
                 serde_json::to_writer(&mut metrics, &line)?;
                 writeln!(metrics).io("write", &metrics_path)?;
-                say(
-                    &bar,
-                    format!("step {step}: kNN (k={KNN_K}) top-1 {top1:.2}%  top-5 {top5:.2}%"),
-                );
+                reporter.say(&format!(
+                    "step {step}: kNN (k={KNN_K}) top-1 {top1:.2}%  top-5 {top5:.2}%"
+                ));
             }
         }
         if epoch_end || periodic || step == end {
@@ -258,11 +266,13 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
             )?);
         }
     }
-    bar.finish_and_clear();
+    reporter.finish();
     let elapsed = (wait + busy).as_secs_f64().max(1e-9);
     let ran = step - start;
     Ok(Summary {
         steps: step,
+        total_steps: total,
+        steps_this_run: ran,
         final_loss: last_loss,
         checkpoint: last_checkpoint
             .ok_or_else(|| Error::Run("the run made no step: nothing to train".into()))?,
@@ -308,26 +318,4 @@ fn truncate_metrics(path: &Path, start: u64) -> Result<()> {
         .collect();
     shared::fsutil::write_atomic(path, kept.as_bytes())?;
     Ok(())
-}
-
-/// Prints a line above the progress bar, or to stderr when there is no bar (no terminal, --json).
-fn say(bar: &ProgressBar, line: String) {
-    if bar.is_hidden() {
-        eprintln!("{line}");
-    } else {
-        bar.println(line);
-    }
-}
-
-fn progress_bar(enabled: bool, total: u64, start: u64) -> ProgressBar {
-    if !enabled {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(total);
-    bar.set_position(start);
-    bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  ETA {eta}")
-            .expect("valid template"),
-    );
-    bar
 }
