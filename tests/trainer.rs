@@ -218,6 +218,19 @@ fn synth_pack_pretrain_eval_export() {
         assert!(header.get(key).is_some(), "{key} missing from the export");
     }
     assert!(header.get("fc.weight").is_none());
+    // The metadata says which backbone this is and that no torchvision model has its width.
+    let meta = &header["__metadata__"];
+    assert_eq!(meta["arch"], "resnet18");
+    assert_eq!(meta["stem"], "small");
+    assert_eq!(meta["width"], "0.125");
+    assert_eq!(meta["image_size"], "32");
+    assert!(
+        meta["torchvision"]
+            .as_str()
+            .unwrap()
+            .starts_with("none: width 0.125"),
+        "{meta}"
+    );
     assert!(!header
         .as_object()
         .unwrap()

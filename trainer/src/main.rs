@@ -42,7 +42,11 @@ enum Command {
     /// Evaluate a frozen backbone on labelled shards: weighted kNN or a linear probe.
     #[command(subcommand)]
     Eval(EvalCommand),
-    /// Write a checkpoint's online backbone for another framework.
+    /// Write a checkpoint's online backbone for another framework. The file's metadata names the
+    /// architecture, the stem and the width, and (key `torchvision`) how to build the torchvision
+    /// model it loads into: `torchvision.models.resnetNN()` for the ImageNet stem; for the small
+    /// stem (the `*-small` presets) the same with `conv1 = Conv2d(3, 64, 3, 1, 1, bias=False)`
+    /// and `maxpool = Identity()`. A width other than 1 has no torchvision model.
     Export {
         /// A checkpoint folder, or a run folder (its newest checkpoint).
         #[arg(long)]
@@ -471,10 +475,14 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(path) = probe {
                 candle_core::safetensors::save(&trainer::eval::export::probe(&model)?, &path)?;
             }
+            let meta = trainer::eval::export::metadata(&model, state.step);
             println!(
-                "wrote {} ({} backbone)",
+                "wrote {} ({} backbone, {} stem, width {}); torchvision: {}",
                 out.display(),
-                model.config().model.arch.name()
+                meta["arch"],
+                meta["stem"],
+                meta["width"],
+                meta["torchvision"]
             );
         }
         Command::Plot {

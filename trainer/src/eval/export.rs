@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use crate::error::{IoContext, Result};
+use crate::error::{Error, IoContext, Result};
 use candle_core::{Device, Tensor};
 
 use crate::method::maskdeep::MaskDeep;
@@ -27,11 +27,50 @@ pub fn torchvision_state_dict(model: &MaskDeep, steps: u64) -> Result<HashMap<St
     Ok(out)
 }
 
-/// Writes [`torchvision_state_dict`] to `path` (atomically).
+/// What the export says about itself (the safetensors `__metadata__`): the backbone's
+/// architecture, stem, width and training image size, the steps trained, and `torchvision`, the
+/// Python that builds the torchvision model this state dict loads into (or why none does).
+pub fn metadata(model: &MaskDeep, steps: u64) -> HashMap<String, String> {
+    let cfg = model.config();
+    let arch = cfg.model.arch.name();
+    let stem = if cfg.model.small_stem {
+        "small"
+    } else {
+        "imagenet"
+    };
+    let recipe = if cfg.model.width != 1.0 {
+        format!(
+            "none: width {} gives stage widths {:?}, torchvision's are [64, 128, 256, 512]",
+            cfg.model.width,
+            (0..4)
+                .map(|i| ((64 << i) as f64 * cfg.model.width).round().max(1.0) as usize)
+                .collect::<Vec<_>>()
+        )
+    } else if cfg.model.small_stem {
+        format!(
+            "m = torchvision.models.{arch}(); m.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, \
+             bias=False); m.maxpool = torch.nn.Identity()"
+        )
+    } else {
+        format!("m = torchvision.models.{arch}()")
+    };
+    HashMap::from([
+        ("arch".to_string(), arch.to_string()),
+        ("stem".to_string(), stem.to_string()),
+        ("width".to_string(), cfg.model.width.to_string()),
+        ("image_size".to_string(), cfg.data.image_size.to_string()),
+        ("preset".to_string(), cfg.preset.name().to_string()),
+        ("steps".to_string(), steps.to_string()),
+        ("torchvision".to_string(), recipe),
+    ])
+}
+
+/// Writes [`torchvision_state_dict`] with [`metadata`] to `path` (atomically).
 pub fn write_torchvision(model: &MaskDeep, steps: u64, path: &Path) -> Result<()> {
     let tensors = torchvision_state_dict(model, steps)?;
     let tmp = shared::fsutil::temp_path(path);
-    candle_core::safetensors::save(&tensors, &tmp)?;
+    safetensors::tensor::serialize_to_file(tensors, Some(metadata(model, steps)), &tmp)
+        .map_err(|e| Error::Data(format!("cannot write {}: {e}", tmp.display())))?;
     std::fs::rename(&tmp, path).io("write", path)?;
     Ok(())
 }
