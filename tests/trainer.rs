@@ -205,6 +205,12 @@ fn synth_pack_pretrain_eval_export() {
         "--out",
         p(&exported),
     ]);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&exported).unwrap().permissions().mode();
+        assert_eq!(mode & 0o044, 0o044, "others can read the export: {mode:o}");
+    }
     let bytes = std::fs::read(&exported).unwrap();
     // safetensors: an 8-byte header length, then a JSON header naming every tensor.
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;

@@ -71,6 +71,13 @@ pub fn write_torchvision(model: &MaskDeep, steps: u64, path: &Path) -> Result<()
     let tmp = shared::fsutil::temp_path(path);
     safetensors::tensor::serialize_to_file(tensors, Some(metadata(model, steps)), &tmp)
         .map_err(|e| Error::Data(format!("cannot write {}: {e}", tmp.display())))?;
+    // safetensors writes through a private (0600) temporary file; an export is for sharing.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))
+            .io("set the permissions of", &tmp)?;
+    }
     std::fs::rename(&tmp, path).io("write", path)?;
     Ok(())
 }
