@@ -1,5 +1,5 @@
 //! MaskDeep (and BYOL, its unmasked special case): the online and target branches and the
-//! multi-group, multi-target loss over masked levels. See `../shared/MASKDEEP.md`.
+//! multi-group, multi-target loss over masked levels. See `docs/METHOD.md`.
 
 use std::time::{Duration, Instant};
 
