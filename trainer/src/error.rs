@@ -9,10 +9,12 @@ pub enum Error {
     /// A config key or value that cannot be used; `key` names it.
     #[error("{message}")]
     Config { key: String, message: String },
-    /// The training loss stopped being finite at `step` (counted as in `metrics.jsonl`).
+    /// The training loss stopped being finite at step `step` (counted from 1, as `metrics.jsonl`
+    /// counts), after `last_checkpoint`.
     #[error(
         "the loss became {value} at step {step}: training stopped. The last good checkpoint ({}) \
-         is intact; lower lr or warmup faster, then --resume",
+         is intact: continue from it with --resume --change-schedule and a lower lr or a faster \
+         warmup (--set lr=..., --set warmup_epochs=...)",
         last_checkpoint.as_ref().map_or("none yet".to_string(), |p| p.display().to_string())
     )]
     NonFiniteLoss {

@@ -145,6 +145,12 @@ struct PretrainArgs {
     /// or the same preset and --set values).
     #[arg(long)]
     resume: bool,
+    /// With --resume: accept new values of the schedule keys (lr, lr_final, warmup_epochs,
+    /// weight_decay, ema_base, ema_final, checkpoint_every, keep_checkpoints, knn_every), e.g. a
+    /// lower lr after the loss went bad; they are saved to the run's config.json. Every other
+    /// key must match the run's.
+    #[arg(long, requires = "resume")]
+    change_schedule: bool,
     /// Labelled packed shards to score with kNN every `knn_every` epochs (logged to metrics.jsonl).
     #[arg(long)]
     val: Option<PathBuf>,
@@ -321,6 +327,7 @@ fn run(cli: Cli) -> Result<()> {
                 device: trainer::device::parse(&args.config.device)?,
                 resume: args.resume,
                 stop_after: args.stop_after,
+                change_schedule: args.change_schedule,
                 knn: args.val.map(|val| pretrain::KnnSets {
                     train: args.knn_train.unwrap_or_else(|| args.data.clone()),
                     val,

@@ -52,6 +52,7 @@ fn job(cfg: &TrainConfig, data: &Path, out: &Path) -> PretrainJob {
         device: Device::Cpu,
         resume: false,
         stop_after: None,
+        change_schedule: false,
         knn: None,
         progress: ProgressMode::Off,
     }
@@ -105,7 +106,48 @@ fn a_stopped_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_one() {
     other.optim.lr = 0.5;
     let mut j = job(&other, &data, &split_dir);
     j.resume = true;
-    assert!(run(&j).unwrap_err().to_string().contains("config differs"));
+    let err = run(&j).unwrap_err();
+    assert!(err.to_string().contains("--change-schedule"), "{err}");
+    assert_eq!(key_of(err), "lr");
+    // A key that is not a schedule key stays refused even when asked.
+    let mut wider = cfg.clone();
+    wider.model.width = 0.25;
+    let mut j = job(&wider, &data, &split_dir);
+    (j.resume, j.change_schedule) = (true, true);
+    assert_eq!(key_of(run(&j).unwrap_err()), "width");
+}
+
+#[test]
+fn a_resume_may_change_the_schedule_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = shards(dir.path());
+    let cfg = tiny();
+    let out = dir.path().join("run");
+    let mut first = job(&cfg, &data, &out);
+    first.stop_after = Some(2);
+    run(&first).unwrap();
+    let mut lower = cfg.clone();
+    lower.optim.lr = cfg.optim.lr / 10.0;
+    let mut second = job(&lower, &data, &out);
+    (second.resume, second.change_schedule) = (true, true);
+    assert_eq!(run(&second).unwrap().steps, 6);
+    let saved = TrainConfig::load(&out.join("config.json")).unwrap();
+    assert_eq!(
+        saved.optim.lr, lower.optim.lr,
+        "the new rate is the run's from now on"
+    );
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let rate = |i: usize| lines[i]["lr"].as_f64().unwrap();
+    assert!(
+        rate(2) < rate(1) / 5.0,
+        "steps 3.. ran at the lower rate: {} {}",
+        rate(1),
+        rate(2)
+    );
 }
 
 #[test]
@@ -134,8 +176,9 @@ fn a_diverging_loss_stops_the_run_and_keeps_the_last_checkpoint() {
     let kept = checkpoint::list(&out).unwrap();
     assert!(!kept.is_empty(), "the last good checkpoint is kept");
     assert_eq!(last_checkpoint.as_ref(), kept.last(), "the error names it");
+    // Steps count as metrics.jsonl counts them: the bad step follows the last good checkpoint.
     assert_eq!(
-        checkpoint::read_state(kept.last().unwrap()).unwrap().step,
+        checkpoint::read_state(kept.last().unwrap()).unwrap().step + 1,
         step
     );
     let state = checkpoint::read_state(kept.last().unwrap()).unwrap();

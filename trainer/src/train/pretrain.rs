@@ -35,6 +35,9 @@ pub struct PretrainJob {
     pub resume: bool,
     /// Stop after this many steps of this invocation (the schedules still span the whole run).
     pub stop_after: Option<u64>,
+    /// With `resume`: accept new values of the [`SCHEDULE_KEYS`] (and save them to the run's
+    /// config); every other key must still match.
+    pub change_schedule: bool,
     /// Labelled shards to score with kNN during training (`knn_every`), with the labelled shards
     /// whose features form the kNN memory.
     pub knn: Option<KnnSets>,
@@ -46,6 +49,35 @@ pub struct PretrainJob {
 pub struct KnnSets {
     pub train: PathBuf,
     pub val: PathBuf,
+}
+
+/// The config keys a resumed run may change when asked (`--change-schedule`): how fast it learns
+/// from here on and how it checkpoints, not what it trains.
+pub const SCHEDULE_KEYS: &[&str] = &[
+    "lr",
+    "lr_final",
+    "warmup_epochs",
+    "weight_decay",
+    "ema_base",
+    "ema_final",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "knn_every",
+];
+
+/// The keys whose values differ between two configs, with both values.
+fn differences(saved: &TrainConfig, asked: &TrainConfig) -> Result<Vec<(String, String, String)>> {
+    let (a, b) = (serde_json::to_value(saved)?, serde_json::to_value(asked)?);
+    let (Some(a), Some(b)) = (a.as_object(), b.as_object()) else {
+        return Ok(Vec::new());
+    };
+    Ok(a.iter()
+        .filter(|(k, v)| b.get(*k) != Some(*v))
+        .map(|(k, v)| {
+            let new = b.get(k).map_or("none".to_string(), |n| n.to_string());
+            (k.clone(), v.to_string(), new)
+        })
+        .collect())
 }
 
 /// A kNN line of `metrics.jsonl`.
@@ -101,12 +133,26 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
                 job.out.display()
             ))
         })?;
-        if &saved != cfg {
-            return Err(Error::Run(format!(
-                "--resume: the config differs from the run's {}; resume with --config {}",
-                config_path.display(),
-                config_path.display()
-            )));
+        let changed = differences(&saved, cfg)?;
+        let fixed: Vec<_> = changed
+            .iter()
+            .filter(|(k, _, _)| !(job.change_schedule && SCHEDULE_KEYS.contains(&k.as_str())))
+            .collect();
+        if let Some((key, was, now)) = fixed.first() {
+            let hint = if SCHEDULE_KEYS.contains(&key.as_str()) {
+                " (a schedule key: add --change-schedule to resume with the new value)"
+            } else {
+                ""
+            };
+            return Err(Error::Config {
+                key: key.clone(),
+                message: format!(
+                    "--resume: the config differs from the run's {} in `{key}` ({was} there, \
+                     {now} now){hint}; resume with --config {}",
+                    config_path.display(),
+                    config_path.display()
+                ),
+            });
         }
     } else if !existing.is_empty() {
         return Err(Error::Run(format!(
@@ -189,7 +235,7 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
         let value = loss.total.to_scalar::<f32>()? as f64;
         if !value.is_finite() {
             return Err(Error::NonFiniteLoss {
-                step,
+                step: step + 1,
                 value,
                 last_checkpoint,
             });
