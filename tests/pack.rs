@@ -574,3 +574,85 @@ fn only_the_same_job_resumes_into_a_finished_pack() {
     let err = loader_err(&["pack", p(&train), "--out", p(&views)]);
     assert!(err.contains("view shards"), "{err}");
 }
+
+#[test]
+fn small_mistakes_get_messages_that_say_what_happened() {
+    let t = tempfile::tempdir().unwrap();
+    let syn = t.path().join("syn");
+    synth(&syn, 2, 4, 32);
+    let train = syn.join("train");
+
+    // Files that are not images are counted; an empty image file is reported as empty.
+    let class = fs::read_dir(&train)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    fs::write(class.join("notes.txt"), "not an image").unwrap();
+    fs::write(class.join("empty.jpg"), b"").unwrap();
+    let out = t.path().join("out");
+    let packed = json(&loader_ok(&["pack", p(&train), "--out", p(&out), "--json"]));
+    assert_eq!(packed["not_images"], 1, "{packed}");
+    let reasons: Vec<&str> = packed["failures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["reason"].as_str().unwrap())
+        .collect();
+    assert!(
+        reasons.iter().any(|r| r.contains("empty file")),
+        "{reasons:?}"
+    );
+
+    // A flat folder of images without --labels: the error points at --labels / --unlabelled.
+    let flat = t.path().join("flat");
+    fs::create_dir_all(&flat).unwrap();
+    for e in fs::read_dir(&class).unwrap() {
+        let path = e.unwrap().path();
+        fs::copy(&path, flat.join(path.file_name().unwrap())).unwrap();
+    }
+    let err = loader_err(&["pack", p(&flat), "--out", p(&t.path().join("flat-out"))]);
+    assert!(
+        err.contains("--labels") && err.contains("--unlabelled"),
+        "{err}"
+    );
+
+    // inspect and verify know view shards.
+    let views = t.path().join("views");
+    loader_ok(&[
+        "views",
+        p(&out),
+        "--preset",
+        "byol-small",
+        "--epochs",
+        "1",
+        "--batch",
+        "4",
+        "--out",
+        p(&views),
+    ]);
+    let shown = json(&loader_ok(&["inspect", p(&views), "--json"]));
+    assert_eq!(shown["kind"], "view shards", "{shown}");
+    let shard = fs::read_dir(&views)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "mds"))
+        .unwrap();
+    let mut bytes = fs::read(&shard).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    fs::write(&shard, bytes).unwrap();
+    let err = loader_err(&["verify", p(&views)]);
+    assert!(
+        err.contains("loader views") && !err.contains("repack"),
+        "{err}"
+    );
+    for line in err.lines().filter(|l| l.contains("record")) {
+        assert_eq!(
+            line.matches("record").count(),
+            1,
+            "the record is named once: {line}"
+        );
+    }
+}

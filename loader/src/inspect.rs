@@ -23,6 +23,9 @@ pub struct InspectArgs {
 
 /// Runs `loader inspect`.
 pub fn run(a: InspectArgs) -> Result<()> {
+    if a.dir.join(shared::viewshards::VIEWS_MANIFEST).exists() {
+        return view_shards(&a);
+    }
     let ds = Dataset::open(&a.dir)?;
     if let (Some(i), Some(to)) = (a.dump, &a.to) {
         let img = ds.image(i)?;
@@ -105,5 +108,55 @@ pub fn run(a: InspectArgs) -> Result<()> {
     for (name, count) in m.classes.iter().zip(&m.counts_per_class) {
         println!("  {count:>8}  {name}");
     }
+    Ok(())
+}
+
+/// `loader inspect` of a folder of view shards (`loader views`): what they hold.
+fn view_shards(a: &InspectArgs) -> Result<()> {
+    if a.dump.is_some() {
+        anyhow::bail!(
+            "{} holds view shards: --dump shows records of packed datasets only",
+            a.dir.display()
+        );
+    }
+    let vs = shared::viewshards::ViewShards::open(&a.dir)?;
+    let m = vs.manifest();
+    let bytes: u64 = m.shards.iter().map(|s| s.bytes).sum();
+    let sizes: Vec<u32> = m.views.iter().map(|v| v.size).collect();
+    let summary = serde_json::json!({
+        "kind": "view shards",
+        "records": m.records,
+        "shards": m.shards.len(),
+        "bytes": bytes,
+        "source": m.source,
+        "views": sizes,
+        "seed": m.seed,
+        "epochs": m.epochs,
+        "batch_size": m.batch_size,
+        "steps_per_epoch": m.steps_per_epoch,
+        "classes": m.classes.len(),
+        "skipped": m.skipped.len(),
+    });
+    if a.json {
+        println!("{summary}");
+        return Ok(());
+    }
+    println!("view shards {} (from {})", a.dir.display(), m.source);
+    println!(
+        "records     {} samples in {} shards, {:.1} MiB",
+        m.records,
+        m.shards.len(),
+        bytes as f64 / (1 << 20) as f64
+    );
+    println!("views       {} per sample, sizes {sizes:?} px", sizes.len());
+    println!(
+        "epochs      {} of {} steps, batch {}, seed {}",
+        m.epochs, m.steps_per_epoch, m.batch_size, m.seed
+    );
+    println!("classes     {}", m.classes.len());
+    println!(
+        "skipped     {} unreadable records replaced",
+        m.skipped.len()
+    );
     Ok(())
 }

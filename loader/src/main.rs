@@ -255,6 +255,13 @@ fn pack(a: PackArgs) -> Result<()> {
             shared::source::list_labelled_folder(&a.src, labels, classes)?
         }
     };
+    if sources.not_images > 0 && !a.json {
+        eprintln!(
+            "left out {} files without an image extension ({})",
+            sources.not_images,
+            shared::source::IMAGE_EXTENSIONS.join(", ")
+        );
+    }
     let options = PackOptions {
         short_side: (!a.keep_size).then_some(a.short_side),
         max_side: a.max_side,
@@ -319,6 +326,7 @@ fn pack(a: PackArgs) -> Result<()> {
             "images_per_second": processed as f64 / seconds.max(1e-9),
             "threads": threads,
             "resumed_files": report.resumed_files,
+            "not_images": sources.not_images,
             "already_complete": report.already_complete,
         });
         println!("{summary}");
@@ -380,7 +388,10 @@ fn views(a: ViewsArgs) -> Result<()> {
     };
     let started = Instant::now();
     let mut bar = None;
+    // The first report says where an interrupted run resumes.
+    let mut resumed_at = None;
     let m = shared::viewshards::write_views(&job, &mut |done, total| {
+        resumed_at.get_or_insert(done);
         bar.get_or_insert_with(|| progress::bar(total, "views"))
             .set_position(done);
     })
@@ -395,14 +406,20 @@ fn views(a: ViewsArgs) -> Result<()> {
         b.finish_and_clear();
     }
     let secs = started.elapsed().as_secs_f64();
+    // Progress counts steps of `batch_size` samples.
+    let resumed_steps = resumed_at.unwrap_or(0);
+    let resumed = resumed_steps * m.batch_size as u64;
+    if resumed_steps > 0 {
+        eprintln!("resumed an interrupted run after {resumed_steps} steps ({resumed} samples)");
+    }
     eprintln!(
-        "wrote {} samples x {} views ({} steps of {}) into {} shards in {secs:.1} s ({:.0} samples/s); {} unreadable records replaced",
+        "wrote {} samples x {} views ({} steps of {}) into {} shards in {secs:.1} s ({:.0} samples/s this run); {} unreadable records replaced",
         m.records,
         m.views.len(),
         m.records / m.batch_size as u64,
         m.batch_size,
         m.shards.len(),
-        m.records as f64 / secs.max(1e-9),
+        m.records.saturating_sub(resumed) as f64 / secs.max(1e-9),
         m.skipped.len()
     );
     Ok(())
@@ -438,9 +455,10 @@ fn verify(dir: &Path) -> Result<()> {
     for d in &damage {
         eprintln!("damaged: {d}");
     }
-    bail!(
-        "{}: {} damaged places; repack the affected shards",
-        dir.display(),
-        damage.len()
-    )
+    let fix = if dir.join(shared::viewshards::VIEWS_MANIFEST).exists() {
+        "make the view shards again (`loader views` with the same arguments, into a new folder)"
+    } else {
+        "repack the affected shards (`loader pack` into a new folder)"
+    };
+    bail!("{}: {} damaged places; {fix}", dir.display(), damage.len())
 }

@@ -30,8 +30,11 @@ pub struct Damage {
 impl std::fmt::Display for Damage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.record {
-            Some(r) => write!(f, "{}: record {r}: {}", self.shard, self.what),
-            None => write!(f, "{}: {}", self.shard, self.what),
+            // The shard's own message may name the record already.
+            Some(r) if !self.what.starts_with(&format!("record {r} ")) => {
+                write!(f, "{}: record {r}: {}", self.shard, self.what)
+            }
+            _ => write!(f, "{}: {}", self.shard, self.what),
         }
     }
 }

@@ -78,6 +78,9 @@ impl RgbDecoder {
     /// CMYK, grayscale, palette and 16-bit images are converted; alpha is dropped. An image over
     /// `max_pixels` is refused before its pixels are allocated.
     pub fn decode(&mut self, bytes: &[u8], max_pixels: u64) -> Result<RgbRef<'_>> {
+        if bytes.is_empty() {
+            return Err(Error::Decode("empty file (0 bytes)".into()));
+        }
         let reader = ImageReader::new(Cursor::new(bytes))
             .with_guessed_format()
             .map_err(|e| Error::Decode(format!("cannot read: {e}")))?;

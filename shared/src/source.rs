@@ -31,6 +31,8 @@ pub struct SourceList {
     pub classes: Vec<String>,
     /// Files sorted by class, then by path.
     pub files: Vec<SourceFile>,
+    /// Files found beside them that were left out for not having an image extension.
+    pub not_images: u64,
 }
 
 impl SourceList {
@@ -77,16 +79,21 @@ fn read_dir_sorted(dir: &Path) -> Result<Vec<(String, PathBuf, bool)>> {
     Ok(out)
 }
 
-fn collect_images(dir: &Path, prefix: &str, out: &mut Vec<String>) -> Result<()> {
+/// Appends the images under `dir` (recursively) to `out` as `prefix`-relative paths; returns how
+/// many other files it passed over.
+fn collect_images(dir: &Path, prefix: &str, out: &mut Vec<String>) -> Result<u64> {
+    let mut others = 0;
     for (name, path, is_dir) in read_dir_sorted(dir)? {
         let rel = format!("{prefix}{name}");
         if is_dir {
-            collect_images(&path, &format!("{rel}/"), out)?;
+            others += collect_images(&path, &format!("{rel}/"), out)?;
         } else if is_image_name(&path) {
             out.push(rel);
+        } else {
+            others += 1;
         }
     }
-    Ok(())
+    Ok(others)
 }
 
 fn check_root(root: &Path) -> Result<()> {
@@ -104,13 +111,19 @@ pub fn list_class_folders(root: &Path) -> Result<SourceList> {
     check_root(root)?;
     let mut classes = Vec::new();
     let mut files = Vec::new();
+    let (mut not_images, mut loose_images) = (0, 0);
     for (name, path, is_dir) in read_dir_sorted(root)? {
         if !is_dir {
+            if is_image_name(&path) {
+                loose_images += 1;
+            } else {
+                not_images += 1;
+            }
             continue;
         }
         let label = classes.len() as u32;
         let mut rels = Vec::new();
-        collect_images(&path, &format!("{name}/"), &mut rels)?;
+        not_images += collect_images(&path, &format!("{name}/"), &mut rels)?;
         files.extend(rels.into_iter().map(|rel| SourceFile {
             rel,
             label: Some(label),
@@ -118,8 +131,16 @@ pub fn list_class_folders(root: &Path) -> Result<SourceList> {
         classes.push(name);
     }
     if files.is_empty() {
+        let hint = if loose_images > 0 {
+            format!(
+                "; it holds {loose_images} images directly: a flat folder needs --labels FILE \
+                 (e.g. LOC_val_solution.csv) for its classes, or --unlabelled"
+            )
+        } else {
+            String::new()
+        };
         return Err(Error::Invalid(format!(
-            "{}: no images found in class folders (expected {}/<class>/<image>.jpg)",
+            "{}: no images found in class folders (expected {}/<class>/<image>.jpg){hint}",
             root.display(),
             root.display()
         )));
@@ -128,6 +149,7 @@ pub fn list_class_folders(root: &Path) -> Result<SourceList> {
         root: root.to_path_buf(),
         classes,
         files,
+        not_images,
     })
 }
 
@@ -135,7 +157,7 @@ pub fn list_class_folders(root: &Path) -> Result<SourceList> {
 pub fn list_unlabelled(root: &Path) -> Result<SourceList> {
     check_root(root)?;
     let mut rels = Vec::new();
-    collect_images(root, "", &mut rels)?;
+    let not_images = collect_images(root, "", &mut rels)?;
     if rels.is_empty() {
         return Err(Error::Invalid(format!(
             "{}: no images found",
@@ -149,6 +171,7 @@ pub fn list_unlabelled(root: &Path) -> Result<SourceList> {
             .into_iter()
             .map(|rel| SourceFile { rel, label: None })
             .collect(),
+        not_images,
     })
 }
 
@@ -210,7 +233,7 @@ pub fn list_labelled_folder(
     // ImageNet's ids have no extension: map each image's stem to its file name.
     let stems: HashMap<String, String> = if imagenet {
         let mut names = Vec::new();
-        collect_images(root, "", &mut names)?;
+        collect_images(root, "", &mut names)?; // Other files are not listed by the label file.
         names
             .into_iter()
             .map(|n| {
@@ -251,6 +274,8 @@ pub fn list_labelled_folder(
         root: root.to_path_buf(),
         classes,
         files,
+        // The label file names the files: nothing else in the folder is considered.
+        not_images: 0,
     })
 }
 

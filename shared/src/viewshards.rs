@@ -98,7 +98,7 @@ impl ViewsProgress {
 }
 
 /// Streams `job.epochs` epochs of batches through the pipeline into view shards; `progress` gets
-/// (steps done, total steps). A job killed midway and run again with the same arguments resumes
+/// (steps done, total steps), first with the steps an interrupted run had finished. A job killed midway and run again with the same arguments resumes
 /// after its last finished shard and writes the same bytes as an uninterrupted one.
 pub fn write_views(job: &ViewsJob, progress: &mut dyn FnMut(u64, u64)) -> Result<ViewsManifest> {
     let dataset = Arc::new(Dataset::open(&job.source)?);
@@ -123,6 +123,8 @@ pub fn write_views(job: &ViewsJob, progress: &mut dyn FnMut(u64, u64)) -> Result
     let records_done = state.as_ref().map_or(0, |s| s.records());
     crate::shard::remove_unfinished(&job.out, shards_done.len(), view_shard_name)?;
     let b = job.batch_size as u64;
+    // The first report is where this run starts: 0, or the steps an interrupted run finished.
+    progress(records_done / b, steps);
     let config = PipelineConfig {
         views: job.views.clone(),
         batch_size: job.batch_size,

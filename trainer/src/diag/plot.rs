@@ -186,6 +186,10 @@ fn panel(
                 colour.stroke_width(2),
             ))
             .map_err(drawing("line"))?;
+        // A dot at every point, so that a series of one point (one kNN evaluation) shows too.
+        chart
+            .draw_series(points.iter().map(|&p| Circle::new(p, 3, colour.filled())))
+            .map_err(drawing("points"))?;
         legend.push((run.name.clone(), colour, false));
     }
     if let Some((name, r)) = reference {
@@ -323,6 +327,24 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(err.contains("no training steps"), "{err}");
+    }
+
+    #[test]
+    fn a_run_with_one_knn_point_shows_it() {
+        let t = tempfile::tempdir().unwrap();
+        let text = "{\"step\":1,\"loss\":2.0}\n{\"step\":2,\"loss\":1.5}\n\
+                    {\"step\":2,\"knn_k\":20,\"knn_top1\":40.0}\n";
+        std::fs::write(t.path().join("metrics.jsonl"), text).unwrap();
+        let run = read_run(t.path(), "one").unwrap();
+        assert_eq!(run.knn.len(), 1);
+        let out = t.path().join("plot.png");
+        draw(&[run], None, &out).unwrap();
+        let img = image::open(&out).unwrap().to_rgb8();
+        let colour = COLOURS[0];
+        let in_knn_panel = img.enumerate_pixels().any(|(x, y, p)| {
+            x > WIDTH / 2 && y > HEIGHT / 4 && p.0 == [colour.0, colour.1, colour.2]
+        });
+        assert!(in_knn_panel, "the single kNN point is not drawn");
     }
 
     #[test]
