@@ -252,16 +252,59 @@ impl EvalArgs {
             }
             (None, true) => {
                 let cfg = self.config.resolve()?;
-                let what = format!("random {} ({})", cfg.model.arch.name(), backbone_summary(&cfg));
+                let what = format!("random backbone ({})", backbone_summary(&cfg));
                 (MaskDeep::new(&cfg, &device)?, what)
             }
             _ => bail!("give --checkpoint or --random (not both)"),
         };
         let size = model.config().data.image_size;
-        let extract = |set: &Dataset| {
-            features::extract(&model.online.backbone, set, size, self.batch, &device)
+        let extract = |set: &Dataset, name: &str| {
+            let mut report = extraction_progress(name, self.json);
+            features::extract(
+                &model.online.backbone,
+                set,
+                size,
+                self.batch,
+                &device,
+                &mut report,
+            )
         };
-        Ok((what, extract(&train)?, extract(&val)?))
+        Ok((what, extract(&train, "train")?, extract(&val, "val")?))
+    }
+}
+
+/// Progress of a feature extraction on stderr: a bar on a terminal, otherwise a line every 30 s
+/// (and at the end), so that a long extraction in a job's log is not silent.
+fn extraction_progress(name: &str, json: bool) -> impl FnMut(usize, usize) {
+    let name = name.to_string();
+    let terminal = std::io::stderr().is_terminal() && !json;
+    let mut bar: Option<indicatif::ProgressBar> = None;
+    let started = std::time::Instant::now();
+    let mut last = started;
+    move |done, total| {
+        if terminal {
+            let bar = bar.get_or_insert_with(|| {
+                let b = indicatif::ProgressBar::new(total as u64);
+                b.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "{msg} {bar:30} {pos}/{len} images  ETA {eta}",
+                    )
+                    .expect("valid template"),
+                );
+                b.set_message(format!("features of {name}"));
+                b
+            });
+            bar.set_position(done as u64);
+            if done == total {
+                bar.finish_and_clear();
+            }
+        } else if done == total || last.elapsed().as_secs() >= 30 {
+            last = std::time::Instant::now();
+            eprintln!(
+                "features of {name}: {done}/{total} images ({:.0} images/s)",
+                done as f64 / started.elapsed().as_secs_f64().max(1e-9)
+            );
+        }
     }
 }
 

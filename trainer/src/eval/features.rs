@@ -75,13 +75,15 @@ fn centre_view(
 }
 
 /// Runs `backbone` (BatchNorm in eval mode) over every image of `dataset` in batches and returns
-/// L2-normalised global-average-pooled C5 features.
+/// L2-normalised global-average-pooled C5 features; `progress` gets (images done, images) after
+/// each batch.
 pub fn extract(
     backbone: &ResNet,
     dataset: &Dataset,
     size: u32,
     batch: usize,
     device: &Device,
+    progress: &mut dyn FnMut(usize, usize),
 ) -> Result<LabelledFeatures> {
     let n = dataset.len();
     let labels: Vec<u32> = (0..n)
@@ -106,6 +108,7 @@ pub fn extract(
         let x = imagenet_normalised(&bytes, end - start, size as usize, device)?;
         let f = backbone.embed(&x, false)?.to_dtype(DType::F32)?;
         chunks.push(l2_normalize_rows(&f)?.detach().to_device(&Device::Cpu)?);
+        progress(end, n);
     }
     Ok(LabelledFeatures {
         x: Tensor::cat(&chunks, 0)?,

@@ -340,8 +340,8 @@ fn knn_accuracy(
     let size = model.config().data.image_size;
     let backbone = &model.online.backbone;
     let batch = 256;
-    let train = features::extract(backbone, train, size, batch, device)?;
-    let val = features::extract(backbone, val, size, batch, device)?;
+    let train = features::extract(backbone, train, size, batch, device, &mut |_, _| {})?;
+    let val = features::extract(backbone, val, size, batch, device, &mut |_, _| {})?;
     let acc = knn::knn(&train, &val, KNN_K, knn::TEMPERATURE)?;
     Ok((acc.top1, acc.top5))
 }
