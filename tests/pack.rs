@@ -274,7 +274,10 @@ fn tampered_and_truncated_shards_are_detected() {
     let err = String::from_utf8_lossy(&v.stderr);
     assert!(!v.status.success());
     assert!(err.contains("shard-00000.mds: record 3 "), "{err}");
-    assert!(!err.contains("record 3: record 3"), "the record is named once: {err}");
+    assert!(
+        !err.contains("record 3: record 3"),
+        "the record is named once: {err}"
+    );
 
     // A flipped byte in padding, index and header: still found.
     for at in [record3.offset as usize - 1, clean.len() - 10, 20] {
