@@ -397,79 +397,181 @@ impl TrainConfig {
 
     /// Checks that the values make sense together.
     pub fn validate(&self) -> Result<()> {
-        // Each message starts with the key it is about.
-        let check = |ok: bool, msg: &str| {
+        // Each failure names the key, its value and what is allowed.
+        fn check(ok: bool, key: &str, value: impl std::fmt::Display, allowed: &str) -> Result<()> {
             if ok {
-                return Ok(());
+                Ok(())
+            } else {
+                Err(Error::config(
+                    key,
+                    format!("{key} = {value}: must be {allowed}"),
+                ))
             }
-            let key = msg.split(' ').next().unwrap_or_default();
-            Err(Error::config(key, msg))
+        }
+        let (m, me, o, sc, d, r) = (
+            &self.model,
+            &self.method,
+            &self.optim,
+            &self.schedule,
+            &self.data,
+            &self.run,
+        );
+        check(
+            m.width.is_finite() && m.width > 0.0 && m.width <= 16.0,
+            "width",
+            m.width,
+            "in (0, 16]",
+        )?;
+        check(m.proj_hidden > 0, "proj_hidden", m.proj_hidden, "> 0")?;
+        check(m.proj_dim > 0, "proj_dim", m.proj_dim, "> 0")?;
+        check(m.pred_hidden > 0, "pred_hidden", m.pred_hidden, "> 0")?;
+        check(
+            (16..=1024).contains(&d.image_size),
+            "image_size",
+            d.image_size,
+            "in [16, 1024] px",
+        )?;
+        check(
+            (16..=1024).contains(&d.local_size),
+            "local_size",
+            d.local_size,
+            "in [16, 1024] px",
+        )?;
+        check(d.global_views >= 1, "global_views", d.global_views, ">= 1")?;
+        check(
+            (0.0..=180.0).contains(&d.rotation),
+            "rotation",
+            d.rotation,
+            "in [0, 180] degrees",
+        )?;
+        check(
+            d.batch_size >= 2,
+            "batch_size",
+            d.batch_size,
+            ">= 2 (BatchNorm)",
+        )?;
+        check(d.prefetch >= 1, "prefetch", d.prefetch, ">= 1")?;
+        check(me.groups >= 1, "groups", me.groups, ">= 1")?;
+        check(
+            me.visible_ratio > 0.0 && me.visible_ratio <= 1.0,
+            "visible_ratio",
+            me.visible_ratio,
+            "in (0, 1]",
+        )?;
+        check(
+            !me.levels.is_empty(),
+            "levels",
+            "[]",
+            "at least one of c3, c4, c5",
+        )?;
+        check(
+            me.level_weights.len() == me.levels.len(),
+            "level_weights",
+            format!("{:?}", me.level_weights),
+            "one weight per entry of levels",
+        )?;
+        check(
+            me.level_weights.iter().all(|w| w.is_finite() && *w >= 0.0)
+                && me.level_weights.iter().any(|w| *w > 0.0),
+            "level_weights",
+            format!("{:?}", me.level_weights),
+            "finite, >= 0, and not all 0",
+        )?;
+        check(
+            me.targets == Targets::All || d.global_views >= 2,
+            "targets",
+            "cross",
+            "`all` with a single global view (cross needs global_views >= 2)",
+        )?;
+        self.check_masked_grid()?;
+        check(o.lr.is_finite() && o.lr > 0.0, "lr", o.lr, "finite and > 0")?;
+        check(
+            o.weight_decay.is_finite() && o.weight_decay >= 0.0,
+            "weight_decay",
+            o.weight_decay,
+            "finite and >= 0",
+        )?;
+        check(
+            (0.0..1.0).contains(&o.momentum),
+            "momentum",
+            o.momentum,
+            "in [0, 1)",
+        )?;
+        check(
+            o.trust.is_finite() && o.trust > 0.0,
+            "trust",
+            o.trust,
+            "finite and > 0 (0 would freeze every weight under LARS)",
+        )?;
+        check(
+            (0.0..=1.0).contains(&sc.lr_final),
+            "lr_final",
+            sc.lr_final,
+            "in [0, 1] (a fraction of lr)",
+        )?;
+        check(
+            sc.warmup_epochs.is_finite() && sc.warmup_epochs >= 0.0,
+            "warmup_epochs",
+            sc.warmup_epochs,
+            "finite and >= 0",
+        )?;
+        check(
+            (0.0..=1.0).contains(&sc.ema_base),
+            "ema_base",
+            sc.ema_base,
+            "in [0, 1]",
+        )?;
+        check(
+            sc.ema_base <= sc.ema_final && sc.ema_final <= 1.0,
+            "ema_final",
+            sc.ema_final,
+            "in [ema_base, 1]",
+        )?;
+        check(
+            sc.epochs > 0 || sc.max_steps > 0,
+            "epochs",
+            sc.epochs,
+            "above 0 unless max_steps is",
+        )?;
+        check(
+            r.keep_checkpoints >= 1,
+            "keep_checkpoints",
+            r.keep_checkpoints,
+            ">= 1",
+        )
+    }
+
+    /// Refuses masking that cannot mask: when the coarsest masked level's grid at `image_size` is
+    /// so small that `visible_ratio` keeps every cell (the ImageNet stem's C5 at 32 px is 1x1).
+    fn check_masked_grid(&self) -> Result<()> {
+        let ratio = self.method.visible_ratio;
+        let Some(coarsest) = self.level_indices().into_iter().max() else {
+            return Ok(());
         };
-        check(self.model.width > 0.0, "width must be > 0")?;
-        check(self.data.image_size >= 16, "image_size must be at least 16")?;
-        check(
-            self.data.global_views >= 1,
-            "global_views must be at least 1",
-        )?;
-        check(
-            (0.0..=180.0).contains(&self.data.rotation),
-            "rotation must be in [0, 180] degrees",
-        )?;
-        check(self.data.local_size >= 16, "local_size must be at least 16")?;
-        check(self.method.groups >= 1, "groups must be at least 1")?;
-        check(
-            self.method.visible_ratio > 0.0 && self.method.visible_ratio <= 1.0,
-            "visible_ratio must be in (0, 1]",
-        )?;
-        check(
-            !self.method.levels.is_empty(),
-            "levels must name at least one of c3, c4, c5",
-        )?;
-        check(
-            self.method.level_weights.len() == self.method.levels.len(),
-            "level_weights needs one weight per entry of levels",
-        )?;
-        check(
-            self.method.targets == Targets::All || self.data.global_views >= 2,
-            "targets = cross needs at least 2 global views (global_views)",
-        )?;
-        check(
-            self.optim.lr > 0.0 && self.optim.lr.is_finite(),
-            "lr must be > 0",
-        )?;
-        check(
-            (0.0..=1.0).contains(&self.schedule.lr_final),
-            "lr_final must be in [0, 1] (a fraction of lr)",
-        )?;
-        check(self.optim.weight_decay >= 0.0, "weight_decay must be >= 0")?;
-        check(
-            (0.0..1.0).contains(&self.optim.momentum),
-            "momentum must be in [0, 1)",
-        )?;
-        check(
-            (0.0..=1.0).contains(&self.schedule.ema_base),
-            "ema_base must be in [0, 1]",
-        )?;
-        check(
-            self.schedule.ema_base <= self.schedule.ema_final && self.schedule.ema_final <= 1.0,
-            "ema_final must be in [ema_base, 1]",
-        )?;
-        check(
-            self.data.batch_size >= 2,
-            "batch_size must be at least 2 (BatchNorm)",
-        )?;
-        check(
-            self.schedule.epochs > 0 || self.schedule.max_steps > 0,
-            "epochs or max_steps must be above 0",
-        )?;
-        check(self.data.prefetch >= 1, "prefetch must be at least 1")?;
-        check(
-            self.run.keep_checkpoints >= 1,
-            "keep_checkpoints must be at least 1",
-        )?;
-        check(self.model.proj_hidden > 0, "proj_hidden must be > 0")?;
-        check(self.model.proj_dim > 0, "proj_dim must be > 0")?;
-        check(self.model.pred_hidden > 0, "pred_hidden must be > 0")
+        if ratio >= 1.0 {
+            return Ok(());
+        }
+        let stride = self.resnet().strides()[coarsest] as u32;
+        let side = self.data.image_size.div_ceil(stride) as usize;
+        let cells = side * side;
+        let visible = crate::method::masking::visible_count(ratio, cells);
+        if visible >= cells {
+            return Err(Error::config(
+                "visible_ratio",
+                format!(
+                    "visible_ratio = {ratio}: at image_size {} the {} grid is {side}x{side}, so it \
+                     keeps all {cells} cells visible and nothing is masked; use larger images, the \
+                     small stem (small_stem=true), a finer level, or visible_ratio = 1 (BYOL)",
+                    self.data.image_size,
+                    self.method
+                        .levels
+                        .iter()
+                        .max_by_key(|l| l.index())
+                        .map_or("coarsest", |l| l.name())
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// The masked levels as indices into (C3, C4, C5), in config order.

@@ -219,8 +219,16 @@ fn bad_config_values_are_refused_with_the_key_named() {
         "ema_final=0.5",
         "rotation=200",
         "width=0",
+        "width=1000",
         "proj_dim=0",
         "epochs=0",
+        "warmup_epochs=-1",
+        "trust=0",
+        "level_weights=[-1, 1]",
+        "level_weights=[0, 0]",
+        "image_size=4096",
+        "image_size=8",
+        "weight_decay=-1e-4",
     ] {
         let mut c = tiny();
         c.set(bad).unwrap();
@@ -228,6 +236,18 @@ fn bad_config_values_are_refused_with_the_key_named() {
         assert_eq!(key_of(c.validate().unwrap_err()), key, "{bad}");
     }
     assert!(TrainConfig::preset("maskdeep-r99-imagenet").is_err());
+    // In code, a NaN is refused by name too.
+    let mut c = tiny();
+    c.schedule.warmup_epochs = f64::NAN;
+    assert_eq!(key_of(c.validate().unwrap_err()), "warmup_epochs");
+    // The ImageNet stem at 32 px leaves a 1x1 C5 grid: masking could not mask anything.
+    let mut c = TrainConfig::preset("maskdeep-r18-imagenet").unwrap();
+    c.set("image_size=32").unwrap();
+    let err = c.validate().unwrap_err();
+    assert!(err.to_string().contains("1x1"), "{err}");
+    assert_eq!(key_of(err), "visible_ratio");
+    c.set("small_stem=true").unwrap();
+    c.validate().unwrap();
 }
 
 #[test]
