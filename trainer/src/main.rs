@@ -12,14 +12,14 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use anyhow::{bail, Context, Result};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use shared::dataset::Dataset;
 use trainer::config::{TrainConfig, PRESETS};
 use trainer::diag::bench;
 use trainer::eval::{features, knn, linear};
 use trainer::method::maskdeep::MaskDeep;
 use trainer::train::checkpoint;
-use trainer::train::pretrain::{self, PretrainJob};
+use trainer::train::pretrain::{self, PretrainJob, Resume};
 use trainer::train::progress::ProgressMode;
 
 #[derive(Parser)]
@@ -61,6 +61,12 @@ enum Command {
         /// to check the export in another framework (tools/check_export.py).
         #[arg(long)]
         probe: Option<PathBuf>,
+    },
+    /// Check every checkpoint of a run: each file is there with the checksum its state.json
+    /// records. Exits non-zero, naming each damaged checkpoint, if any is.
+    Verify {
+        /// A run folder (from `trainer pretrain --out`).
+        run: PathBuf,
     },
     /// Plot training loss and kNN accuracy of one or more runs over their steps into a PNG.
     Plot {
@@ -131,6 +137,15 @@ impl ConfigArgs {
     }
 }
 
+/// The values of `--resume`.
+#[derive(Clone, Copy, ValueEnum)]
+enum ResumeArg {
+    /// `--resume` alone: a checkpoint must be there.
+    Yes,
+    /// `--resume auto`: resume if there is a checkpoint, else start.
+    Auto,
+}
+
 #[derive(Args)]
 struct PretrainArgs {
     #[command(flatten)]
@@ -141,10 +156,15 @@ struct PretrainArgs {
     /// Run folder: config.json, metrics.jsonl, checkpoints/.
     #[arg(long)]
     out: PathBuf,
-    /// Continue the run in --out from its newest checkpoint (give the run's config.json as --config
-    /// or the same preset and --set values).
-    #[arg(long)]
-    resume: bool,
+    /// Continue the run in --out from its newest good checkpoint (give the run's config.json as
+    /// --config, or the same preset and --set values); a damaged newest checkpoint is reported and
+    /// the one before it used. Without any checkpoint this is an error; `--resume auto` starts a
+    /// new run instead (for job scripts that are requeued after a preemption).
+    #[arg(long, num_args = 0..=1, default_missing_value = "yes", value_name = "auto")]
+    resume: Option<ResumeArg>,
+    /// With --resume: continue even if --data is not the data the checkpoint was trained on.
+    #[arg(long, requires = "resume")]
+    force: bool,
     /// With --resume: accept new values of the schedule keys (lr, lr_final, warmup_epochs,
     /// weight_decay, ema_base, ema_final, checkpoint_every, keep_checkpoints, knn_every), e.g. a
     /// lower lr after the loss went bad; they are saved to the run's config.json. Every other
@@ -368,7 +388,12 @@ fn run(cli: Cli) -> Result<()> {
                 data: args.data.clone(),
                 out: args.out,
                 device: trainer::device::parse(&args.config.device)?,
-                resume: args.resume,
+                resume: match args.resume {
+                    None => Resume::No,
+                    Some(ResumeArg::Yes) => Resume::Required,
+                    Some(ResumeArg::Auto) => Resume::Auto,
+                },
+                force: args.force,
                 stop_after: args.stop_after,
                 change_schedule: args.change_schedule,
                 knn: args.val.map(|val| pretrain::KnnSets {
@@ -534,6 +559,37 @@ fn run(cli: Cli) -> Result<()> {
                 meta["width"],
                 meta["torchvision"]
             );
+        }
+        Command::Verify { run } => {
+            let all = checkpoint::list(&run)?;
+            if all.is_empty() {
+                bail!(
+                    "{} holds no checkpoints (is it a run folder?)",
+                    run.display()
+                );
+            }
+            let mut damaged = 0;
+            for ckpt in &all {
+                match checkpoint::verify(ckpt) {
+                    Ok(state) => println!(
+                        "ok       {} (step {}, loss {:.4})",
+                        ckpt.display(),
+                        state.step,
+                        state.loss
+                    ),
+                    Err(why) => {
+                        damaged += 1;
+                        println!("damaged  {}: {why}", ckpt.display());
+                    }
+                }
+            }
+            if damaged > 0 {
+                bail!(
+                    "{damaged} of {} checkpoints in {} are damaged; --resume uses the newest good one",
+                    all.len(),
+                    run.display()
+                );
+            }
         }
         Command::Plot {
             runs,

@@ -10,7 +10,7 @@ use trainer::config::TrainConfig;
 use trainer::diag::{bench, parity};
 use trainer::error::Error;
 use trainer::train::checkpoint;
-use trainer::train::pretrain::{run, PretrainJob};
+use trainer::train::pretrain::{run, PretrainJob, Resume};
 use trainer::train::progress::ProgressMode;
 use trainer::train::step::steps_run_on_this_thread;
 
@@ -50,7 +50,8 @@ fn job(cfg: &TrainConfig, data: &Path, out: &Path) -> PretrainJob {
         data: data.to_path_buf(),
         out: out.to_path_buf(),
         device: Device::Cpu,
-        resume: false,
+        resume: Resume::No,
+        force: false,
         stop_after: None,
         change_schedule: false,
         knn: None,
@@ -76,7 +77,7 @@ fn a_stopped_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_one() {
     first.stop_after = Some(4);
     assert_eq!(run(&first).unwrap().steps, 4);
     let mut second = job(&cfg, &data, &split_dir);
-    second.resume = true;
+    second.resume = Resume::Required;
     let resumed = run(&second).unwrap();
     assert_eq!(resumed.steps, 6);
 
@@ -105,7 +106,7 @@ fn a_stopped_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_one() {
     let mut other = cfg.clone();
     other.optim.lr = 0.5;
     let mut j = job(&other, &data, &split_dir);
-    j.resume = true;
+    j.resume = Resume::Required;
     let err = run(&j).unwrap_err();
     assert!(err.to_string().contains("--change-schedule"), "{err}");
     assert_eq!(key_of(err), "lr");
@@ -113,7 +114,7 @@ fn a_stopped_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_one() {
     let mut wider = cfg.clone();
     wider.model.width = 0.25;
     let mut j = job(&wider, &data, &split_dir);
-    (j.resume, j.change_schedule) = (true, true);
+    (j.resume, j.change_schedule) = (Resume::Required, true);
     assert_eq!(key_of(run(&j).unwrap_err()), "width");
 }
 
@@ -129,7 +130,7 @@ fn a_resume_may_change_the_schedule_when_asked() {
     let mut lower = cfg.clone();
     lower.optim.lr = cfg.optim.lr / 10.0;
     let mut second = job(&lower, &data, &out);
-    (second.resume, second.change_schedule) = (true, true);
+    (second.resume, second.change_schedule) = (Resume::Required, true);
     assert_eq!(run(&second).unwrap().steps, 6);
     let saved = TrainConfig::load(&out.join("config.json")).unwrap();
     assert_eq!(
@@ -319,4 +320,93 @@ fn pretraining_bench_and_parity_run_the_step_type() {
         "parity: the reference and the device"
     );
     assert!(report.pass, "{report:?}");
+}
+
+#[test]
+fn a_damaged_newest_checkpoint_is_skipped_and_the_resume_still_ends_bit_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = shards(dir.path());
+    let cfg = tiny();
+    let whole = run(&job(&cfg, &data, &dir.path().join("whole"))).unwrap();
+    type Damage = fn(&Path);
+    let damages: [(&str, Damage); 3] = [
+        ("flipped byte", |ckpt| {
+            let file = ckpt.join("online.safetensors");
+            let mut bytes = read(file.clone());
+            let at = bytes.len() - 5;
+            bytes[at] ^= 1;
+            std::fs::write(file, bytes).unwrap();
+        }),
+        ("truncated file", |ckpt| {
+            let file = ckpt.join("target.safetensors");
+            let bytes = read(file.clone());
+            std::fs::write(file, &bytes[..bytes.len() / 2]).unwrap();
+        }),
+        ("missing state.json", |ckpt| {
+            std::fs::remove_file(ckpt.join("state.json")).unwrap();
+        }),
+    ];
+    for (what, damage) in damages {
+        let out = dir.path().join(what.replace(' ', "-"));
+        let mut first = job(&cfg, &data, &out);
+        first.stop_after = Some(5);
+        let stopped = run(&first).unwrap();
+        assert_eq!(stopped.steps, 5);
+        damage(&stopped.checkpoint);
+        let why = checkpoint::verify(&stopped.checkpoint).unwrap_err();
+        assert!(!why.is_empty(), "{what}");
+        let (good, damaged) = checkpoint::newest_good(&out).unwrap();
+        assert_eq!(damaged.len(), 1, "{what}");
+        assert!(
+            good.unwrap().ends_with("step-00000003"),
+            "{what}: falls back to the epoch end"
+        );
+        let mut second = job(&cfg, &data, &out);
+        second.resume = Resume::Required;
+        let resumed = run(&second).unwrap();
+        assert_eq!(resumed.steps, 6);
+        for file in [
+            "online.safetensors",
+            "target.safetensors",
+            "optimizer.safetensors",
+        ] {
+            assert!(
+                read(whole.checkpoint.join(file)) == read(resumed.checkpoint.join(file)),
+                "{what}: {file} differs from the uninterrupted run"
+            );
+        }
+    }
+}
+
+#[test]
+fn resuming_needs_a_checkpoint_and_the_same_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = shards(dir.path());
+    let cfg = tiny();
+    let out = dir.path().join("run");
+    // --resume with nothing to resume is an error; --resume auto starts a new run.
+    let mut j = job(&cfg, &data, &out);
+    j.resume = Resume::Required;
+    assert!(run(&j).unwrap_err().to_string().contains("no checkpoint"));
+    j.resume = Resume::Auto;
+    j.stop_after = Some(2);
+    assert_eq!(run(&j).unwrap().steps, 2);
+    // Another dataset (more images): refused, then accepted with force.
+    let other_dir = dir.path().join("other");
+    std::fs::create_dir_all(&other_dir).unwrap();
+    let spec = SynthSpec {
+        seed: 4,
+        classes: 3,
+        train_per_class: 9,
+        val_per_class: 0,
+        size: 40,
+    };
+    let other = write_packed_train(&spec, &other_dir, Encoding::Raw).unwrap();
+    let mut j = job(&cfg, &other, &out);
+    j.resume = Resume::Required;
+    let err = run(&j).unwrap_err();
+    assert!(matches!(err, Error::Data(_)), "{err}");
+    assert!(err.to_string().contains("--force"), "{err}");
+    j.force = true;
+    run(&j).unwrap();
 }

@@ -1,7 +1,10 @@
 //! Checkpoints: `RUNDIR/checkpoints/step-NNNNNNNN/` holding `online.safetensors`,
 //! `target.safetensors`, `optimizer.safetensors` and `state.json`. Each is written into a temporary
-//! folder that is renamed into place when complete, so a killed run never leaves a torn checkpoint;
-//! only the newest `keep` are kept.
+//! folder; every file is flushed to the disk, `state.json` records a CRC-32 of each weights file,
+//! and the folder is renamed into place (and the rename flushed) only when complete, so a killed
+//! run or a power loss never leaves a checkpoint that looks complete but is not. A resume
+//! verifies the newest checkpoint and falls back to the newest good one. Only the newest `keep`
+//! are kept.
 
 use std::path::{Path, PathBuf};
 
@@ -23,6 +26,21 @@ pub struct TrainState {
     pub total_steps: u64,
     /// Loss of the last completed step.
     pub loss: f64,
+    /// CRC-32 of each weights file, by name (empty in checkpoints written before checksums).
+    #[serde(default)]
+    pub files: std::collections::BTreeMap<String, u32>,
+    /// The training data's identity (absent in checkpoints written before it was recorded).
+    #[serde(default)]
+    pub data: Option<DataIdentity>,
+}
+
+/// What identifies a run's training data: its manifest's checksum and its record count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataIdentity {
+    /// CRC-32 of the manifest file (`manifest.json`, or `views.json` of view shards).
+    pub manifest_crc32: u32,
+    /// Records (images, or samples of view shards).
+    pub records: u64,
 }
 
 const STATE: &str = "state.json";
@@ -35,7 +53,7 @@ pub fn folder(run: &Path) -> PathBuf {
     run.join("checkpoints")
 }
 
-/// Complete checkpoints of a run, oldest first.
+/// The checkpoint folders of a run (`step-N`, finished or not), oldest first.
 pub fn list(run: &Path) -> Result<Vec<PathBuf>> {
     let dir = folder(run);
     if !dir.is_dir() {
@@ -46,14 +64,58 @@ pub fn list(run: &Path) -> Result<Vec<PathBuf>> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
             let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            name.starts_with("step-") && !name.ends_with(".tmp") && p.join(STATE).is_file()
+            name.starts_with("step-") && !name.ends_with(".tmp") && p.is_dir()
         })
         .collect();
     out.sort();
     Ok(out)
 }
 
-/// Writes a checkpoint of `model`, `optimizer` and `state`, then removes all but the newest `keep`.
+/// Checks a checkpoint: its `state.json` is there and readable, and every weights file is there
+/// with the checksum it records. `Err` says what is wrong.
+pub fn verify(checkpoint: &Path) -> std::result::Result<TrainState, String> {
+    let state_file = checkpoint.join(STATE);
+    if !state_file.is_file() {
+        return Err("no state.json: the checkpoint is incomplete".into());
+    }
+    let state: TrainState =
+        read_json(&state_file).map_err(|e| format!("state.json is unreadable: {e}"))?;
+    for name in [ONLINE, TARGET, OPTIMIZER] {
+        let path = checkpoint.join(name);
+        let bytes = std::fs::read(&path).map_err(|e| format!("{name}: {e}"))?;
+        if let Some(&want) = state.files.get(name) {
+            let got = crc32fast::hash(&bytes);
+            if got != want {
+                return Err(format!(
+                    "{name}: checksum {got:08x}, state.json records {want:08x} (damaged or truncated)"
+                ));
+            }
+        }
+    }
+    Ok(state)
+}
+
+/// The newest checkpoint of `run` that verifies, with the newer ones that did not and why.
+pub fn newest_good(run: &Path) -> Result<(Option<PathBuf>, Vec<(PathBuf, String)>)> {
+    let mut damaged = Vec::new();
+    for ckpt in list(run)?.into_iter().rev() {
+        match verify(&ckpt) {
+            Ok(_) => return Ok((Some(ckpt), damaged)),
+            Err(why) => damaged.push((ckpt, why)),
+        }
+    }
+    Ok((None, damaged))
+}
+
+/// Flushes a written file or folder to the disk.
+fn sync(path: &Path) -> Result<()> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .io("flush to disk", path)
+}
+
+/// Writes a checkpoint of `model`, `optimizer` and `state` (whose `files` it fills), then removes
+/// all but the newest `keep`. On failure (a full disk, say) the earlier checkpoints are untouched.
 pub fn save(
     run: &Path,
     model: &MaskDeep,
@@ -68,14 +130,32 @@ pub fn save(
         std::fs::remove_dir_all(&tmp).io("remove", &tmp)?;
     }
     std::fs::create_dir_all(&tmp).io("create", &tmp)?;
-    model.online_vars.save(tmp.join(ONLINE))?;
-    model.target_vars.save(tmp.join(TARGET))?;
-    candle_core::safetensors::save(&optimizer.state()?, tmp.join(OPTIMIZER))?;
-    write_json_atomic(&tmp.join(STATE), state)?;
+    let written = |name: &str, result: candle_core::Result<()>| -> Result<()> {
+        let file = tmp.join(name);
+        result.map_err(|e| Error::Data(format!("cannot write {}: {e}", file.display())))?;
+        sync(&file)
+    };
+    written(ONLINE, model.online_vars.save(tmp.join(ONLINE)))?;
+    written(TARGET, model.target_vars.save(tmp.join(TARGET)))?;
+    written(
+        OPTIMIZER,
+        candle_core::safetensors::save(&optimizer.state()?, tmp.join(OPTIMIZER)),
+    )?;
+    let mut state = state.clone();
+    for name in [ONLINE, TARGET, OPTIMIZER] {
+        let file = tmp.join(name);
+        let bytes = std::fs::read(&file).io("read back", &file)?;
+        state
+            .files
+            .insert(name.to_string(), crc32fast::hash(&bytes));
+    }
+    write_json_atomic(&tmp.join(STATE), &state)?;
+    sync(&tmp)?;
     if path.exists() {
         std::fs::remove_dir_all(&path).io("remove", &path)?;
     }
     std::fs::rename(&tmp, &path).io("move a checkpoint into", &path)?;
+    sync(&dir)?;
     let all = list(run)?;
     for old in &all[..all.len().saturating_sub(keep)] {
         std::fs::remove_dir_all(old).io("remove the old checkpoint", old)?;
@@ -124,9 +204,26 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
     if path.join(STATE).is_file() {
         return Ok(path.to_path_buf());
     }
-    match list(path)?.pop() {
-        Some(p) => Ok(p),
-        None => Err(Error::Run(format!(
+    match newest_good(path)? {
+        (Some(p), damaged) => {
+            for (ckpt, why) in damaged {
+                eprintln!(
+                    "warning: skipped damaged checkpoint {}: {why}",
+                    ckpt.display()
+                );
+            }
+            Ok(p)
+        }
+        (None, damaged) if !damaged.is_empty() => Err(Error::Run(format!(
+            "{} holds no good checkpoint: {}",
+            path.display(),
+            damaged
+                .iter()
+                .map(|(c, why)| format!("{}: {why}", c.display()))
+                .collect::<Vec<_>>()
+                .join("; ")
+        ))),
+        (None, _) => Err(Error::Run(format!(
             "{} is neither a checkpoint folder nor a run folder with checkpoints",
             path.display()
         ))),

@@ -4,7 +4,8 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, IoContext, Result};
+use crate::train::checkpoint::DataIdentity;
 use candle_core::{DType, Device, Tensor};
 use shared::dataset::Dataset;
 use shared::pipeline::{Output, Pipeline, PipelineConfig, IMAGENET_MEAN, IMAGENET_STD};
@@ -46,6 +47,17 @@ pub struct DataPlan {
     /// Steps available in total (view shards hold a fixed number of epochs).
     pub max_steps: Option<usize>,
     pub records: usize,
+    /// What identifies this data, recorded in checkpoints so a resume sees the same.
+    pub identity: DataIdentity,
+}
+
+/// The identity of the data in `dir`: the CRC-32 of its manifest file and its record count.
+fn identity(manifest: &Path, records: usize) -> Result<DataIdentity> {
+    let bytes = std::fs::read(manifest).io("read", manifest)?;
+    Ok(DataIdentity {
+        manifest_crc32: crc32fast::hash(&bytes),
+        records: records as u64,
+    })
 }
 
 /// Whether `dir` holds view shards (else packed shards).
@@ -63,6 +75,7 @@ pub fn plan(dir: &Path, cfg: &TrainConfig) -> Result<DataPlan> {
             steps_per_epoch: m.steps_per_epoch,
             max_steps: Some(m.steps_per_epoch * m.epochs as usize),
             records: shards.len(),
+            identity: identity(&dir.join(VIEWS_MANIFEST), shards.len())?,
         });
     }
     let dataset = Dataset::open(dir).map_err(|e| {
@@ -84,6 +97,7 @@ pub fn plan(dir: &Path, cfg: &TrainConfig) -> Result<DataPlan> {
         steps_per_epoch: sampler.steps_per_epoch(),
         max_steps: None,
         records: dataset.len(),
+        identity: identity(&dir.join(shared::manifest::MANIFEST_FILE), dataset.len())?,
     })
 }
 

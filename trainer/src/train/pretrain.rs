@@ -14,7 +14,7 @@ use shared::fsutil::write_json_atomic;
 use crate::config::TrainConfig;
 use crate::eval::{features, knn};
 use crate::method::maskdeep::{MaskDeep, Views};
-use crate::train::checkpoint::{self, TrainState};
+use crate::train::checkpoint::{self, DataIdentity, TrainState};
 use crate::train::data::{self, Batches};
 use crate::train::progress::{ProgressMode, Reporter, StepFigures};
 use crate::train::schedule::{self, RunLength};
@@ -32,7 +32,9 @@ pub struct PretrainJob {
     pub data: PathBuf,
     pub out: PathBuf,
     pub device: Device,
-    pub resume: bool,
+    pub resume: Resume,
+    /// With a resume: accept training data other than the checkpoint's.
+    pub force: bool,
     /// Stop after this many steps of this invocation (the schedules still span the whole run).
     pub stop_after: Option<u64>,
     /// With `resume`: accept new values of the [`SCHEDULE_KEYS`] (and save them to the run's
@@ -43,6 +45,81 @@ pub struct PretrainJob {
     pub knn: Option<KnnSets>,
     /// How to report progress on stderr.
     pub progress: ProgressMode,
+}
+
+/// Whether a job continues the run in its `out` folder.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resume {
+    /// Start a new run; a folder with checkpoints is refused.
+    No,
+    /// Continue from the newest good checkpoint; having none is an error.
+    Required,
+    /// Continue when there are checkpoints, else start a new run (for job scripts that are
+    /// requeued after a preemption).
+    Auto,
+}
+
+/// The checkpoint `job` continues from: the newest that verifies (saying which newer ones are
+/// damaged), or none for a new run.
+fn checkpoint_to_resume(job: &PretrainJob) -> Result<Option<PathBuf>> {
+    let existing = checkpoint::list(&job.out)?;
+    if job.resume == Resume::No {
+        if existing.is_empty() {
+            return Ok(None);
+        }
+        return Err(Error::Run(format!(
+            "{} already holds a run with checkpoints: add --resume to continue it, or choose another --out",
+            job.out.display()
+        )));
+    }
+    if existing.is_empty() && job.resume == Resume::Auto {
+        eprintln!(
+            "--resume auto: no checkpoint in {}; starting a new run",
+            job.out.display()
+        );
+        return Ok(None);
+    }
+    let (good, damaged) = checkpoint::newest_good(&job.out)?;
+    for (ckpt, why) in &damaged {
+        eprintln!(
+            "warning: checkpoint {} is damaged ({why}); falling back to an earlier one",
+            ckpt.display()
+        );
+    }
+    match good {
+        Some(ckpt) => Ok(Some(ckpt)),
+        None if damaged.is_empty() => Err(Error::Run(format!(
+            "--resume: {} holds no checkpoint to continue; start without --resume (or use \
+             --resume auto in job scripts)",
+            job.out.display()
+        ))),
+        None => Err(Error::Run(format!(
+            "--resume: every checkpoint in {} is damaged ({} of them, listed above); \
+             `trainer verify {}` shows each",
+            job.out.display(),
+            damaged.len(),
+            job.out.display()
+        ))),
+    }
+}
+
+/// Refuses to resume `checkpoint` on data other than it was trained on, unless `job.force`.
+fn check_same_data(checkpoint: &Path, data: &DataIdentity, job: &PretrainJob) -> Result<()> {
+    let state = checkpoint::read_state(checkpoint)?;
+    match state.data {
+        Some(was) if &was != data && !job.force => Err(Error::Data(format!(
+            "--resume: {} was trained on data with {} records (manifest checksum {:08x}); {} \
+             has {} (checksum {:08x}). Resume with the same --data, or add --force to continue \
+             on this data",
+            checkpoint.display(),
+            was.records,
+            was.manifest_crc32,
+            job.data.display(),
+            data.records,
+            data.manifest_crc32
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// The packed, labelled shards of a kNN evaluation during training.
@@ -125,8 +202,8 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
     let cfg = &job.config;
     cfg.validate()?;
     let config_path = job.out.join(CONFIG_FILE);
-    let existing = checkpoint::list(&job.out)?;
-    if job.resume {
+    let resume_from = checkpoint_to_resume(job)?;
+    if resume_from.is_some() {
         let saved = TrainConfig::load(&config_path).map_err(|e| {
             Error::Run(format!(
                 "--resume: {} has no readable run config ({e})",
@@ -154,11 +231,6 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
                 ),
             });
         }
-    } else if !existing.is_empty() {
-        return Err(Error::Run(format!(
-            "{} already holds a run with checkpoints: add --resume to continue it, or choose another --out",
-            job.out.display()
-        )));
     }
     // Every input is checked before anything is written to --out.
     let plan = data::plan(&job.data, cfg)?;
@@ -171,6 +243,9 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
                 job.data.display()
             )));
         }
+    }
+    if let Some(ckpt) = &resume_from {
+        check_same_data(ckpt, &plan.identity, job)?;
     }
     let knn_sets = match &job.knn {
         Some(sets) => {
@@ -188,12 +263,10 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
     let mut optimizer = model.optimizer()?;
     let mut start = 0u64;
     let mut last_checkpoint = None;
-    if job.resume {
-        if let Some(ckpt) = existing.last() {
-            let state = checkpoint::load(ckpt, &mut model, Some(&mut optimizer))?;
-            start = state.step;
-            last_checkpoint = Some(ckpt.clone());
-        }
+    if let Some(ckpt) = resume_from {
+        let state = checkpoint::load(&ckpt, &mut model, Some(&mut optimizer))?;
+        start = state.step;
+        last_checkpoint = Some(ckpt);
     }
     let mut trainer = TrainStep::new(model, optimizer);
     let metrics_path = job.out.join(METRICS_FILE);
@@ -301,6 +374,8 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
                 epoch,
                 total_steps: total,
                 loss: value,
+                files: Default::default(),
+                data: Some(plan.identity),
             };
             metrics.flush().io("write", &metrics_path)?;
             last_checkpoint = Some(checkpoint::save(
