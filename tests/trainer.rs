@@ -289,6 +289,82 @@ fn pretraining_into_a_log_file_prints_periodic_progress_lines() {
 }
 
 #[test]
+fn a_sigterm_checkpoints_and_the_resumed_run_ends_like_an_uninterrupted_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    synth(&d.join("data"), 3, 16, 40);
+    pack(&d.join("data/train"), &d.join("train"));
+    let train = d.join("train");
+    let args = |out: &Path| {
+        let mut a: Vec<String> = [
+            "pretrain",
+            "--preset",
+            "byol-r18-small",
+            "--data",
+            p(&train),
+            "--out",
+            p(out),
+            "--set",
+            "max_steps=60",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.extend(TINY.iter().map(|s| s.to_string()));
+        a
+    };
+    let whole = d.join("whole");
+    trainer(&args(&whole).iter().map(String::as_str).collect::<Vec<_>>());
+
+    let split = d.join("split");
+    let mut child = Command::new(bin("trainer"))
+        .args(args(&split))
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let metrics = split.join("metrics.jsonl");
+    let started = std::time::Instant::now();
+    let steps = || std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count());
+    while steps() < 5 && started.elapsed() < std::time::Duration::from_secs(120) {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    let sent = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the run ended by itself: {err}");
+    assert!(
+        err.contains("stopped by a signal") && err.contains("--resume"),
+        "{err}"
+    );
+    let stopped_at = steps();
+    assert!(
+        (5..60).contains(&stopped_at),
+        "stopped after {stopped_at} steps"
+    );
+
+    let mut resume = args(&split);
+    resume.push("--resume".into());
+    trainer(&resume.iter().map(String::as_str).collect::<Vec<_>>());
+    let last = |run: &Path| run.join("checkpoints/step-00000060");
+    for file in [
+        "online.safetensors",
+        "target.safetensors",
+        "optimizer.safetensors",
+    ] {
+        assert!(
+            std::fs::read(last(&whole).join(file)).unwrap()
+                == std::fs::read(last(&split).join(file)).unwrap(),
+            "{file} differs from the uninterrupted run's"
+        );
+    }
+}
+
+#[test]
 fn helpful_errors_for_wrong_use() {
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(bin("trainer"))

@@ -22,6 +22,12 @@ pub enum Error {
         value: f64,
         last_checkpoint: Option<PathBuf>,
     },
+    /// A stop signal (SIGTERM, SIGINT) ended the run after `step`, checkpointed in `checkpoint`.
+    #[error(
+        "stopped by a signal after step {step}; checkpoint {checkpoint} holds it: continue with \
+         the same command and --resume"
+    )]
+    Interrupted { step: u64, checkpoint: PathBuf },
     /// An operating-system error while doing `action` on `path`.
     #[error("cannot {action} {path}")]
     Io {

@@ -4,6 +4,8 @@
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 /// mimalloc reuses freed tensor buffers instead of returning them to the OS and page-faulting them
 /// back in at the next step (the system allocator's behaviour for large blocks).
@@ -293,6 +295,19 @@ impl EvalArgs {
     }
 }
 
+/// A flag that the first SIGTERM or SIGINT sets (pretraining then finishes its step, writes a
+/// checkpoint and exits); a second one ends the process at once, leaving the last complete
+/// checkpoint as it was.
+fn stop_on_signals() -> Result<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        // The shutdown must be registered first: it fires only once the flag is set.
+        signal_hook::flag::register_conditional_shutdown(signal, 130, Arc::clone(&flag))?;
+        signal_hook::flag::register(signal, Arc::clone(&flag))?;
+    }
+    Ok(flag)
+}
+
 /// Progress of a feature extraction on stderr: a bar on a terminal, otherwise a line every 30 s
 /// (and at the end), so that a long extraction in a job's log is not silent.
 fn extraction_progress(name: &str, json: bool) -> impl FnMut(usize, usize) {
@@ -396,6 +411,7 @@ fn run(cli: Cli) -> Result<()> {
                 force: args.force,
                 stop_after: args.stop_after,
                 change_schedule: args.change_schedule,
+                stop: Some(stop_on_signals()?),
                 knn: args.val.map(|val| pretrain::KnnSets {
                     train: args.knn_train.unwrap_or_else(|| args.data.clone()),
                     val,

@@ -54,6 +54,7 @@ fn job(cfg: &TrainConfig, data: &Path, out: &Path) -> PretrainJob {
         force: false,
         stop_after: None,
         change_schedule: false,
+        stop: None,
         knn: None,
         progress: ProgressMode::Off,
     }

@@ -4,6 +4,8 @@
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, IoContext, Result};
@@ -35,6 +37,8 @@ pub struct PretrainJob {
     pub resume: Resume,
     /// With a resume: accept training data other than the checkpoint's.
     pub force: bool,
+    /// Set (by a signal handler) to stop after the current step with a checkpoint.
+    pub stop: Option<Arc<AtomicBool>>,
     /// Stop after this many steps of this invocation (the schedules still span the whole run).
     pub stop_after: Option<u64>,
     /// With `resume`: accept new values of the [`SCHEDULE_KEYS`] (and save them to the run's
@@ -368,7 +372,8 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
                 ));
             }
         }
-        if epoch_end || periodic || step == end {
+        let stop_requested = job.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst));
+        if epoch_end || periodic || step == end || stop_requested {
             let state = TrainState {
                 step,
                 epoch,
@@ -385,6 +390,13 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
                 &state,
                 cfg.run.keep_checkpoints,
             )?);
+        }
+        if stop_requested && step < end {
+            reporter.finish();
+            return Err(Error::Interrupted {
+                step,
+                checkpoint: last_checkpoint.clone().unwrap_or_default(),
+            });
         }
     }
     reporter.finish();
