@@ -317,7 +317,7 @@ fn a_sigterm_checkpoints_and_the_resumed_run_ends_like_an_uninterrupted_one() {
     trainer(&args(&whole).iter().map(String::as_str).collect::<Vec<_>>());
 
     let split = d.join("split");
-    let mut child = Command::new(bin("trainer"))
+    let child = Command::new(bin("trainer"))
         .args(args(&split))
         .stderr(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
