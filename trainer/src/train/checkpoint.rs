@@ -95,8 +95,11 @@ pub fn verify(checkpoint: &Path) -> std::result::Result<TrainState, String> {
     Ok(state)
 }
 
+/// Checkpoints that failed [`verify`], each with what is wrong.
+pub type Damaged = Vec<(PathBuf, String)>;
+
 /// The newest checkpoint of `run` that verifies, with the newer ones that did not and why.
-pub fn newest_good(run: &Path) -> Result<(Option<PathBuf>, Vec<(PathBuf, String)>)> {
+pub fn newest_good(run: &Path) -> Result<(Option<PathBuf>, Damaged)> {
     let mut damaged = Vec::new();
     for ckpt in list(run)?.into_iter().rev() {
         match verify(&ckpt) {
