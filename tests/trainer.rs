@@ -124,6 +124,22 @@ fn synth_pack_pretrain_eval_export() {
         let top1 = r["knn"][0]["top1"].as_f64().unwrap();
         assert!((0.0..=100.0).contains(&top1), "{r}");
     }
+    // A kNN that knows its answer: scored against itself, every image's nearest neighbour is
+    // itself, so k=1 is right on every image whatever the backbone.
+    let itself = json(&trainer(&[
+        "eval",
+        "knn",
+        "--checkpoint",
+        p(&run),
+        "--train",
+        p(&val),
+        "--val",
+        p(&val),
+        "--k",
+        "1",
+        "--json",
+    ]));
+    assert_eq!(itself["knn"][0]["top1"], 100.0, "{itself}");
     assert!(random["model"].as_str().unwrap().starts_with("random"));
     // The baseline built from the run's own config says it matches the run (size included).
     let config = run.join("config.json");

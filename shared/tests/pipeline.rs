@@ -231,7 +231,16 @@ fn dropping_the_pipeline_midway_does_not_hang() {
     )
     .unwrap();
     p.next().unwrap().unwrap();
-    drop(p);
+    // The drop joins the workers: it must return, not wait for 1000 steps or hang. A hang fails
+    // the test after a minute instead of stalling the suite.
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        drop(p);
+        let _ = done.send(());
+    });
+    finished
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("dropping the pipeline midway hung");
 }
 
 #[test]

@@ -411,3 +411,19 @@ fn resuming_needs_a_checkpoint_and_the_same_data() {
     j.force = true;
     run(&j).unwrap();
 }
+
+#[test]
+fn data_too_small_for_a_batch_is_refused_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = shards(dir.path());
+    let mut cfg = tiny();
+    cfg.set("batch_size=32").unwrap();
+    let out = dir.path().join("run");
+    let err = run(&job(&cfg, &data, &out)).unwrap_err();
+    assert!(matches!(err, Error::Data(_)), "{err}");
+    assert!(
+        err.to_string().contains("fewer than one batch of 32"),
+        "{err}"
+    );
+    assert!(!out.exists(), "nothing is written to --out");
+}

@@ -84,8 +84,8 @@ pub fn plan(dir: &Path, cfg: &TrainConfig) -> Result<DataPlan> {
             dir.display()
         ))
     })?;
-    let sampler = Sampler::new(dataset.len(), cfg.run.seed, 0, 1, cfg.data.batch_size)?;
-    if sampler.steps_per_epoch() == 0 {
+    // Too few images for one batch (none, say) is said here, before the sampler would refuse.
+    if dataset.len() < cfg.data.batch_size {
         return Err(Error::Data(format!(
             "{} holds {} images, fewer than one batch of {}: lower batch_size",
             dir.display(),
@@ -93,6 +93,7 @@ pub fn plan(dir: &Path, cfg: &TrainConfig) -> Result<DataPlan> {
             cfg.data.batch_size
         )));
     }
+    let sampler = Sampler::new(dataset.len(), cfg.run.seed, 0, 1, cfg.data.batch_size)?;
     Ok(DataPlan {
         steps_per_epoch: sampler.steps_per_epoch(),
         max_steps: None,
