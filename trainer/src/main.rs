@@ -164,7 +164,9 @@ struct PretrainArgs {
     /// new run instead (for job scripts that are requeued after a preemption).
     #[arg(long, num_args = 0..=1, default_missing_value = "yes", value_name = "auto")]
     resume: Option<ResumeArg>,
-    /// With --resume: continue even if --data is not the data the checkpoint was trained on.
+    /// With --resume: continue even if --data is not the data the checkpoint was trained on, or
+    /// config keys changed (each change is printed; a model that no longer fits the checkpoint
+    /// still fails to load).
     #[arg(long, requires = "resume")]
     force: bool,
     /// With --resume: accept new values of the schedule keys (lr, lr_final, warmup_epochs,

@@ -116,7 +116,17 @@ fn a_stopped_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_one() {
     wider.model.width = 0.25;
     let mut j = job(&wider, &data, &split_dir);
     (j.resume, j.change_schedule) = (Resume::Required, true);
-    assert_eq!(key_of(run(&j).unwrap_err()), "width");
+    let err = run(&j).unwrap_err();
+    assert!(err.to_string().contains("--force"), "{err}");
+    assert_eq!(key_of(err), "width");
+    // With --force it is accepted, and then the checkpoint no longer fits the model.
+    j.force = true;
+    assert!(matches!(run(&j).unwrap_err(), Error::Checkpoint { .. }));
+    let saved = TrainConfig::load(&split_dir.join("config.json")).unwrap();
+    assert_eq!(
+        saved, cfg,
+        "a failed resume leaves the run's config as it was"
+    );
 }
 
 #[test]

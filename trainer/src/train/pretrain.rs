@@ -35,7 +35,8 @@ pub struct PretrainJob {
     pub out: PathBuf,
     pub device: Device,
     pub resume: Resume,
-    /// With a resume: accept training data other than the checkpoint's.
+    /// With a resume: accept training data other than the checkpoint's, and any changed config
+    /// key (a model that no longer fits the checkpoint still fails to load).
     pub force: bool,
     /// Set (by a signal handler) to stop after the current step with a checkpoint.
     pub stop: Option<Arc<AtomicBool>>,
@@ -215,15 +216,16 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
             ))
         })?;
         let changed = differences(&saved, cfg)?;
-        let fixed: Vec<_> = changed
-            .iter()
-            .filter(|(k, _, _)| !(job.change_schedule && SCHEDULE_KEYS.contains(&k.as_str())))
-            .collect();
+        let allowed = |k: &str| job.force || (job.change_schedule && SCHEDULE_KEYS.contains(&k));
+        for (key, was, now) in changed.iter().filter(|(k, _, _)| allowed(k)) {
+            eprintln!("--resume: `{key}` changes from {was} to {now}");
+        }
+        let fixed: Vec<_> = changed.iter().filter(|(k, _, _)| !allowed(k)).collect();
         if let Some((key, was, now)) = fixed.first() {
             let hint = if SCHEDULE_KEYS.contains(&key.as_str()) {
                 " (a schedule key: add --change-schedule to resume with the new value)"
             } else {
-                ""
+                " (add --force to resume with it all the same)"
             };
             return Err(Error::Config {
                 key: key.clone(),
@@ -259,10 +261,7 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
         }
         None => None,
     };
-    std::fs::create_dir_all(&job.out).io("create", &job.out)?;
-    write_json_atomic(&config_path, cfg)?;
     let base_lr = cfg.scaled_lr();
-
     let mut model = MaskDeep::new(cfg, &job.device)?;
     let mut optimizer = model.optimizer()?;
     let mut start = 0u64;
@@ -272,6 +271,9 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
         start = state.step;
         last_checkpoint = Some(ckpt);
     }
+    // Only now, with the inputs checked and the checkpoint loaded, is --out written.
+    std::fs::create_dir_all(&job.out).io("create", &job.out)?;
+    write_json_atomic(&config_path, cfg)?;
     let mut trainer = TrainStep::new(model, optimizer);
     let metrics_path = job.out.join(METRICS_FILE);
     truncate_metrics(&metrics_path, start)?;
