@@ -186,7 +186,9 @@ fn panel(
                 colour.stroke_width(2),
             ))
             .map_err(drawing("line"))?;
-        // A dot at every point, so that a series of one point (one kNN evaluation) shows too.
+        // Dots on short series (kNN evaluations), so that a series of one point shows too; a
+        // long loss curve reads better as a line alone.
+        let dots = if points.len() <= 60 { points.len() } else { 0 };
         chart
             .draw_series(points.iter().map(|&p| Circle::new(p, 3, colour.filled())))
             .map_err(drawing("points"))?;
