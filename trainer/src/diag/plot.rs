@@ -190,7 +190,11 @@ fn panel(
         // long loss curve reads better as a line alone.
         let dots = if points.len() <= 60 { points.len() } else { 0 };
         chart
-            .draw_series(points.iter().map(|&p| Circle::new(p, 3, colour.filled())))
+            .draw_series(
+                points[..dots]
+                    .iter()
+                    .map(|&p| Circle::new(p, 3, colour.filled())),
+            )
             .map_err(drawing("points"))?;
         legend.push((run.name.clone(), colour, false));
     }
