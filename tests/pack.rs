@@ -505,6 +505,22 @@ fn views_command_writes_view_shards() {
     assert_eq!(folder_bytes(&views), folder_bytes(&again));
 }
 
+/// `loader views` of one epoch of the packed `shards` into `views`.
+fn one_epoch_of_views(shards: &Path, views: &Path) {
+    loader_ok(&[
+        "views",
+        p(shards),
+        "--preset",
+        "byol-small",
+        "--epochs",
+        "1",
+        "--batch",
+        "4",
+        "--out",
+        p(views),
+    ]);
+}
+
 /// The stderr of a failed `loader` run (and that it failed).
 fn loader_err(args: &[&str]) -> String {
     let out = loader(args);
@@ -563,18 +579,7 @@ fn only_the_same_job_resumes_into_a_finished_pack() {
 
     // A folder of view shards is not a pack.
     let views = t.path().join("views");
-    loader_ok(&[
-        "views",
-        p(&out),
-        "--preset",
-        "byol-small",
-        "--epochs",
-        "1",
-        "--batch",
-        "4",
-        "--out",
-        p(&views),
-    ]);
+    one_epoch_of_views(&out, &views);
     let err = loader_err(&["pack", p(&train), "--out", p(&views)]);
     assert!(err.contains("view shards"), "{err}");
 }
@@ -624,18 +629,7 @@ fn small_mistakes_get_messages_that_say_what_happened() {
 
     // inspect and verify know view shards.
     let views = t.path().join("views");
-    loader_ok(&[
-        "views",
-        p(&out),
-        "--preset",
-        "byol-small",
-        "--epochs",
-        "1",
-        "--batch",
-        "4",
-        "--out",
-        p(&views),
-    ]);
+    one_epoch_of_views(&out, &views);
     let shown = json(&loader_ok(&["inspect", p(&views), "--json"]));
     assert_eq!(shown["kind"], "view shards", "{shown}");
     let shard = fs::read_dir(&views)

@@ -64,6 +64,20 @@ fn read(path: PathBuf) -> Vec<u8> {
     std::fs::read(path).unwrap()
 }
 
+/// Asserts that two checkpoints hold the same bytes of weights and optimiser state.
+fn assert_same_weights(a: &Path, b: &Path, what: &str) {
+    for file in [
+        "online.safetensors",
+        "target.safetensors",
+        "optimizer.safetensors",
+    ] {
+        assert!(
+            read(a.join(file)) == read(b.join(file)),
+            "{what}: {file} differs from the uninterrupted run's"
+        );
+    }
+}
+
 #[test]
 fn a_stopped_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_one() {
     let dir = tempfile::tempdir().unwrap();
@@ -82,16 +96,7 @@ fn a_stopped_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_one() {
     let resumed = run(&second).unwrap();
     assert_eq!(resumed.steps, 6);
 
-    for file in [
-        "online.safetensors",
-        "target.safetensors",
-        "optimizer.safetensors",
-    ] {
-        assert!(
-            read(whole.checkpoint.join(file)) == read(resumed.checkpoint.join(file)),
-            "{file} differs after resuming"
-        );
-    }
+    assert_same_weights(&whole.checkpoint, &resumed.checkpoint, "after resuming");
     let lines = std::fs::read_to_string(split_dir.join("metrics.jsonl")).unwrap();
     assert_eq!(
         lines.lines().count(),
@@ -376,16 +381,7 @@ fn a_damaged_newest_checkpoint_is_skipped_and_the_resume_still_ends_bit_exactly(
         second.resume = Resume::Required;
         let resumed = run(&second).unwrap();
         assert_eq!(resumed.steps, 6);
-        for file in [
-            "online.safetensors",
-            "target.safetensors",
-            "optimizer.safetensors",
-        ] {
-            assert!(
-                read(whole.checkpoint.join(file)) == read(resumed.checkpoint.join(file)),
-                "{what}: {file} differs from the uninterrupted run"
-            );
-        }
+        assert_same_weights(&whole.checkpoint, &resumed.checkpoint, what);
     }
 }
 
