@@ -217,6 +217,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "samples_per_second": sps,
             "views_per_second": sps * views.len() as f64,
             "threads": threads,
+            "instruction_set": shared::cpu::instruction_set(),
             "preset": a.preset,
             "views_per_sample": views.len(),
             "source": kind,
@@ -229,13 +230,16 @@ pub fn run(a: BenchArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{} preset, {} views/sample, {} source ({} samples), {} samples per run, median of {}",
+        "{} preset, {} views/sample, {} source ({} samples), {} samples per run, median of {}; \
+         CPU: {} (decoding and resizing dispatch at run time; the augmentation loops are built for \
+         the target in .cargo/config.toml)",
         a.preset,
         views.len(),
         kind,
         src.len(),
         a.samples,
-        a.repeats
+        a.repeats,
+        shared::cpu::instruction_set()
     );
     println!(
         "{:>8} {:>12} {:>12} {:>9}",

@@ -6,6 +6,7 @@
 //! in O(1). [`synth`] draws the embedded labelled dataset used by the demo and the tests.
 
 pub mod augment;
+pub mod cpu;
 pub mod dataset;
 pub mod decode;
 pub mod error;

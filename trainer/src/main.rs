@@ -479,6 +479,7 @@ fn run(cli: Cli) -> Result<()> {
                 let out = serde_json::json!({
                     "preset": cfg.preset,
                     "device": args.config.device,
+                    "instruction_set": shared::cpu::instruction_set(),
                     "batch": cfg.data.batch_size,
                     "size": cfg.data.image_size,
                     "bf16": cfg.model.bf16,
@@ -489,11 +490,13 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{out}");
             } else {
                 println!(
-                    "{} batch {} at {} px on {}: {:.1} views/s ({:.1} ms/step)",
+                    "{} batch {} at {} px on {} (gemm on {}, {} threads): {:.1} views/s ({:.1} ms/step)",
                     cfg.preset,
                     cfg.data.batch_size,
                     cfg.data.image_size,
                     args.config.device,
+                    shared::cpu::instruction_set(),
+                    rayon::current_num_threads(),
                     main.views_per_second,
                     main.step_ms
                 );
