@@ -654,3 +654,23 @@ fn small_mistakes_get_messages_that_say_what_happened() {
         );
     }
 }
+
+#[test]
+fn a_closed_output_pipe_ends_loader_quietly() {
+    let t = tempfile::tempdir().unwrap();
+    let syn = t.path().join("syn");
+    synth(&syn, 2, 4, 32);
+    let out = t.path().join("out");
+    loader_ok(&["pack", p(&syn.join("train")), "--out", p(&out)]);
+    // `loader inspect DIR | head -0`: the reader is gone before loader writes its summary.
+    let mut child = Command::new(bin("loader"))
+        .args(["inspect", p(&out)])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let done = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&done.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+}

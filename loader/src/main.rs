@@ -207,6 +207,7 @@ fn parse_part(s: &str) -> Result<Part, String> {
 }
 
 fn main() {
+    shared::process::quiet_on_closed_pipe();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Synth(a) => synth(a),

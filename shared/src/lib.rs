@@ -14,6 +14,7 @@ pub mod fsutil;
 pub mod manifest;
 pub mod pack;
 pub mod pipeline;
+pub mod process;
 pub mod resize;
 pub mod sampler;
 pub mod shard;

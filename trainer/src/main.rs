@@ -385,6 +385,7 @@ struct BenchArgs {
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 fn main() {
+    shared::process::quiet_on_closed_pipe();
     // Keep freed memory instead of returning it to the OS after 10 ms: a training step frees and
     // reallocates the same large buffers, and fresh pages cost a kernel page-zeroing each time.
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
