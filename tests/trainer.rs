@@ -99,6 +99,11 @@ fn synth_pack_pretrain_eval_export() {
         .collect();
     assert_eq!(knn.len(), 1, "kNN at the end of the run: {metrics}");
     assert_eq!(knn[0]["step"], 3);
+    assert_eq!(
+        (&knn[0]["knn_train_images"], &knn[0]["knn_val_images"]),
+        (&24.into(), &9.into()),
+        "the kNN at the end uses every image: {metrics}"
+    );
     let saved: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
     assert_eq!(saved["width"], 0.125);
@@ -117,6 +122,50 @@ fn synth_pack_pretrain_eval_export() {
         json(&trainer(&a))
     };
     let trained = eval(&["--checkpoint", p(&run), "--k", "5"]);
+    // Features extracted once into files score exactly as features extracted on the fly.
+    let (train_file, val_file) = (d.join("train.feat"), d.join("val.feat"));
+    for (set, file) in [(&train, &train_file), (&val, &val_file)] {
+        let out = trainer(&[
+            "eval",
+            "features",
+            "--checkpoint",
+            p(&run),
+            "--data",
+            p(set),
+            "--out",
+            p(file),
+            "--precision",
+            "f32",
+        ]);
+        assert!(String::from_utf8_lossy(&out.stdout).contains("x 64 F32 features"));
+    }
+    let cached = json(&trainer(&[
+        "eval",
+        "knn",
+        "--train",
+        p(&train_file),
+        "--val",
+        p(&val_file),
+        "--k",
+        "5",
+        "--json",
+    ]));
+    assert_eq!(cached, trained);
+    // A feature file of one backbone is never scored against features of another.
+    let mut other = vec![
+        "eval",
+        "knn",
+        "--train",
+        p(&train_file),
+        "--val",
+        p(&val),
+        "--random",
+        "--preset",
+        "maskdeep-r18-small",
+    ];
+    other.extend_from_slice(TINY);
+    let refused = trainer_err(&other);
+    assert!(refused.contains("feature file was made by"), "{refused}");
     let mut random_args = vec!["--random", "--preset", "maskdeep-r18-small", "--k", "5"];
     random_args.extend_from_slice(TINY);
     let random = eval(&random_args);

@@ -140,6 +140,11 @@ pub struct RunConfig {
     /// Run a kNN evaluation every this many epochs when `trainer pretrain --val` is given (0: only
     /// at the end).
     pub knn_every: u64,
+    /// The kNN evaluations during training use at most this many images per class of the kNN
+    /// memory and of the val set (a fixed random choice from `seed`), so that their cost does not
+    /// grow with the dataset; the evaluation at the end uses every image (0: every image always).
+    #[serde(default = "knn_per_class_default")]
+    pub knn_per_class: usize,
 }
 
 /// A named starting point (see [`PRESETS`]).
@@ -323,6 +328,7 @@ impl TrainConfig {
                 checkpoint_every: 1000,
                 keep_checkpoints: 3,
                 knn_every: 1,
+                knn_per_class: knn_per_class_default(),
             },
         })
     }
@@ -350,7 +356,7 @@ impl TrainConfig {
     }
 
     /// Reads a JSON config file (as written to a run's `config.json`: every key required except
-    /// `lr_final`, `ema_final` and `rotation`, which configs written before they existed lack).
+    /// `lr_final`, `ema_final`, `rotation` and `knn_per_class`, which configs written before they existed lack).
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).io("read config", path)?;
         let c = serde_json::from_str(&text)
@@ -625,4 +631,9 @@ impl TrainConfig {
 /// Serde default of `ema_final` for configs written before it existed.
 fn one() -> f64 {
     1.0
+}
+
+/// Serde default of `knn_per_class` for configs written before it existed.
+fn knn_per_class_default() -> usize {
+    100
 }

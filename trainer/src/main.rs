@@ -18,7 +18,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use shared::dataset::Dataset;
 use trainer::config::{TrainConfig, PRESETS};
 use trainer::diag::bench;
-use trainer::eval::{features, knn, linear};
+use trainer::eval::{cache, features, knn, linear};
 use trainer::method::maskdeep::MaskDeep;
 use trainer::train::checkpoint;
 use trainer::train::pretrain::{self, PretrainJob, Resume};
@@ -196,18 +196,41 @@ struct PretrainArgs {
 
 #[derive(Subcommand)]
 enum EvalCommand {
-    /// Weighted kNN on L2-normalised features (DINO / solo-learn protocol): top-1 and top-5.
+    /// Extract a backbone's features of every image of labelled shards once into a feature file
+    /// (memory-mapped by `eval knn` and `eval linear`: one extraction serves every k, temperature
+    /// and learning rate). The centre square of each image, resized to the training size, through
+    /// the backbone in eval mode, average-pooled and L2-normalised. A killed extraction continues
+    /// where it stopped when run again (from FILE.partial).
+    Features {
+        #[command(flatten)]
+        backbone: BackboneArgs,
+        /// Labelled packed shards.
+        #[arg(long)]
+        data: PathBuf,
+        /// The feature file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Storage of the values: f16 (half the size) or f32.
+        #[arg(long, value_enum, default_value_t = cache::Precision::F16)]
+        precision: cache::Precision,
+        /// Images per forward pass.
+        #[arg(long, default_value_t = 256)]
+        batch: usize,
+    },
+    /// Weighted kNN on L2-normalised features (DINO / solo-learn protocol): top-1 and top-5. The
+    /// training features stream past in blocks, so memory stays small whatever their number.
     Knn {
         #[command(flatten)]
         common: EvalArgs,
-        /// Neighbour counts to report.
+        /// Neighbour counts to report (one neighbour search serves them all).
         #[arg(long, value_delimiter = ',', num_args = 1.., default_values_t = knn::DEFAULT_K)]
         k: Vec<usize>,
         /// Temperature of the neighbours' weights exp(cos / T).
         #[arg(long, default_value_t = knn::TEMPERATURE)]
         temperature: f64,
     },
-    /// A linear classifier on frozen features (precomputed once; SGD, cosine schedule).
+    /// A quick linear probe: a linear classifier on frozen features of one centre square per
+    /// image (extracted once; SGD with momentum 0.9, batch 256, cosine schedule, no weight decay).
     Linear {
         #[command(flatten)]
         common: EvalArgs,
@@ -220,10 +243,11 @@ enum EvalCommand {
     },
 }
 
+/// Which backbone to evaluate.
 #[derive(Args)]
-struct EvalArgs {
+struct BackboneArgs {
     /// A checkpoint folder, or a run folder (its newest checkpoint).
-    #[arg(long, required_unless_present = "random")]
+    #[arg(long)]
     checkpoint: Option<PathBuf>,
     /// Evaluate a randomly initialised backbone instead (the baseline every report shows), of the
     /// architecture and image size that --preset (with --set values) or --config gives: a run's
@@ -233,10 +257,64 @@ struct EvalArgs {
     /// With --random: where the backbone's config comes from, and the device for both.
     #[command(flatten)]
     config: ConfigArgs,
-    /// Labelled packed shards whose features are the kNN memory / probe training set.
+}
+
+/// A loaded backbone, what made it and what its features are called.
+struct Backbone {
+    model: MaskDeep,
+    origin: features::Origin,
+    /// The checkpoint folder and its step (none for a random backbone).
+    checkpoint: Option<(PathBuf, u64)>,
+}
+
+impl BackboneArgs {
+    fn load(&self, device: &candle_core::Device) -> Result<Backbone> {
+        match (&self.checkpoint, self.random) {
+            (Some(_), false) if self.config.describes_a_model() => bail!(
+                "--preset, --config and --set describe the --random backbone; a checkpoint brings its own config"
+            ),
+            (Some(path), false) => {
+                let ckpt = checkpoint::resolve(path)?;
+                let (model, state) = checkpoint::load_model(&ckpt, device)?;
+                let what = format!(
+                    "{} step {} ({})",
+                    model.config().preset,
+                    state.step,
+                    backbone_summary(model.config())
+                );
+                let origin = features::Origin::of(&model, what)?;
+                Ok(Backbone {
+                    model,
+                    origin,
+                    checkpoint: Some((ckpt, state.step)),
+                })
+            }
+            (None, true) => {
+                let cfg = self.config.resolve()?;
+                let what = format!("random backbone ({})", backbone_summary(&cfg));
+                let model = MaskDeep::new(&cfg, device)?;
+                let origin = features::Origin::of(&model, what)?;
+                Ok(Backbone {
+                    model,
+                    origin,
+                    checkpoint: None,
+                })
+            }
+            (Some(_), true) => bail!("give --checkpoint or --random, not both"),
+            (None, false) => bail!("give --checkpoint RUN or --random"),
+        }
+    }
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[command(flatten)]
+    backbone: BackboneArgs,
+    /// The kNN memory / probe training set: labelled packed shards, or a feature file from
+    /// `trainer eval features` (then no backbone is needed unless --val is shards).
     #[arg(long)]
     train: PathBuf,
-    /// Labelled packed shards to score.
+    /// The set to score: labelled packed shards or a feature file.
     #[arg(long)]
     val: PathBuf,
     /// Images per forward pass.
@@ -248,7 +326,8 @@ struct EvalArgs {
 }
 
 impl EvalArgs {
-    /// The backbone to evaluate and a description of it, with the features of both sets.
+    /// A description of the backbone, with the features of both sets (read from feature files,
+    /// or extracted from shards with the backbone).
     fn features(
         &self,
     ) -> Result<(
@@ -256,44 +335,78 @@ impl EvalArgs {
         features::LabelledFeatures,
         features::LabelledFeatures,
     )> {
-        let device = trainer::device::parse(&self.config.device)?;
-        let (train, val) = (Dataset::open(&self.train)?, Dataset::open(&self.val)?);
-        features::check_eval_sets(&train, &val)?;
-        let (model, what) = match (&self.checkpoint, self.random) {
-            (Some(_), false) if self.config.describes_a_model() => bail!(
-                "--preset, --config and --set describe the --random backbone; a checkpoint brings its own config"
-            ),
-            (Some(path), false) => {
-                let ckpt = checkpoint::resolve(path)?;
-                let (model, state) = checkpoint::load_model(&ckpt, &device)?;
-                let what = format!(
-                    "{} step {} ({})",
-                    model.config().preset,
-                    state.step,
-                    backbone_summary(model.config())
-                );
-                (model, what)
-            }
-            (None, true) => {
-                let cfg = self.config.resolve()?;
-                let what = format!("random backbone ({})", backbone_summary(&cfg));
-                (MaskDeep::new(&cfg, &device)?, what)
-            }
-            _ => bail!("give --checkpoint or --random (not both)"),
+        let device = trainer::device::parse(&self.backbone.config.device)?;
+        let cached = |path: &PathBuf| -> Result<Option<features::LabelledFeatures>> {
+            Ok(if path.is_file() {
+                Some(cache::open(path)?.1)
+            } else {
+                None
+            })
         };
-        let size = model.config().data.image_size;
-        let extract = |set: &Dataset, name: &str| {
-            let mut report = extraction_progress(name, self.json);
-            features::extract(
-                &model.online.backbone,
-                set,
-                size,
-                self.batch,
-                &device,
-                &mut report,
-            )
+        let (train_file, val_file) = (cached(&self.train)?, cached(&self.val)?);
+        let needs_backbone = train_file.is_none() || val_file.is_none();
+        let gave_backbone = self.backbone.checkpoint.is_some() || self.backbone.random;
+        if needs_backbone && !gave_backbone {
+            bail!(
+                "{} is packed shards, not a feature file: give --checkpoint RUN (or --random) to \
+                 extract its features",
+                if train_file.is_none() {
+                    &self.train
+                } else {
+                    &self.val
+                }
+                .display()
+            );
+        }
+        let backbone = if needs_backbone || gave_backbone {
+            Some(self.backbone.load(&device)?)
+        } else {
+            None
         };
-        Ok((what, extract(&train, "train")?, extract(&val, "val")?))
+        let shards = |path: &PathBuf| -> Result<Option<Dataset>> {
+            Ok(if path.is_file() {
+                None
+            } else {
+                Some(Dataset::open(path)?)
+            })
+        };
+        let (train_set, val_set) = (shards(&self.train)?, shards(&self.val)?);
+        if let (Some(t), Some(v)) = (&train_set, &val_set) {
+            features::check_eval_sets(t, v)?;
+        }
+        let get = |file: Option<features::LabelledFeatures>,
+                   set: Option<Dataset>,
+                   name: &str|
+         -> Result<features::LabelledFeatures> {
+            match (file, set, &backbone) {
+                (Some(f), _, Some(b)) if f.origin != b.origin => bail!(
+                    "the {name} feature file was made by {} (fingerprint {:08x}), not by the \
+                     backbone given here, {} (fingerprint {:08x})",
+                    f.origin.backbone,
+                    f.origin.fingerprint,
+                    b.origin.backbone,
+                    b.origin.fingerprint
+                ),
+                (Some(f), _, _) => Ok(f),
+                (None, Some(set), Some(b)) => {
+                    let mut report = extraction_progress(name, self.json);
+                    Ok(features::extract(
+                        &b.model,
+                        &b.origin,
+                        &set,
+                        None,
+                        self.batch,
+                        &device,
+                        &mut report,
+                    )?)
+                }
+                _ => bail!("--{name} is packed shards: give --checkpoint or --random to extract its features"),
+            }
+        };
+        let train = get(train_file, train_set, "train")?;
+        let val = get(val_file, val_set, "val")?;
+        features::check_comparable(&train, &val)?;
+        Ok((train.origin.backbone.clone(), train, val))
     }
 }
 
@@ -361,7 +474,11 @@ fn backbone_summary(cfg: &TrainConfig) -> String {
 }
 
 #[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
 struct BenchArgs {
+    /// Time something other than training steps.
+    #[command(subcommand)]
+    other: Option<BenchCommand>,
     #[command(flatten)]
     config: ConfigArgs,
     /// Samples per batch (overrides the preset's batch_size).
@@ -379,6 +496,35 @@ struct BenchArgs {
     /// Print one JSON object (`views_per_second` at the top level).
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Time the streamed weighted kNN (`eval knn`) on random unit features and print its time
+    /// and the process's peak memory beside the size of the dense similarity matrix.
+    Knn {
+        /// Training features (the kNN memory).
+        #[arg(long, default_value_t = 200_000)]
+        train: usize,
+        /// Val features to score.
+        #[arg(long, default_value_t = 10_000)]
+        val: usize,
+        /// Feature width (512: ResNet-18, 2048: ResNet-50).
+        #[arg(long, default_value_t = 512)]
+        dim: usize,
+        /// Classes of the random labels.
+        #[arg(long, default_value_t = 1000)]
+        classes: usize,
+        /// Neighbour counts.
+        #[arg(long, value_delimiter = ',', num_args = 1.., default_values_t = knn::DEFAULT_K)]
+        k: Vec<usize>,
+        /// cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// mimalloc's `mi_option_purge_delay` (its `mi_option_e` value in mimalloc 2.x).
@@ -459,6 +605,43 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
+        Command::Bench(BenchArgs {
+            other:
+                Some(BenchCommand::Knn {
+                    train,
+                    val,
+                    dim,
+                    classes,
+                    k,
+                    device,
+                    json,
+                }),
+            ..
+        }) => {
+            let spec = trainer::diag::knn_bench::KnnBenchSpec {
+                train,
+                val,
+                dim,
+                classes,
+                ks: k,
+            };
+            let r = trainer::diag::knn_bench::run(&spec, &trainer::device::parse(&device)?)?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                let gb = |b: u64| b as f64 / 1e9;
+                println!(
+                    "kNN k={:?} of {val} val against {train} train features of {dim} on {device}: \
+                     {:.2} s; peak memory {} (features {:.2} GB; the dense matrix would be {:.2} GB)",
+                    r.spec.ks,
+                    r.seconds,
+                    r.peak_memory_bytes
+                        .map_or("unknown".into(), |b| format!("{:.2} GB", gb(b))),
+                    gb(r.features_bytes),
+                    gb(r.dense_matrix_bytes)
+                );
+            }
+        }
         Command::Bench(args) => {
             let mut cfg = args.config.resolve()?;
             if let Some(b) = args.batch {
@@ -521,15 +704,50 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
+        Command::Eval(EvalCommand::Features {
+            backbone,
+            data,
+            out,
+            precision,
+            batch,
+        }) => {
+            let device = trainer::device::parse(&backbone.config.device)?;
+            let dataset = Dataset::open(&data)?;
+            let b = backbone.load(&device)?;
+            let extraction = cache::Extraction {
+                model: &b.model,
+                origin: &b.origin,
+                checkpoint: b.checkpoint.clone(),
+                dataset: &dataset,
+                precision,
+                batch,
+                device: &device,
+            };
+            let partial = cache::partial_path(&out);
+            if partial.exists() {
+                eprintln!("continuing (or replacing) {}", partial.display());
+            }
+            let name = data.display().to_string();
+            let header = extraction.write(&out, &mut extraction_progress(&name, false))?;
+            println!(
+                "wrote {}: {} images x {} {:?} features of {}",
+                out.display(),
+                header.rows,
+                header.dim,
+                header.precision,
+                header.origin.backbone
+            );
+        }
         Command::Eval(EvalCommand::Knn {
             common,
             k,
             temperature,
         }) => {
             let (what, train, val) = common.features()?;
+            let device = trainer::device::parse(&common.backbone.config.device)?;
             let mut results = Vec::new();
-            for &kk in &k {
-                let acc = knn::knn(&train, &val, kk, temperature)?;
+            let scores = knn::knn(&train, &val, &k, temperature, &device)?;
+            for (&kk, acc) in k.iter().zip(scores) {
                 results.push(serde_json::json!({"k": kk, "top1": acc.top1, "top5": acc.top5}));
                 if !common.json {
                     println!(

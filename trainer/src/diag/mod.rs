@@ -1,6 +1,7 @@
-//! Diagnostics: step timing (`trainer bench`), CPU-versus-device parity (`trainer parity`) and
+//! Diagnostics: step timing (`trainer bench`), kNN timing (`trainer bench knn`), CPU-versus-device parity (`trainer parity`) and
 //! training curves (`trainer plot`).
 
 pub mod bench;
+pub mod knn_bench;
 pub mod parity;
 pub mod plot;

@@ -4,7 +4,7 @@ use crate::error::Result;
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{Linear, Module, VarBuilder, VarMap};
 
-use super::features::LabelledFeatures;
+use super::features::{check_comparable, LabelledFeatures};
 use super::knn::{accuracy, Accuracy};
 use crate::nn::params;
 use crate::train::optim::{Optimizer, Rule};
@@ -21,9 +21,10 @@ pub fn linear_probe(
 ) -> Result<Accuracy> {
     use rand::seq::SliceRandom;
     use rand::SeedableRng;
+    check_comparable(train, val)?;
     let dev = Device::Cpu;
-    let classes = train.classes.max(val.classes);
-    let dim = train.x.dim(1)?;
+    let classes = train.classes.len();
+    let dim = train.dim();
     let vars = VarMap::new();
     let layer: Linear = candle_nn::linear(
         dim,
@@ -32,7 +33,7 @@ pub fn linear_probe(
     )?;
     params::init(&vars, seed)?;
     let mut opt = Optimizer::new(Rule::Sgd, params::trainable(&vars), 0.9, 0.0)?;
-    let n = train.labels.len();
+    let n = train.len();
     let batch = 256.min(n);
     let steps_per_epoch = n.div_ceil(batch);
     let total = (epochs * steps_per_epoch) as u64;
@@ -43,20 +44,26 @@ pub fn linear_probe(
     for _ in 0..epochs {
         order.shuffle(&mut rng);
         for chunk in order.chunks(batch) {
-            let idx = Tensor::new(chunk, &dev)?;
-            let x = train.x.index_select(&idx, 0)?;
-            let y = labels.index_select(&idx, 0)?;
+            let x = Tensor::from_vec(train.gather(chunk), (chunk.len(), dim), &dev)?;
+            let y = labels.index_select(&Tensor::new(chunk, &dev)?, 0)?;
             let loss = candle_nn::loss::cross_entropy(&layer.forward(&x)?, &y)?;
             let rate = schedule::learning_rate(lr, 0.0, step, 0, total);
             opt.step(&loss.backward()?, rate)?;
             step += 1;
         }
     }
-    let logits = layer.forward(&val.x)?;
-    let top = logits
-        .arg_sort_last_dim(false)?
-        .narrow(D::Minus1, 0, 5.min(classes))?
-        .to_vec2::<u32>()?;
+    let mut top = Vec::with_capacity(val.len());
+    for start in (0..val.len()).step_by(4096) {
+        let end = (start + 4096).min(val.len());
+        let x = Tensor::from_vec(val.block(start..end), (end - start, dim), &dev)?;
+        top.extend(
+            layer
+                .forward(&x)?
+                .arg_sort_last_dim(false)?
+                .narrow(D::Minus1, 0, 5.min(classes))?
+                .to_vec2::<u32>()?,
+        );
+    }
     let scored: Vec<(bool, bool)> = top
         .iter()
         .zip(&val.labels)

@@ -145,6 +145,7 @@ pub const SCHEDULE_KEYS: &[&str] = &[
     "checkpoint_every",
     "keep_checkpoints",
     "knn_every",
+    "knn_per_class",
 ];
 
 /// The keys whose values differ between two configs, with both values.
@@ -170,6 +171,9 @@ struct KnnMetrics {
     knn_k: usize,
     knn_top1: f64,
     knn_top5: f64,
+    /// Images of the kNN memory and of the val set it was measured on.
+    knn_train_images: usize,
+    knn_val_images: usize,
 }
 
 /// One line of `metrics.jsonl`.
@@ -254,11 +258,7 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
         check_same_data(ckpt, &plan.identity, job)?;
     }
     let knn_sets = match &job.knn {
-        Some(sets) => {
-            let (train, val) = (Dataset::open(&sets.train)?, Dataset::open(&sets.val)?);
-            features::check_eval_sets(&train, &val)?;
-            Some((train, val))
-        }
+        Some(sets) => Some(KnnMonitor::open(sets, cfg)?),
         None => None,
     };
     let base_lr = cfg.scaled_lr();
@@ -357,16 +357,11 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
         let epochs_done = step / plan.steps_per_epoch as u64;
         let knn_due =
             epoch_end && cfg.run.knn_every > 0 && epochs_done.is_multiple_of(cfg.run.knn_every);
-        if let Some((train, val)) = &knn_sets {
+        if let Some(monitor) = &knn_sets {
             if knn_due || step == total {
-                let (top1, top5) = knn_accuracy(&trainer.model, train, val, &job.device)?;
-                let line = KnnMetrics {
-                    step,
-                    epoch,
-                    knn_k: KNN_K,
-                    knn_top1: top1,
-                    knn_top5: top5,
-                };
+                let line =
+                    monitor.score(&trainer.model, step, epoch, step == total, &job.device)?;
+                let (top1, top5) = (line.knn_top1, line.knn_top5);
                 serde_json::to_writer(&mut metrics, &line)?;
                 writeln!(metrics).io("write", &metrics_path)?;
                 reporter.say(&format!(
@@ -419,20 +414,73 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
 /// Neighbours of the kNN evaluation during training.
 const KNN_K: usize = knn::DEFAULT_K[0];
 
-/// kNN top-1 and top-5 of the online backbone (eval mode: the running statistics do not change).
-fn knn_accuracy(
-    model: &MaskDeep,
-    train: &Dataset,
-    val: &Dataset,
-    device: &Device,
-) -> Result<(f64, f64)> {
-    let size = model.config().data.image_size;
-    let backbone = &model.online.backbone;
-    let batch = 256;
-    let train = features::extract(backbone, train, size, batch, device, &mut |_, _| {})?;
-    let val = features::extract(backbone, val, size, batch, device, &mut |_, _| {})?;
-    let acc = knn::knn(&train, &val, KNN_K, knn::TEMPERATURE)?;
-    Ok((acc.top1, acc.top5))
+/// The kNN evaluation during training: the datasets, and the fixed subsets (`knn_per_class`)
+/// that the evaluations before the last one use.
+struct KnnMonitor {
+    train: Dataset,
+    val: Dataset,
+    train_subset: Vec<usize>,
+    val_subset: Vec<usize>,
+}
+
+impl KnnMonitor {
+    /// Opens and checks both sets and draws the subsets from the run's seed.
+    fn open(sets: &KnnSets, cfg: &TrainConfig) -> Result<Self> {
+        let (train, val) = (Dataset::open(&sets.train)?, Dataset::open(&sets.val)?);
+        features::check_eval_sets(&train, &val)?;
+        let per_class = cfg.run.knn_per_class;
+        Ok(KnnMonitor {
+            train_subset: features::per_class_subset(&train, per_class, cfg.run.seed)?,
+            val_subset: features::per_class_subset(&val, per_class, cfg.run.seed + 1)?,
+            train,
+            val,
+        })
+    }
+
+    /// kNN top-1 and top-5 of the online backbone (eval mode: the running statistics do not
+    /// change), on every image when `everything`, else on the subsets.
+    fn score(
+        &self,
+        model: &MaskDeep,
+        step: u64,
+        epoch: u64,
+        everything: bool,
+        device: &Device,
+    ) -> Result<KnnMetrics> {
+        let origin = features::Origin::of(model, format!("step {step}"))?;
+        let batch = 256;
+        fn pick(subset: &[usize], everything: bool) -> Option<&[usize]> {
+            (!everything).then_some(subset)
+        }
+        let train = features::extract(
+            model,
+            &origin,
+            &self.train,
+            pick(&self.train_subset, everything),
+            batch,
+            device,
+            &mut |_, _| {},
+        )?;
+        let val = features::extract(
+            model,
+            &origin,
+            &self.val,
+            pick(&self.val_subset, everything),
+            batch,
+            device,
+            &mut |_, _| {},
+        )?;
+        let acc = knn::knn(&train, &val, &[KNN_K], knn::TEMPERATURE, device)?[0];
+        Ok(KnnMetrics {
+            step,
+            epoch,
+            knn_k: KNN_K,
+            knn_top1: acc.top1,
+            knn_top5: acc.top5,
+            knn_train_images: train.len(),
+            knn_val_images: val.len(),
+        })
+    }
 }
 
 /// Drops metric lines of steps after `start` (they are about to be run again).
