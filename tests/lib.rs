@@ -62,6 +62,8 @@ pub fn synth(dir: &Path, classes: usize, per_class: usize, size: u32) {
         &n,
         "--val-per-class",
         "3",
+        "--test-per-class",
+        "2",
         "--size",
         &s,
         "--seed",

@@ -15,13 +15,16 @@ fn synth_is_deterministic_and_pack_does_not_depend_on_threads() {
     let (a, b) = (t.path().join("a"), t.path().join("b"));
     synth(&a, 4, 6, 40);
     synth(&b, 4, 6, 40);
-    for split in ["train", "val"] {
+    for split in ["train", "val", "test"] {
         for class in fs::read_dir(a.join(split)).unwrap() {
             let name = class.unwrap().file_name();
             let (x, y) = (a.join(split).join(&name), b.join(split).join(&name));
             assert_eq!(folder_bytes(&x), folder_bytes(&y), "synth differs in {x:?}");
         }
     }
+    // Each split has its own images: the first test image of a class is not its first val image.
+    let first = |split: &str| fs::read(a.join(split).join("00-disk/00000.png")).unwrap();
+    assert_ne!(first("test"), first("val"));
     let (p1, p2) = (t.path().join("p1"), t.path().join("p2"));
     let src = a.join("train");
     let common = ["--short-side", "32", "--shard-size", "64K", "--json"];

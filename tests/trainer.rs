@@ -151,6 +151,25 @@ fn synth_pack_pretrain_eval_export() {
         "--json",
     ]));
     assert_eq!(cached, trained);
+    // The probe reports every rate on val and the one chosen there on --test (here val again,
+    // so the two must agree).
+    let probe = json(&trainer(&[
+        "eval",
+        "linear",
+        "--train",
+        p(&train_file),
+        "--val",
+        p(&val_file),
+        "--test",
+        p(&val_file),
+        "--lr",
+        "0.5,2",
+        "--epochs",
+        "3",
+        "--json",
+    ]));
+    assert_eq!(probe["linear"].as_array().unwrap().len(), 2, "{probe}");
+    assert_eq!(probe["test"], probe["best_val"], "{probe}");
     // A feature file of one backbone is never scored against features of another.
     let mut other = vec![
         "eval",

@@ -69,6 +69,10 @@ struct SynthArgs {
     /// a standard error of about 2 points).
     #[arg(long, default_value_t = 50)]
     val_per_class: usize,
+    /// Test images per class: a third split for reporting figures whose settings were chosen on
+    /// val (0: no test/ folder).
+    #[arg(long, default_value_t = 50)]
+    test_per_class: usize,
     /// Side of the square images in pixels.
     #[arg(long, default_value_t = 64)]
     size: u32,
@@ -230,9 +234,10 @@ fn synth(a: SynthArgs) -> Result<()> {
         classes: a.classes,
         train_per_class: a.train_per_class,
         val_per_class: a.val_per_class,
+        test_per_class: a.test_per_class,
         size: a.size,
     };
-    let total = a.classes * (a.train_per_class + a.val_per_class);
+    let total = a.classes * (a.train_per_class + a.val_per_class + a.test_per_class);
     let bar = progress::bar(total as u64, "synth");
     let n = shared::synth::write_dataset(&spec, &a.out, &|| bar.inc(1))?;
     bar.finish_and_clear();

@@ -33,6 +33,8 @@ pub struct SynthSpec {
     pub train_per_class: usize,
     /// Images per class in `val/`.
     pub val_per_class: usize,
+    /// Images per class in `test/` (for reporting figures whose settings were chosen on `val/`).
+    pub test_per_class: usize,
     /// Side of the square images, in pixels.
     pub size: u32,
 }
@@ -42,7 +44,8 @@ pub fn class_name(c: usize) -> String {
     format!("{c:02}-{}", KINDS[c])
 }
 
-/// Writes `out/train/<class>/<n>.png` and `out/val/<class>/<n>.png`; returns the file count.
+/// Writes `out/<split>/<class>/<n>.png` for the splits `train`, `val` and `test` (each split's
+/// images drawn from its own streams, so adding a split changes no other); returns the file count.
 /// `on_image` is called once per image written.
 pub fn write_dataset(spec: &SynthSpec, out: &Path, on_image: &(dyn Fn() + Sync)) -> Result<usize> {
     if spec.classes == 0 || spec.classes > KINDS.len() {
@@ -59,11 +62,17 @@ pub fn write_dataset(spec: &SynthSpec, out: &Path, on_image: &(dyn Fn() + Sync))
         )));
     }
     let mut jobs = Vec::new();
-    for (split_id, (split, per_class)) in
-        [("train", spec.train_per_class), ("val", spec.val_per_class)]
-            .into_iter()
-            .enumerate()
+    for (split_id, (split, per_class)) in [
+        ("train", spec.train_per_class),
+        ("val", spec.val_per_class),
+        ("test", spec.test_per_class),
+    ]
+    .into_iter()
+    .enumerate()
     {
+        if per_class == 0 {
+            continue;
+        }
         for c in 0..spec.classes {
             let dir = out.join(split).join(class_name(c));
             fs::create_dir_all(&dir).at(&dir)?;

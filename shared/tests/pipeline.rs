@@ -16,6 +16,7 @@ fn packed(dir: &Path, encoding: Encoding) -> Arc<Dataset> {
         classes: 3,
         train_per_class: 8,
         val_per_class: 0,
+        test_per_class: 0,
         size: 40,
     };
     let shards = write_packed_train(&spec, dir, encoding).unwrap();

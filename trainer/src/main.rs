@@ -229,17 +229,22 @@ enum EvalCommand {
         #[arg(long, default_value_t = knn::TEMPERATURE)]
         temperature: f64,
     },
-    /// A quick linear probe: a linear classifier on frozen features of one centre square per
-    /// image (extracted once; SGD with momentum 0.9, batch 256, cosine schedule, no weight decay).
+    /// A quick linear probe: linear classifiers on frozen features of one centre square per
+    /// image (extracted once, or read from feature files; SGD with momentum 0.9, batch 256, cosine
+    /// schedule, no weight decay), one per learning rate of --lr.
     Linear {
         #[command(flatten)]
         common: EvalArgs,
         /// Passes over the training features.
         #[arg(long, default_value_t = 100)]
         epochs: usize,
-        /// Peak learning rate (features are L2-normalised).
-        #[arg(long, default_value_t = 1.0)]
-        lr: f64,
+        /// Peak learning rates: one classifier per rate, trained side by side in one pass; each
+        /// is reported on --val and the best one on --test.
+        #[arg(long, value_delimiter = ',', num_args = 1.., default_values_t = [0.3, 1.0, 3.0])]
+        lr: Vec<f64>,
+        /// A third set (shards or a feature file) on which the rate chosen on --val is reported.
+        #[arg(long)]
+        test: Option<PathBuf>,
     },
 }
 
@@ -326,87 +331,87 @@ struct EvalArgs {
 }
 
 impl EvalArgs {
-    /// A description of the backbone, with the features of both sets (read from feature files,
-    /// or extracted from shards with the backbone).
+    /// A description of the backbone, with the features of the sets `(name, path)` in order
+    /// (read from feature files, or extracted from packed shards with the backbone).
     fn features(
         &self,
-    ) -> Result<(
-        String,
-        features::LabelledFeatures,
-        features::LabelledFeatures,
-    )> {
+        sets: &[(&str, &PathBuf)],
+    ) -> Result<(String, Vec<features::LabelledFeatures>)> {
         let device = trainer::device::parse(&self.backbone.config.device)?;
-        let cached = |path: &PathBuf| -> Result<Option<features::LabelledFeatures>> {
-            Ok(if path.is_file() {
-                Some(cache::open(path)?.1)
-            } else {
-                None
-            })
-        };
-        let (train_file, val_file) = (cached(&self.train)?, cached(&self.val)?);
-        let needs_backbone = train_file.is_none() || val_file.is_none();
         let gave_backbone = self.backbone.checkpoint.is_some() || self.backbone.random;
-        if needs_backbone && !gave_backbone {
-            bail!(
-                "{} is packed shards, not a feature file: give --checkpoint RUN (or --random) to \
-                 extract its features",
-                if train_file.is_none() {
-                    &self.train
-                } else {
-                    &self.val
-                }
-                .display()
-            );
+        if let Some((name, path)) = sets.iter().find(|(_, path)| !path.is_file()) {
+            if !gave_backbone {
+                bail!(
+                    "--{name} {} is packed shards, not a feature file: give --checkpoint RUN (or \
+                     --random) to extract its features",
+                    path.display()
+                );
+            }
         }
-        let backbone = if needs_backbone || gave_backbone {
+        let backbone = if gave_backbone {
             Some(self.backbone.load(&device)?)
         } else {
             None
         };
-        let shards = |path: &PathBuf| -> Result<Option<Dataset>> {
-            Ok(if path.is_file() {
-                None
-            } else {
-                Some(Dataset::open(path)?)
-            })
-        };
-        let (train_set, val_set) = (shards(&self.train)?, shards(&self.val)?);
-        if let (Some(t), Some(v)) = (&train_set, &val_set) {
-            features::check_eval_sets(t, v)?;
+        // Every input is opened and checked before any features are extracted.
+        enum Source {
+            File(features::LabelledFeatures),
+            Shards(Box<Dataset>),
         }
-        let get = |file: Option<features::LabelledFeatures>,
-                   set: Option<Dataset>,
-                   name: &str|
-         -> Result<features::LabelledFeatures> {
-            match (file, set, &backbone) {
-                (Some(f), _, Some(b)) if f.origin != b.origin => bail!(
-                    "the {name} feature file was made by {} (fingerprint {:08x}), not by the \
-                     backbone given here, {} (fingerprint {:08x})",
-                    f.origin.backbone,
-                    f.origin.fingerprint,
-                    b.origin.backbone,
-                    b.origin.fingerprint
-                ),
-                (Some(f), _, _) => Ok(f),
-                (None, Some(set), Some(b)) => {
-                    let mut report = extraction_progress(name, self.json);
-                    Ok(features::extract(
-                        &b.model,
-                        &b.origin,
-                        &set,
-                        None,
-                        self.batch,
-                        &device,
-                        &mut report,
-                    )?)
+        let mut sources = Vec::new();
+        let mut first_classes: Option<(Vec<String>, String)> = None;
+        for (name, path) in sets {
+            let source = if path.is_file() {
+                let f = cache::open(path)?.1;
+                if let Some(b) = backbone.as_ref().filter(|b| b.origin != f.origin) {
+                    bail!(
+                        "the --{name} feature file was made by {} (fingerprint {:08x}), not by \
+                         the backbone given here, {} (fingerprint {:08x})",
+                        f.origin.backbone,
+                        f.origin.fingerprint,
+                        b.origin.backbone,
+                        b.origin.fingerprint
+                    );
                 }
-                _ => bail!("--{name} is packed shards: give --checkpoint or --random to extract its features"),
+                Source::File(f)
+            } else {
+                Source::Shards(Box::new(Dataset::open(path)?))
+            };
+            let classes = match &source {
+                Source::File(f) => f.classes.clone(),
+                Source::Shards(set) => features::labelled_classes(set)?,
+            };
+            let here = path.display().to_string();
+            match &first_classes {
+                Some((first, there)) => features::same_classes(first, &classes, there, &here)?,
+                None => first_classes = Some((classes, here)),
             }
-        };
-        let train = get(train_file, train_set, "train")?;
-        let val = get(val_file, val_set, "val")?;
-        features::check_comparable(&train, &val)?;
-        Ok((train.origin.backbone.clone(), train, val))
+            sources.push(source);
+        }
+        let mut out: Vec<features::LabelledFeatures> = Vec::new();
+        for ((name, _), source) in sets.iter().zip(sources) {
+            let f = match (source, &backbone) {
+                (Source::File(f), _) => f,
+                (Source::Shards(set), Some(b)) => features::extract(
+                    &b.model,
+                    &b.origin,
+                    &set,
+                    None,
+                    self.batch,
+                    &device,
+                    &mut extraction_progress(name, self.json),
+                )?,
+                (Source::Shards(_), None) => bail!("--{name}: no backbone to extract features"),
+            };
+            if let Some(first) = out.first() {
+                features::check_comparable(first, &f)?;
+            }
+            out.push(f);
+        }
+        let what = out
+            .first()
+            .map_or_else(String::new, |f| f.origin.backbone.clone());
+        Ok((what, out))
     }
 }
 
@@ -743,10 +748,12 @@ fn run(cli: Cli) -> Result<()> {
             k,
             temperature,
         }) => {
-            let (what, train, val) = common.features()?;
+            let (what, sets) =
+                common.features(&[("train", &common.train), ("val", &common.val)])?;
+            let (train, val) = (&sets[0], &sets[1]);
             let device = trainer::device::parse(&common.backbone.config.device)?;
             let mut results = Vec::new();
-            let scores = knn::knn(&train, &val, &k, temperature, &device)?;
+            let scores = knn::knn(train, val, &k, temperature, &device)?;
             for (&kk, acc) in k.iter().zip(scores) {
                 results.push(serde_json::json!({"k": kk, "top1": acc.top1, "top5": acc.top5}));
                 if !common.json {
@@ -760,19 +767,55 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::json!({"model": what, "knn": results}));
             }
         }
-        Command::Eval(EvalCommand::Linear { common, epochs, lr }) => {
-            let (what, train, val) = common.features()?;
-            let acc = linear::linear_probe(&train, &val, epochs, lr, 0)?;
+        Command::Eval(EvalCommand::Linear {
+            common,
+            epochs,
+            lr,
+            test,
+        }) => {
+            let mut named = vec![("train", &common.train), ("val", &common.val)];
+            if let Some(test) = &test {
+                named.push(("test", test));
+            }
+            let (what, sets) = common.features(&named)?;
+            let results = linear::sweep(&sets[0], &sets[1], epochs, &lr, 0)?;
+            let best = results
+                .iter()
+                .max_by(|a, b| {
+                    a.1.top1
+                        .total_cmp(&b.1.top1)
+                        .then(b.0.lr.total_cmp(&a.0.lr))
+                })
+                .context("give at least one --lr")?;
+            let on_test = sets.get(2).map(|t| best.0.score(t)).transpose()?;
+            let rows: Vec<_> = results
+                .iter()
+                .map(|(p, a)| serde_json::json!({"lr": p.lr, "val": a}))
+                .collect();
             if common.json {
                 println!(
                     "{}",
-                    serde_json::json!({"model": what, "linear": {"top1": acc.top1, "top5": acc.top5, "epochs": epochs}})
+                    serde_json::json!({"model": what, "epochs": epochs, "linear": rows,
+                        "best_lr": best.0.lr, "best_val": best.1, "test": on_test})
                 );
             } else {
-                println!(
-                    "{what}: linear probe: top-1 {:.2}%  top-5 {:.2}%",
-                    acc.top1, acc.top5
-                );
+                for (p, a) in &results {
+                    let mark = if std::ptr::eq(p, &best.0) {
+                        "  <- best on val"
+                    } else {
+                        ""
+                    };
+                    println!(
+                        "{what}: linear probe lr {}: val top-1 {:.2}%  top-5 {:.2}%{mark}",
+                        p.lr, a.top1, a.top5
+                    );
+                }
+                if let Some(t) = on_test {
+                    println!(
+                        "{what}: linear probe lr {} (chosen on val): test top-1 {:.2}%  top-5 {:.2}%",
+                        best.0.lr, t.top1, t.top5
+                    );
+                }
             }
         }
         Command::Export {

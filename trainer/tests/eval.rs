@@ -6,7 +6,7 @@ use rand_chacha::ChaCha8Rng;
 use trainer::eval::cache::{self, Header, Precision};
 use trainer::eval::features::{per_class_subset, LabelledFeatures, Origin, PREPROCESSING};
 use trainer::eval::knn::{knn, neighbours, vote, Tiling};
-use trainer::eval::linear::linear_probe;
+use trainer::eval::linear::sweep;
 
 fn origin() -> Origin {
     Origin {
@@ -60,8 +60,18 @@ fn separable_features_score_100_percent() {
     let val = features(5, 10, 0.1, true, 2);
     let acc = knn(&train, &val, &[20], 0.07, &Device::Cpu).unwrap()[0];
     assert_eq!((acc.top1, acc.top5), (100.0, 100.0));
-    let acc = linear_probe(&train, &val, 30, 1.0, 0).unwrap();
-    assert_eq!(acc.top1, 100.0);
+    let probes = sweep(&train, &val, 30, &[0.1, 1.0], 0).unwrap();
+    assert_eq!(probes.len(), 2);
+    for (probe, acc) in &probes {
+        assert_eq!(acc.top1, 100.0, "lr {}", probe.lr);
+    }
+    // Each head follows its own rate: one that barely moves stays below the others.
+    let probes = sweep(&train, &val, 2, &[1e-6, 1.0], 0).unwrap();
+    assert!(
+        probes[0].1.top1 < probes[1].1.top1,
+        "{:?}",
+        probes.iter().map(|p| p.1).collect::<Vec<_>>()
+    );
 }
 
 #[test]
@@ -219,8 +229,9 @@ fn features_of_different_backbones_or_classes_are_refused() {
     let val =
         LabelledFeatures::from_vec(train.block(0..20), 8, train.labels.clone(), names, origin())
             .unwrap();
-    let err = linear_probe(&train, &val, 1, 1.0, 0)
-        .expect_err("different class lists must be refused")
+    let err = sweep(&train, &val, 1, &[1.0], 0)
+        .err()
+        .expect("different class lists must be refused")
         .to_string();
     assert!(err.contains("class 0 is `class0`"), "{err}");
 }
@@ -357,6 +368,7 @@ fn the_monitoring_subset_takes_a_fixed_number_of_images_per_class() {
         classes: 3,
         train_per_class: 10,
         val_per_class: 0,
+        test_per_class: 0,
         size: 16,
     };
     let path = write_packed_train(&spec, dir.path(), shared::shard::Encoding::Raw).unwrap();

@@ -20,6 +20,7 @@ fn shards(dir: &Path) -> PathBuf {
         classes: 3,
         train_per_class: 8,
         val_per_class: 0,
+        test_per_class: 0,
         size: 40,
     };
     write_packed_train(&spec, dir, Encoding::Raw).unwrap()
@@ -406,6 +407,7 @@ fn resuming_needs_a_checkpoint_and_the_same_data() {
         classes: 3,
         train_per_class: 9,
         val_per_class: 0,
+        test_per_class: 0,
         size: 40,
     };
     let other = write_packed_train(&spec, &other_dir, Encoding::Raw).unwrap();
