@@ -21,8 +21,13 @@ fn a_run_config_written_before_the_sections_loads_and_round_trips() {
     assert_eq!(cfg.optim.optimizer, OptimizerKind::Adamw);
     assert_eq!(cfg.data.rotation, 180.0);
     assert_eq!(cfg.run.knn_every, 4);
-    let text = std::fs::read_to_string(BEFORE_SECTIONS).unwrap();
-    assert_eq!(serde_json::to_value(&cfg).unwrap(), flat(&text));
+    // Written back, it is the same file plus the keys added since, at their defaults.
+    let mut want = flat(&std::fs::read_to_string(BEFORE_SECTIONS).unwrap());
+    assert!(want.get("knn_per_class").is_none());
+    want.as_object_mut()
+        .unwrap()
+        .insert("knn_per_class".into(), 100.into());
+    assert_eq!(serde_json::to_value(&cfg).unwrap(), want);
 }
 
 #[test]
@@ -37,9 +42,10 @@ fn keys_added_later_take_their_defaults_when_missing() {
         (
             cfg.schedule.lr_final,
             cfg.schedule.ema_final,
-            cfg.data.rotation
+            cfg.data.rotation,
+            cfg.run.knn_per_class
         ),
-        (0.0, 1.0, 0.0)
+        (0.0, 1.0, 0.0, 100)
     );
 }
 
