@@ -210,8 +210,9 @@ enum EvalCommand {
         /// The feature file to write.
         #[arg(long)]
         out: PathBuf,
-        /// Storage of the values: f16 (half the size) or f32.
-        #[arg(long, value_enum, default_value_t = cache::Precision::F16)]
+        /// Storage of the values: f32 (exact) or f16 (half the size; rounding can reorder
+        /// neighbours whose similarities differ by less than about 1e-3).
+        #[arg(long, value_enum, default_value_t = cache::Precision::F32)]
         precision: cache::Precision,
         /// Images per forward pass.
         #[arg(long, default_value_t = 256)]
