@@ -139,6 +139,18 @@ fn synth_pack_pretrain_eval_export() {
         ]);
         assert!(String::from_utf8_lossy(&out.stdout).contains("x 64 F32 features"));
     }
+    // Asked again, the extraction sees the finished file and does nothing.
+    let again = trainer(&[
+        "eval",
+        "features",
+        "--checkpoint",
+        p(&run),
+        "--data",
+        p(&val),
+        "--out",
+        p(&val_file),
+    ]);
+    assert!(String::from_utf8_lossy(&again.stdout).contains("nothing to do"));
     let cached = json(&trainer(&[
         "eval",
         "knn",

@@ -99,6 +99,9 @@ bench "maskdeep r18 224 b128 bf16" --preset maskdeep-r18-imagenet --batch 128 --
 torch_step "pytorch r18 224 b128 bf16 channels_last" --arch resnet18 --size 224 --batch 128 --bf16 --channels-last
 v=$("$bin/loader" bench "$work/shards" --preset byol --threads 16 --samples 2048 --repeats 1 --json 2>>"$log" | python3 tools/gpu_summary.py loader)
 row "input pipeline byol 224, 16 threads" "$v"
+# 4. The streamed kNN at ResNet-50's width on the GPU (issue 20: peak host memory stays small).
+v=$(timeout 120 "$bin/trainer-$t" bench knn --train 200000 --val 10000 --dim 2048 --device cuda 2>>"$log" || echo FAILED)
+row "kNN 200k x 10k x 2048 (cuda)" "${v#*: }"
 
 echo
 cat "$out/table.md"

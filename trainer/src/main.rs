@@ -429,10 +429,14 @@ fn stop_on_signals() -> Result<Arc<AtomicBool>> {
     Ok(flag)
 }
 
-/// Progress of a feature extraction on stderr: a bar on a terminal, otherwise a line every 30 s
-/// (and at the end), so that a long extraction in a job's log is not silent.
+/// Progress of a feature extraction on stderr (images done, images).
 fn extraction_progress(name: &str, json: bool) -> impl FnMut(usize, usize) {
-    let name = name.to_string();
+    progress(format!("features of {name}"), "images", json)
+}
+
+/// Progress of long work on stderr as (done, total) `unit`s: a bar on a terminal, otherwise a
+/// line every 30 s (and at the end), so that long work in a job's log is not silent.
+fn progress(what: String, unit: &'static str, json: bool) -> impl FnMut(usize, usize) {
     let terminal = std::io::stderr().is_terminal() && !json;
     let mut bar: Option<indicatif::ProgressBar> = None;
     let started = std::time::Instant::now();
@@ -442,12 +446,12 @@ fn extraction_progress(name: &str, json: bool) -> impl FnMut(usize, usize) {
             let bar = bar.get_or_insert_with(|| {
                 let b = indicatif::ProgressBar::new(total as u64);
                 b.set_style(
-                    indicatif::ProgressStyle::with_template(
-                        "{msg} {bar:30} {pos}/{len} images  ETA {eta}",
-                    )
+                    indicatif::ProgressStyle::with_template(&format!(
+                        "{{msg}} {{bar:30}} {{pos}}/{{len}} {unit}  ETA {{eta}}"
+                    ))
                     .expect("valid template"),
                 );
-                b.set_message(format!("features of {name}"));
+                b.set_message(what.clone());
                 b
             });
             bar.set_position(done as u64);
@@ -457,7 +461,7 @@ fn extraction_progress(name: &str, json: bool) -> impl FnMut(usize, usize) {
         } else if done == total || last.elapsed().as_secs() >= 30 {
             last = std::time::Instant::now();
             eprintln!(
-                "features of {name}: {done}/{total} images ({:.0} images/s)",
+                "{what}: {done}/{total} {unit} ({:.0} {unit}/s)",
                 done as f64 / started.elapsed().as_secs_f64().max(1e-9)
             );
         }
@@ -729,12 +733,24 @@ fn run(cli: Cli) -> Result<()> {
                 batch,
                 device: &device,
             };
+            let header = extraction.header()?;
+            if cache::holds(&out, &header) {
+                println!(
+                    "{} already holds these features (same backbone, data and precision); \
+                     nothing to do",
+                    out.display()
+                );
+                return Ok(());
+            }
             let partial = cache::partial_path(&out);
             if partial.exists() {
-                eprintln!("continuing (or replacing) {}", partial.display());
+                eprintln!(
+                    "continuing {} if it is this extraction's",
+                    partial.display()
+                );
             }
             let name = data.display().to_string();
-            let header = extraction.write(&out, &mut extraction_progress(&name, false))?;
+            extraction.write(&out, &header, &mut extraction_progress(&name, false))?;
             println!(
                 "wrote {}: {} images x {} {:?} features of {}",
                 out.display(),
@@ -754,7 +770,8 @@ fn run(cli: Cli) -> Result<()> {
             let (train, val) = (&sets[0], &sets[1]);
             let device = trainer::device::parse(&common.backbone.config.device)?;
             let mut results = Vec::new();
-            let scores = knn::knn(train, val, &k, temperature, &device)?;
+            let mut report = progress("kNN".into(), "training features", common.json);
+            let scores = knn::knn(train, val, &k, temperature, &device, &mut report)?;
             for (&kk, acc) in k.iter().zip(scores) {
                 results.push(serde_json::json!({"k": kk, "top1": acc.top1, "top5": acc.top5}));
                 if !common.json {

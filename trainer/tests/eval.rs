@@ -58,7 +58,7 @@ fn features(
 fn separable_features_score_100_percent() {
     let train = features(5, 20, 0.1, true, 1);
     let val = features(5, 10, 0.1, true, 2);
-    let acc = knn(&train, &val, &[20], 0.07, &Device::Cpu).unwrap()[0];
+    let acc = knn(&train, &val, &[20], 0.07, &Device::Cpu, &mut |_, _| {}).unwrap()[0];
     assert_eq!((acc.top1, acc.top5), (100.0, 100.0));
     let probes = sweep(&train, &val, 30, &[0.1, 1.0], 0).unwrap();
     assert_eq!(probes.len(), 2);
@@ -78,7 +78,7 @@ fn separable_features_score_100_percent() {
 fn uninformative_features_score_near_chance() {
     let train = features(10, 30, 1.0, false, 3);
     let val = features(10, 30, 1.0, false, 4);
-    let acc = knn(&train, &val, &[20], 0.07, &Device::Cpu).unwrap()[0];
+    let acc = knn(&train, &val, &[20], 0.07, &Device::Cpu, &mut |_, _| {}).unwrap()[0];
     assert!(acc.top1 < 25.0, "{acc:?}");
     assert!(acc.top5 > 30.0 && acc.top5 < 70.0, "{acc:?}");
 }
@@ -97,7 +97,7 @@ fn the_nearest_neighbour_decides_with_k_1() {
     let mut v = vec![0.9f32, 0.1, 0.2, 0.8];
     normalise(&mut v, 2);
     let val = LabelledFeatures::from_vec(v, 2, vec![0, 0], class_names(2), origin()).unwrap();
-    let acc = knn(&train, &val, &[1], 0.07, &Device::Cpu).unwrap()[0];
+    let acc = knn(&train, &val, &[1], 0.07, &Device::Cpu, &mut |_, _| {}).unwrap()[0];
     assert_eq!(acc.top1, 50.0);
     assert_eq!(acc.top5, 100.0);
 }
@@ -190,7 +190,14 @@ fn streamed_knn_equals_the_dense_computation_on_every_device() {
                 val_tile: 1_000,
             },
         ] {
-            let found = neighbours(&train, &val, 30, &device, tiling).unwrap();
+            let mut reported = Vec::new();
+            let found = neighbours(&train, &val, 30, &device, tiling, &mut |done, of| {
+                reported.push((done, of))
+            })
+            .unwrap();
+            let blocks = 500usize.div_ceil(tiling.train_block);
+            assert_eq!(reported.len(), blocks, "one report per block");
+            assert_eq!(reported.last(), Some(&(500, 500)));
             for (i, want) in dense.iter().enumerate() {
                 let got: Vec<u32> = found.of(i).map(|(_, j)| j).collect();
                 assert_eq!(&got, want, "val row {i} on {device:?} with {tiling:?}");
@@ -220,7 +227,7 @@ fn features_of_different_backbones_or_classes_are_refused() {
         other,
     )
     .unwrap();
-    let err = knn(&train, &val, &[5], 0.07, &Device::Cpu)
+    let err = knn(&train, &val, &[5], 0.07, &Device::Cpu, &mut |_, _| {})
         .expect_err("different backbones must be refused")
         .to_string();
     assert!(err.contains("different backbones"), "{err}");
@@ -285,8 +292,8 @@ fn feature_files_read_back_what_was_written() {
         .map(|(a, b)| (a - b).abs())
         .fold(0f32, f32::max);
     assert!(worst > 0.0 && worst < 1e-3, "f16 error {worst}");
-    let exact = knn(&set, &set, &[5], 0.07, &Device::Cpu).unwrap();
-    let half = knn(&back, &back, &[5], 0.07, &Device::Cpu).unwrap();
+    let exact = knn(&set, &set, &[5], 0.07, &Device::Cpu, &mut |_, _| {}).unwrap();
+    let half = knn(&back, &back, &[5], 0.07, &Device::Cpu, &mut |_, _| {}).unwrap();
     assert_eq!(exact, half);
 }
 

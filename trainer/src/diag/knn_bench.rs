@@ -71,7 +71,14 @@ pub fn run(spec: &KnnBenchSpec, device: &Device) -> Result<KnnBenchReport> {
     let train = random_set(spec.train, spec.dim, spec.classes, 1)?;
     let val = random_set(spec.val, spec.dim, spec.classes, 2)?;
     let started = Instant::now();
-    knn::knn(&train, &val, &spec.ks, knn::TEMPERATURE, device)?;
+    knn::knn(
+        &train,
+        &val,
+        &spec.ks,
+        knn::TEMPERATURE,
+        device,
+        &mut |_, _| {},
+    )?;
     Ok(KnnBenchReport {
         spec: spec.clone(),
         seconds: started.elapsed().as_secs_f64(),

@@ -322,24 +322,32 @@ pub struct Extraction<'a> {
 }
 
 impl Extraction<'_> {
-    /// Writes the feature file `path` (continuing `path.partial` of the same extraction);
-    /// `progress` gets (images done, images).
-    pub fn write(&self, path: &Path, progress: &mut dyn FnMut(usize, usize)) -> Result<Header> {
-        let classes = features::labelled_classes(self.dataset)?;
-        let all: Vec<usize> = (0..self.dataset.len()).collect();
-        let labels = features::labels_of(self.dataset, &all)?;
-        let header = Header {
-            rows: all.len(),
+    /// The header of the feature file this extraction writes.
+    pub fn header(&self) -> Result<Header> {
+        Ok(Header {
+            rows: self.dataset.len(),
             dim: self.model.online.backbone.config().channels()[2],
             precision: self.precision,
-            classes,
+            classes: features::labelled_classes(self.dataset)?,
             origin: self.origin.clone(),
             checkpoint: self.checkpoint.as_ref().map(|c| c.0.clone()),
             step: self.checkpoint.as_ref().map(|c| c.1),
             preprocessing: features::PREPROCESSING.to_string(),
             dataset: self.dataset.dir().to_path_buf(),
-        };
-        write(path, &header, &labels, &mut |first, sink| {
+        })
+    }
+
+    /// Writes the feature file `path` with `header` (from [`Self::header`]), continuing
+    /// `path.partial` of the same extraction; `progress` gets (images done, images).
+    pub fn write(
+        &self,
+        path: &Path,
+        header: &Header,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<()> {
+        let all: Vec<usize> = (0..self.dataset.len()).collect();
+        let labels = features::labels_of(self.dataset, &all)?;
+        write(path, header, &labels, &mut |first, sink| {
             let n = all.len();
             features::extract_into(
                 &self.model.online.backbone,
@@ -351,7 +359,11 @@ impl Extraction<'_> {
                 sink,
                 &mut |done, _| progress(first + done, n),
             )
-        })?;
-        Ok(header)
+        })
     }
+}
+
+/// Whether `path` is a complete, intact feature file with exactly `header`.
+pub fn holds(path: &Path, header: &Header) -> bool {
+    path.is_file() && open(path).is_ok_and(|(h, _)| &h == header)
 }

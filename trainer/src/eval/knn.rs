@@ -89,13 +89,14 @@ impl Neighbours {
 }
 
 /// The `k` nearest training rows (cosine similarity) of every val row, computed on `device`
-/// block by block.
+/// block by block; `progress` gets (training rows done, training rows) after each block.
 pub fn neighbours(
     train: &LabelledFeatures,
     val: &LabelledFeatures,
     k: usize,
     device: &Device,
     tiling: Tiling,
+    progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Neighbours> {
     check_comparable(train, val)?;
     let k = k.min(train.len());
@@ -127,6 +128,7 @@ pub fn neighbours(
                 .zip(sims.par_chunks(end - start))
                 .for_each(|(heap, row)| keep_best(heap, row, start as u32, k));
         }
+        progress(end, train.len());
     }
     let mut sims = Vec::with_capacity(m * k);
     let mut indices = Vec::with_capacity(m * k);
@@ -183,16 +185,18 @@ pub fn vote(
 }
 
 /// Weighted kNN for each of `ks` from one neighbour search: each val feature votes with its `k`
-/// most similar training features, weighted `exp(cos / temperature)`.
+/// most similar training features, weighted `exp(cos / temperature)`; `progress` as in
+/// [`neighbours`].
 pub fn knn(
     train: &LabelledFeatures,
     val: &LabelledFeatures,
     ks: &[usize],
     temperature: f64,
     device: &Device,
+    progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<Accuracy>> {
     let most = ks.iter().copied().max().unwrap_or(0);
-    let found = neighbours(train, val, most, device, Tiling::default())?;
+    let found = neighbours(train, val, most, device, Tiling::default(), progress)?;
     Ok(ks
         .iter()
         .map(|&k| vote(&found, train, val, k, temperature))

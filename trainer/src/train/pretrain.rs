@@ -470,7 +470,14 @@ impl KnnMonitor {
             device,
             &mut |_, _| {},
         )?;
-        let acc = knn::knn(&train, &val, &[KNN_K], knn::TEMPERATURE, device)?[0];
+        let acc = knn::knn(
+            &train,
+            &val,
+            &[KNN_K],
+            knn::TEMPERATURE,
+            device,
+            &mut |_, _| {},
+        )?[0];
         Ok(KnnMetrics {
             step,
             epoch,
