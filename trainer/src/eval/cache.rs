@@ -111,17 +111,17 @@ impl MappedRows {
         self.dim
     }
 
-    /// Rows `range` as f32.
-    pub(super) fn block(&self, range: std::ops::Range<usize>) -> Vec<f32> {
+    /// Appends rows `range`, as f32, to `out`.
+    pub(super) fn append(&self, range: std::ops::Range<usize>, out: &mut Vec<f32>) {
         let row = self.dim * self.precision.bytes();
         let bytes = &self.map[self.offset + range.start * row..self.offset + range.end * row];
         match self.precision {
-            Precision::F32 => bytemuck::cast_slice::<u8, f32>(bytes).to_vec(),
+            Precision::F32 => out.extend_from_slice(bytemuck::cast_slice::<u8, f32>(bytes)),
             Precision::F16 => {
                 let half: &[half::f16] = bytemuck::cast_slice(bytes);
-                let mut out = vec![0f32; half.len()];
-                half.convert_to_f32_slice(&mut out);
-                out
+                let start = out.len();
+                out.resize(start + half.len(), 0.0);
+                half.convert_to_f32_slice(&mut out[start..]);
             }
         }
     }

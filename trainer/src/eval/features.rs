@@ -144,7 +144,11 @@ impl LabelledFeatures {
     pub fn block(&self, range: std::ops::Range<usize>) -> Vec<f32> {
         match &self.rows {
             Rows::Memory(x) => x[range.start * self.dim..range.end * self.dim].to_vec(),
-            Rows::Mapped(m) => m.block(range),
+            Rows::Mapped(m) => {
+                let mut out = Vec::with_capacity(range.len() * self.dim);
+                m.append(range, &mut out);
+                out
+            }
         }
     }
 
@@ -155,7 +159,7 @@ impl LabelledFeatures {
             let i = i as usize;
             match &self.rows {
                 Rows::Memory(x) => out.extend_from_slice(&x[i * self.dim..(i + 1) * self.dim]),
-                Rows::Mapped(m) => out.extend(m.block(i..i + 1)),
+                Rows::Mapped(m) => m.append(i..i + 1, &mut out),
             }
         }
         out
@@ -355,7 +359,7 @@ pub fn per_class_subset(dataset: &Dataset, per_class: usize, seed: u64) -> Resul
     let labels = labels_of(dataset, &all)?;
     let mut order = all;
     order.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
-    let mut taken = vec![0usize; dataset.manifest().classes.len().max(1)];
+    let mut taken = vec![0usize; labels.iter().max().map_or(0, |&l| l as usize + 1)];
     let mut chosen: Vec<usize> = order
         .into_iter()
         .filter(|&i| {

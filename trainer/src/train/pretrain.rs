@@ -448,28 +448,12 @@ impl KnnMonitor {
         device: &Device,
     ) -> Result<KnnMetrics> {
         let origin = features::Origin::of(model, format!("step {step}"))?;
-        let batch = 256;
-        fn pick(subset: &[usize], everything: bool) -> Option<&[usize]> {
-            (!everything).then_some(subset)
-        }
-        let train = features::extract(
-            model,
-            &origin,
-            &self.train,
-            pick(&self.train_subset, everything),
-            batch,
-            device,
-            &mut |_, _| {},
-        )?;
-        let val = features::extract(
-            model,
-            &origin,
-            &self.val,
-            pick(&self.val_subset, everything),
-            batch,
-            device,
-            &mut |_, _| {},
-        )?;
+        let extract = |set: &Dataset, subset: &[usize]| {
+            let indices = (!everything).then_some(subset);
+            features::extract(model, &origin, set, indices, 256, device, &mut |_, _| {})
+        };
+        let train = extract(&self.train, &self.train_subset)?;
+        let val = extract(&self.val, &self.val_subset)?;
         let acc = knn::knn(
             &train,
             &val,
