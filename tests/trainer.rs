@@ -168,6 +168,7 @@ fn synth_pack_pretrain_eval_export() {
     let probe = json(&trainer(&[
         "eval",
         "linear",
+        "--fast",
         "--train",
         p(&train_file),
         "--val",
@@ -182,6 +183,52 @@ fn synth_pack_pretrain_eval_export() {
     ]));
     assert_eq!(probe["linear"].as_array().unwrap().len(), 2, "{probe}");
     assert_eq!(probe["test"], probe["best_val"], "{probe}");
+    // The standard protocol through the binary: augmented shards, checkpoints and results in
+    // --out; resuming the finished run trains nothing more and reports the same figures.
+    let probe_dir = d.join("probe");
+    let protocol = |extra: &[&str]| {
+        let mut a = vec![
+            "eval",
+            "linear",
+            "--checkpoint",
+            p(&run),
+            "--train",
+            p(&train),
+            "--val",
+            p(&val),
+            "--out",
+            p(&probe_dir),
+            "--epochs",
+            "2",
+            "--batch",
+            "8",
+            "--lr",
+            "0.1,1",
+            "--json",
+        ];
+        a.extend_from_slice(extra);
+        json(&trainer(&a))
+    };
+    let first = protocol(&[]);
+    assert_eq!(first["evaluation"], "linear protocol", "{first}");
+    assert_eq!(first["linear"].as_array().unwrap().len(), 2, "{first}");
+    assert_eq!(first["linear"][1]["peak_lr"], 1.0 * 8.0 / 256.0, "{first}");
+    let results = std::fs::read_to_string(probe_dir.join("results.json")).unwrap();
+    assert!(results.contains("best_lr"), "{results}");
+    assert_eq!(protocol(&["--resume"])["linear"], first["linear"]);
+    let refused = trainer_err(&[
+        "eval",
+        "linear",
+        "--checkpoint",
+        p(&run),
+        "--train",
+        p(&train_file),
+        "--val",
+        p(&val),
+        "--out",
+        p(&d.join("probe2")),
+    ]);
+    assert!(refused.contains("is a feature file"), "{refused}");
     // A feature file of one backbone is never scored against features of another.
     let mut other = vec![
         "eval",

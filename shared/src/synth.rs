@@ -214,7 +214,17 @@ pub fn write_packed_train(
     encoding: crate::shard::Encoding,
 ) -> Result<std::path::PathBuf> {
     write_dataset(spec, &dir.join("syn"), &|| {})?;
-    let sources = crate::source::list_class_folders(&dir.join("syn/train"))?;
+    pack_class_folders(&dir.join("syn/train"), &dir.join("shards"), encoding)
+}
+
+/// Packs the class folders of `src` into `out` at their stored size (bilinear, 64 KiB shards, 2
+/// threads), for tests and examples. Returns `out`.
+pub fn pack_class_folders(
+    src: &Path,
+    out: &Path,
+    encoding: crate::shard::Encoding,
+) -> Result<std::path::PathBuf> {
+    let sources = crate::source::list_class_folders(src)?;
     let options = crate::manifest::PackOptions {
         short_side: None,
         max_side: None,
@@ -225,16 +235,15 @@ pub fn write_packed_train(
         max_pixels: 1 << 20,
         shard_size: 1 << 16,
     };
-    let out = dir.join("shards");
     let job = crate::pack::PackJob {
         sources: &sources,
-        out: out.clone(),
+        out: out.to_path_buf(),
         options,
         part: None,
         threads: 2,
     };
     crate::pack::pack(&job, &mut |_| {})?;
-    Ok(out)
+    Ok(out.to_path_buf())
 }
 
 #[cfg(test)]

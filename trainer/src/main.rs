@@ -230,22 +230,49 @@ enum EvalCommand {
         #[arg(long, default_value_t = knn::TEMPERATURE)]
         temperature: f64,
     },
-    /// A quick linear probe: linear classifiers on frozen features of one centre square per
-    /// image (extracted once, or read from feature files; SGD with momentum 0.9, batch 256, cosine
-    /// schedule, no weight decay), one per learning rate of --lr.
+    /// Linear evaluation. By default the standard protocol of the BYOL, SimCLR and MoCo papers
+    /// (and torchvision's ImageNet reference): the backbone frozen with BatchNorm in eval mode;
+    /// linear classifiers on its average-pooled features of training images augmented on the fly
+    /// (RandomResizedCrop to the backbone's size, area 8-100%, and a horizontal flip); SGD with
+    /// Nesterov momentum 0.9, cosine schedule, no weight decay, batch --batch with each rate
+    /// scaled by batch/256; scored on the centre crop: at 128 px and more, the centre 224/256 of
+    /// the shorter side resized to the size (ImageNet's resize 256, crop 224); below 128 px
+    /// (CIFAR-like data) the whole centre square at the size, as those papers do. One classifier
+    /// per --lr trains on the same batches; each is reported on --val, the best on --test.
+    /// Checkpoints every epoch into --out; --resume continues; SIGTERM/SIGINT checkpoint first.
+    /// With --fast: the quick probe on L2-normalised centre-square features (extracted once, or
+    /// read from `eval features` files), batch 256, momentum 0.9, cosine, no augmentation.
     Linear {
         #[command(flatten)]
         common: EvalArgs,
-        /// Passes over the training features.
-        #[arg(long, default_value_t = 100)]
-        epochs: usize,
-        /// Peak learning rates: one classifier per rate, trained side by side in one pass; each
-        /// is reported on --val and the best one on --test.
-        #[arg(long, value_delimiter = ',', num_args = 1.., default_values_t = [0.3, 1.0, 3.0])]
-        lr: Vec<f64>,
-        /// A third set (shards or a feature file) on which the rate chosen on --val is reported.
+        /// The quick probe on frozen features instead of the protocol.
+        #[arg(long)]
+        fast: bool,
+        /// Passes over the training set [default: 90 for the protocol, 100 with --fast].
+        #[arg(long)]
+        epochs: Option<usize>,
+        /// Learning rates, one classifier each, trained side by side in one pass; for the
+        /// protocol per 256 images [default: 0.01,0.03,0.1,0.3,1 for the protocol, 0.3,1,3
+        /// with --fast].
+        #[arg(long, value_delimiter = ',', num_args = 1..)]
+        lr: Option<Vec<f64>>,
+        /// A third set (shards, or with --fast a feature file) on which the rate chosen on --val
+        /// is reported.
         #[arg(long)]
         test: Option<PathBuf>,
+        /// The protocol's folder: a checkpoint each epoch (probe-state.json and the heads) and,
+        /// at the end, results.json.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Continue the protocol run in --out from its checkpoint.
+        #[arg(long)]
+        resume: bool,
+        /// The protocol's threads decoding and augmenting images (0: one per core).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// The protocol's seed: the classifiers' initialisation, the epoch orders and the crops.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
     },
 }
 
@@ -323,7 +350,7 @@ struct EvalArgs {
     /// The set to score: labelled packed shards or a feature file.
     #[arg(long)]
     val: PathBuf,
-    /// Images per forward pass.
+    /// Images per forward pass (and per step of the linear protocol).
     #[arg(long, default_value_t = 256)]
     batch: usize,
     /// Print one JSON object.
@@ -465,6 +492,52 @@ fn progress(what: String, unit: &'static str, json: bool) -> impl FnMut(usize, u
                 done as f64 / started.elapsed().as_secs_f64().max(1e-9)
             );
         }
+    }
+}
+
+/// Prints a linear evaluation: each rate on val as `(base rate, peak rate, accuracy)`, the one
+/// chosen on val, and its test accuracy; or one JSON object.
+fn report_linear(
+    what: &str,
+    kind: &str,
+    rows: &[(f64, f64, knn::Accuracy)],
+    (best_lr, best_val): (f64, &knn::Accuracy),
+    test: Option<knn::Accuracy>,
+    json: bool,
+) {
+    if json {
+        let val: Vec<_> = rows
+            .iter()
+            .map(|(lr, peak, a)| serde_json::json!({"lr": lr, "peak_lr": peak, "val": a}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"model": what, "evaluation": kind, "linear": val,
+                "best_lr": best_lr, "best_val": best_val, "test": test})
+        );
+        return;
+    }
+    for (lr, peak, a) in rows {
+        let peak = if peak != lr {
+            format!(" (peak {peak})")
+        } else {
+            String::new()
+        };
+        let mark = if *lr == best_lr {
+            "  <- best on val"
+        } else {
+            ""
+        };
+        println!(
+            "{what}: {kind} lr {lr}{peak}: val top-1 {:.2}%  top-5 {:.2}%{mark}",
+            a.top1, a.top5
+        );
+    }
+    if let Some(t) = test {
+        println!(
+            "{what}: {kind} lr {best_lr} (chosen on val): test top-1 {:.2}%  top-5 {:.2}%",
+            t.top1, t.top5
+        );
     }
 }
 
@@ -787,53 +860,122 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Eval(EvalCommand::Linear {
             common,
+            fast: true,
             epochs,
             lr,
             test,
+            out,
+            resume,
+            threads: _,
+            seed,
         }) => {
+            if out.is_some() || resume {
+                bail!("--out and --resume belong to the protocol: the --fast probe keeps nothing");
+            }
+            let epochs = epochs.unwrap_or(100);
+            let lr = lr.unwrap_or_else(|| vec![0.3, 1.0, 3.0]);
             let mut named = vec![("train", &common.train), ("val", &common.val)];
             if let Some(test) = &test {
                 named.push(("test", test));
             }
             let (what, sets) = common.features(&named)?;
-            let results = linear::sweep(&sets[0], &sets[1], epochs, &lr, 0)?;
-            let best = results
-                .iter()
-                .max_by(|a, b| {
-                    a.1.top1
-                        .total_cmp(&b.1.top1)
-                        .then(b.0.lr.total_cmp(&a.0.lr))
-                })
-                .context("give at least one --lr")?;
+            let results = linear::sweep(&sets[0], &sets[1], epochs, &lr, seed)?;
+            let best = linear::best(&results).context("give at least one --lr")?;
             let on_test = sets.get(2).map(|t| best.0.score(t)).transpose()?;
-            let rows: Vec<_> = results
-                .iter()
-                .map(|(p, a)| serde_json::json!({"lr": p.lr, "val": a}))
-                .collect();
-            if common.json {
+            let rows: Vec<_> = results.iter().map(|(p, a)| (p.lr, p.lr, *a)).collect();
+            report_linear(
+                &what,
+                "linear probe",
+                &rows,
+                (best.0.lr, &best.1),
+                on_test,
+                common.json,
+            );
+        }
+        Command::Eval(EvalCommand::Linear {
+            common,
+            fast: false,
+            epochs,
+            lr,
+            test,
+            out,
+            resume,
+            threads,
+            seed,
+        }) => {
+            let out = out.context(
+                "the linear protocol needs --out DIR for its checkpoints and results (or use --fast)",
+            )?;
+            let device = trainer::device::parse(&common.backbone.config.device)?;
+            let mut sets = Vec::new();
+            for (name, path) in [
+                ("train", Some(&common.train)),
+                ("val", Some(&common.val)),
+                ("test", test.as_ref()),
+            ] {
+                let Some(path) = path else { continue };
+                if path.is_file() {
+                    bail!(
+                        "--{name} {} is a feature file: the protocol augments images, so it needs \
+                         packed shards (feature files serve --fast)",
+                        path.display()
+                    );
+                }
+                sets.push(Dataset::open(path)?);
+            }
+            let b = common.backbone.load(&device)?;
+            let mut sets = sets.into_iter();
+            let train = Arc::new(sets.next().expect("train"));
+            let val = sets.next().expect("val");
+            let test = sets.next();
+            let job = trainer::eval::protocol::ProtocolJob {
+                backbone: &b.model.online.backbone,
+                origin: &b.origin,
+                spec: trainer::eval::protocol::ProtocolSpec {
+                    epochs: epochs.unwrap_or(90),
+                    batch: common.batch,
+                    lrs: lr.unwrap_or_else(|| vec![0.01, 0.03, 0.1, 0.3, 1.0]),
+                    seed,
+                    image_size: b.origin.image_size,
+                },
+                train,
+                val: &val,
+                test: test.as_ref(),
+                out: &out,
+                resume,
+                threads: if threads == 0 {
+                    std::thread::available_parallelism().map_or(1, |n| n.get())
+                } else {
+                    threads
+                },
+                device: &device,
+            };
+            let flag = stop_on_signals()?;
+            let mut steps = progress("linear protocol".into(), "steps", common.json);
+            let mut val_bar = progress("scoring val".into(), "images", common.json);
+            let mut test_bar = progress("scoring test".into(), "images", common.json);
+            let report = job.run(trainer::eval::protocol::Hooks {
+                steps: &mut steps,
+                scoring: &mut |name, done, all| match name {
+                    "val" => val_bar(done, all),
+                    _ => test_bar(done, all),
+                },
+                stop: &|_| flag.load(std::sync::atomic::Ordering::SeqCst),
+            })?;
+            let what = &b.origin.backbone;
+            report_linear(
+                what,
+                "linear protocol",
+                &report.val,
+                (report.best_lr, &report.best_val),
+                report.test,
+                common.json,
+            );
+            if !common.json {
                 println!(
-                    "{}",
-                    serde_json::json!({"model": what, "epochs": epochs, "linear": rows,
-                        "best_lr": best.0.lr, "best_val": best.1, "test": on_test})
+                    "wrote {}",
+                    out.join(trainer::eval::protocol::RESULTS_FILE).display()
                 );
-            } else {
-                for (p, a) in &results {
-                    let mark = if std::ptr::eq(p, &best.0) {
-                        "  <- best on val"
-                    } else {
-                        ""
-                    };
-                    println!(
-                        "{what}: linear probe lr {}: val top-1 {:.2}%  top-5 {:.2}%{mark}",
-                        p.lr, a.top1, a.top5
-                    );
-                }
-                if let Some(t) = on_test {
-                    println!(
-                        "{what}: linear probe lr {} (chosen on val): test top-1 {:.2}%  top-5 {:.2}%",
-                        best.0.lr, t.top1, t.top5
-                    );
-                }
             }
         }
         Command::Export {

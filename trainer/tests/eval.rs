@@ -402,3 +402,148 @@ fn the_monitoring_subset_takes_a_fixed_number_of_images_per_class() {
     assert_eq!(per_class_subset(&set, 0, 0).unwrap(), all);
     assert_eq!(per_class_subset(&set, 100, 0).unwrap(), all);
 }
+
+/// Packed shards of `per_class` noisy 40 px images of each of four flat colours, drawn from
+/// `seed`: classes a random backbone's features separate, whatever the crop.
+fn colour_shards(dir: &std::path::Path, per_class: usize, seed: u64) -> shared::dataset::Dataset {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let colours = [
+        [200u8, 40, 40],
+        [40, 180, 40],
+        [40, 40, 200],
+        [200, 200, 40],
+    ];
+    for (c, colour) in colours.iter().enumerate() {
+        let class = dir.join("images").join(format!("colour{c}"));
+        std::fs::create_dir_all(&class).unwrap();
+        for i in 0..per_class {
+            let img = image::RgbImage::from_fn(40, 40, |_, _| {
+                image::Rgb(colour.map(|v| v.saturating_add(rng.random_range(0..50))))
+            });
+            img.save(class.join(format!("{i}.png"))).unwrap();
+        }
+    }
+    let out = dir.join("shards");
+    shared::synth::pack_class_folders(&dir.join("images"), &out, shared::shard::Encoding::Raw)
+        .unwrap();
+    shared::dataset::Dataset::open(&out).unwrap()
+}
+
+/// Train and val shards of four colour classes and a small random backbone of 32 px.
+fn protocol_setup(
+    dir: &std::path::Path,
+) -> (
+    trainer::method::maskdeep::MaskDeep,
+    Origin,
+    std::sync::Arc<shared::dataset::Dataset>,
+    shared::dataset::Dataset,
+) {
+    let mut cfg = trainer::config::TrainConfig::preset("maskdeep-r18-small").unwrap();
+    for kv in ["width=0.25", "image_size=32"] {
+        cfg.set(kv).unwrap();
+    }
+    let model = trainer::method::maskdeep::MaskDeep::new(&cfg, &Device::Cpu).unwrap();
+    let origin = Origin::of(&model, "random".into()).unwrap();
+    (
+        model,
+        origin,
+        std::sync::Arc::new(colour_shards(&dir.join("train"), 30, 1)),
+        colour_shards(&dir.join("val"), 10, 2),
+    )
+}
+
+fn protocol_job<'a>(
+    (model, origin, train, val): &'a (
+        trainer::method::maskdeep::MaskDeep,
+        Origin,
+        std::sync::Arc<shared::dataset::Dataset>,
+        shared::dataset::Dataset,
+    ),
+    out: &'a std::path::Path,
+    resume: bool,
+) -> trainer::eval::protocol::ProtocolJob<'a> {
+    trainer::eval::protocol::ProtocolJob {
+        backbone: &model.online.backbone,
+        origin,
+        spec: trainer::eval::protocol::ProtocolSpec {
+            epochs: 10,
+            batch: 32,
+            lrs: vec![1e-4, 1.0],
+            seed: 0,
+            image_size: 32,
+        },
+        train: std::sync::Arc::clone(train),
+        val,
+        test: Some(val),
+        out,
+        resume,
+        threads: 2,
+        device: &Device::Cpu,
+    }
+}
+
+fn run_protocol(
+    job: &trainer::eval::protocol::ProtocolJob,
+    stop_at: Option<u64>,
+) -> trainer::error::Result<trainer::eval::protocol::ProtocolReport> {
+    job.run(trainer::eval::protocol::Hooks {
+        steps: &mut |_, _| {},
+        scoring: &mut |_, _, _| {},
+        stop: &|step| Some(step) == stop_at,
+    })
+}
+
+#[test]
+fn the_linear_protocol_learns_above_chance_and_reports_each_rate() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = protocol_setup(dir.path());
+    let out = dir.path().join("probe");
+    let report = run_protocol(&protocol_job(&setup, &out, false), None).unwrap();
+    let tops: Vec<f64> = report.val.iter().map(|(_, _, a)| a.top1).collect();
+    assert_eq!(report.val.len(), 2, "one row per rate");
+    assert_eq!(report.val[1].1, 32.0 / 256.0, "rates scale with the batch");
+    // Chance is 25%; the head whose rate barely moves it stays below the one that learns.
+    assert!(tops[1] >= 90.0, "{tops:?}");
+    assert!(tops[0] < tops[1], "{tops:?}");
+    assert_eq!((report.best_lr, report.best_val.top1), (1.0, tops[1]));
+    assert_eq!(report.test.unwrap(), report.best_val, "test is val here");
+    assert!(out.join(trainer::eval::protocol::RESULTS_FILE).is_file());
+    // A second run into the same folder without --resume is refused.
+    let again = run_protocol(&protocol_job(&setup, &out, false), None);
+    assert!(matches!(again, Err(trainer::error::Error::Run(_))));
+}
+
+#[test]
+fn a_stopped_and_resumed_protocol_run_ends_like_an_uninterrupted_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = protocol_setup(dir.path());
+    let whole = dir.path().join("whole");
+    let parts = dir.path().join("parts");
+    let a = run_protocol(&protocol_job(&setup, &whole, false), None).unwrap();
+    // 120 images, batch 32: 3 steps an epoch, 30 in all; stop mid-epoch at step 5.
+    let stopped = run_protocol(&protocol_job(&setup, &parts, false), Some(5));
+    assert!(
+        matches!(
+            stopped,
+            Err(trainer::error::Error::Interrupted { step: 5, .. })
+        ),
+        "{:?}",
+        stopped.err()
+    );
+    let b = run_protocol(&protocol_job(&setup, &parts, true), None).unwrap();
+    assert_eq!(a.val, b.val);
+    let heads = "probe-step-00000030.safetensors";
+    assert_eq!(
+        std::fs::read(whole.join(heads)).unwrap(),
+        std::fs::read(parts.join(heads)).unwrap(),
+        "the heads and their optimiser state are bit-identical"
+    );
+    // Only the newest checkpoint's heads are kept.
+    let files = std::fs::read_dir(&parts).unwrap().count();
+    assert_eq!(files, 3, "state, heads, results");
+    // Another setting is refused on resume, naming it.
+    let mut other = protocol_job(&setup, &parts, true);
+    other.spec.epochs = 11;
+    let refused = run_protocol(&other, None).err().unwrap().to_string();
+    assert!(refused.contains("another linear-probe run"), "{refused}");
+}

@@ -47,6 +47,18 @@ fn sgd_with_momentum_and_weight_decay() {
 }
 
 #[test]
+fn nesterov_steps_with_the_look_ahead_momentum() {
+    let (w, b) = run(Rule::Nesterov, 2, 0.5, 0.1);
+    // Step 1: d = [1.3, 2.4]; v = d; w = [3, 4] - 0.5 (d + 0.9 v) = [1.765, 1.72].
+    // Step 2: d = [1, 2] + 0.1 w = [1.1765, 2.172]; v = 0.9 [1.3, 2.4] + d = [2.3465, 4.332];
+    //         w -= 0.5 (d + 0.9 v) = [1.765 - 1.644175, 1.72 - 3.0354] = [0.120825, -1.3154].
+    close(&w, &[0.120825, -1.3154]);
+    // The bias has no weight decay: v1 = [1, 2], w = [2.05, 2.1]; v2 = [1.9, 3.8],
+    // w = [2.05 - 0.5 (1 + 1.71), 2.1 - 0.5 (2 + 3.42)] = [0.695, -0.61].
+    close(&b, &[0.695, -0.61]);
+}
+
+#[test]
 fn lars_scales_by_the_trust_ratio_except_biases() {
     let (w, b) = run(Rule::Lars { trust: 0.5 }, 1, 0.5, 0.1);
     // d = [1.3, 2.4], |w| = 5, |d| = sqrt(7.45); ratio = 0.5 * 5 / |d|; w -= 0.5 * ratio * d.

@@ -5,7 +5,7 @@
 //! kNN and the linear probe read both the same way, a block of rows at a time.
 
 use crate::error::{Error, Result};
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use shared::dataset::Dataset;
@@ -238,16 +238,18 @@ pub fn check_comparable(train: &LabelledFeatures, val: &LabelledFeatures) -> Res
 /// Per-thread scratch of [`centre_view`]: the resizer and its HWC output.
 type Scratch = (fast_image_resize::Resizer, Vec<u8>);
 
-/// The centre square of image `i`, resized to `size` x `size`, as u8 CHW.
+/// The centre square of image `i` whose side is `crop` of the image's shorter side, resized to
+/// `size` x `size`, as u8 CHW.
 fn centre_view(
     dataset: &Dataset,
     i: usize,
-    size: u32,
+    (size, crop): (u32, f32),
     (resizer, hwc): &mut Scratch,
     out: &mut [u8],
 ) -> Result<()> {
     let img = dataset.image(i)?;
-    let side = img.width.min(img.height);
+    let shorter = img.width.min(img.height);
+    let side = ((shorter as f32 * crop).round() as u32).clamp(1, shorter);
     let crop = shared::augment::CropBox {
         top: (img.height - side) / 2,
         left: (img.width - side) / 2,
@@ -274,9 +276,42 @@ pub fn labels_of(dataset: &Dataset, indices: &[usize]) -> Result<Vec<u32>> {
     Ok(labels)
 }
 
-/// Runs `backbone` (BatchNorm in eval mode) over images `indices` of `dataset`, `batch` at a time,
-/// and hands each batch's L2-normalised global-average-pooled C5 features to `sink` (row-major
-/// f32); `progress` gets (images done, images) after each batch.
+/// Runs `backbone` (BatchNorm in eval mode) over images `indices` of `dataset`, `batch` at a time:
+/// each image's centre square of `crop` of its shorter side, resized to `size`. Hands each
+/// batch's global-average-pooled C5 features (f32 `[n, dim]` on `device`, no gradient) and the
+/// images' positions in `indices` to `sink`; `progress` gets (images done, images) after each
+/// batch.
+#[allow(clippy::too_many_arguments)]
+pub fn embed_centre_crops(
+    backbone: &ResNet,
+    dataset: &Dataset,
+    indices: &[usize],
+    (size, crop): (u32, f32),
+    batch: usize,
+    device: &Device,
+    sink: &mut dyn FnMut(std::ops::Range<usize>, Tensor) -> Result<()>,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<()> {
+    let per = 3 * (size * size) as usize;
+    let batch = batch.max(1);
+    let mut done = 0;
+    for chunk in indices.chunks(batch) {
+        let mut bytes = vec![0u8; chunk.len() * per];
+        bytes.par_chunks_mut(per).zip(chunk).try_for_each_init(
+            || (fast_image_resize::Resizer::new(), Vec::new()),
+            |scratch, (out, &i)| centre_view(dataset, i, (size, crop), scratch, out),
+        )?;
+        let x = imagenet_normalised(&bytes, chunk.len(), size as usize, device)?;
+        let f = backbone.embed(&x, false)?.to_dtype(DType::F32)?.detach();
+        sink(done..done + chunk.len(), f)?;
+        done += chunk.len();
+        progress(done, indices.len());
+    }
+    Ok(())
+}
+
+/// [`embed_centre_crops`] of the whole centre square, L2-normalised, as row-major f32 on the
+/// host: the features of [`PREPROCESSING`].
 #[allow(clippy::too_many_arguments)]
 pub fn extract_into(
     backbone: &ResNet,
@@ -288,23 +323,16 @@ pub fn extract_into(
     sink: &mut dyn FnMut(&[f32]) -> Result<()>,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<()> {
-    let per = 3 * (size * size) as usize;
-    let batch = batch.max(1);
-    let mut done = 0;
-    for chunk in indices.chunks(batch) {
-        let mut bytes = vec![0u8; chunk.len() * per];
-        bytes.par_chunks_mut(per).zip(chunk).try_for_each_init(
-            || (fast_image_resize::Resizer::new(), Vec::new()),
-            |scratch, (out, &i)| centre_view(dataset, i, size, scratch, out),
-        )?;
-        let x = imagenet_normalised(&bytes, chunk.len(), size as usize, device)?;
-        let f = backbone.embed(&x, false)?.to_dtype(DType::F32)?;
-        let rows = l2_normalize_rows(&f)?.flatten_all()?.to_vec1::<f32>()?;
-        sink(&rows)?;
-        done += chunk.len();
-        progress(done, indices.len());
-    }
-    Ok(())
+    embed_centre_crops(
+        backbone,
+        dataset,
+        indices,
+        (size, 1.0),
+        batch,
+        device,
+        &mut |_, f| sink(&l2_normalize_rows(&f)?.flatten_all()?.to_vec1::<f32>()?),
+        progress,
+    )
 }
 
 /// The features of images `indices` of `dataset` (all of them when `None`) under `model`'s online

@@ -1,4 +1,4 @@
-//! Optimisers over named parameters: LARS, SGD with momentum and AdamW. Biases and BatchNorm
+//! Optimisers over named parameters: LARS, SGD with momentum (plain or Nesterov) and AdamW. Biases and BatchNorm
 //! parameters (rank 1) get neither weight decay nor LARS adaptation. Every update stays on the
 //! device (LARS's trust ratio included): no host synchronisation per tensor. The updates are the
 //! in-place ops of [`crate::ops::update`].
@@ -19,6 +19,9 @@ pub enum Rule {
     Lars { trust: f64 },
     /// `v = m * v + (g + wd * w); w -= lr * v` (PyTorch's SGD).
     Sgd,
+    /// Nesterov momentum: `d = g + wd * w; v = m * v + d; w -= lr * (d + m * v)` (PyTorch's SGD
+    /// with `nesterov=True`), the linear-evaluation protocol's rule.
+    Nesterov,
     /// Adam with decoupled weight decay (betas 0.9, 0.999; eps 1e-8).
     AdamW,
 }
@@ -126,6 +129,28 @@ impl Optimizer {
                 };
                 step.apply(w, &slot.first)?;
                 Ok(2)
+            }
+            Rule::Nesterov => {
+                Momentum {
+                    momentum: self.momentum,
+                    decay,
+                    trust: None,
+                }
+                .apply(&slot.first, w, g)?;
+                // w(1 - lr wd) - lr g is w - lr d; then the look-ahead - lr m v.
+                let gradient = Blend {
+                    keep: 1.0 - lr * decay,
+                    take: -lr,
+                    square: false,
+                };
+                gradient.apply(w, g)?;
+                let look_ahead = Blend {
+                    keep: 1.0,
+                    take: -lr * self.momentum,
+                    square: false,
+                };
+                look_ahead.apply(w, &slot.first)?;
+                Ok(3)
             }
             Rule::AdamW => {
                 let second = slot
