@@ -3,6 +3,7 @@
 //! The binary only parses arguments, shows progress and wires the `shared` crate's pieces.
 
 mod bench;
+mod import;
 mod inspect;
 mod progress;
 
@@ -49,6 +50,10 @@ enum Command {
     Views(ViewsArgs),
     /// Profile the multi-view input pipeline: samples/s, views/s, time per stage, thread scaling.
     Bench(bench::BenchArgs),
+    /// Convert a dataset in another layout (IDX files, class folders of cut-outs) into class
+    /// folders split into OUT/train, OUT/val and OUT/test, ready for `loader pack`.
+    #[command(subcommand)]
+    Import(import::ImportCommand),
 }
 
 #[derive(Args)]
@@ -221,6 +226,7 @@ fn main() {
         Command::Inspect(a) => inspect::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Views(a) => views(a),
+        Command::Import(c) => import::run(c),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -16,7 +16,7 @@ fn help(args: &[&str]) -> String {
 fn help_lists_every_command_and_option() {
     let top = help(&["--help"]);
     for cmd in [
-        "synth", "pack", "merge", "verify", "inspect", "views", "bench",
+        "synth", "pack", "merge", "verify", "inspect", "views", "bench", "import",
     ] {
         assert!(top.contains(cmd), "--help misses {cmd}");
     }

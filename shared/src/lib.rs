@@ -11,6 +11,7 @@ pub mod dataset;
 pub mod decode;
 pub mod error;
 pub mod fsutil;
+pub mod import;
 pub mod manifest;
 pub mod pack;
 pub mod pipeline;
