@@ -82,6 +82,20 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Write one MaskDeep loss of the config (CPU, f32) for another implementation to recompute:
+    /// weights, standard-normal views and visible cells drawn from --seed, our loss per level and
+    /// every gradient, in one safetensors file. `tools/maskdeep_torch_reference.py FILE` recomputes
+    /// it in PyTorch from the method's description.
+    StepCase {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Seed of the views and the visible cells (the weights come from the config's seed).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// The safetensors file to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Compare one small MaskDeep step on --device (f32 and bf16) with the CPU in f32: relative
     /// errors of the encoder output, the loss and every gradient. Exits non-zero on a failure.
     Parity {
@@ -1061,6 +1075,17 @@ fn run(cli: Cli) -> Result<()> {
             };
             trainer::diag::plot::draw(&curves, reference, &out)?;
             println!("wrote {}", out.display());
+        }
+        Command::StepCase { config, seed, out } => {
+            let cfg = config.resolve()?;
+            let case = trainer::diag::step_case::write(&cfg, seed, &out)?;
+            println!(
+                "wrote {} ({} tensors): loss per level {:?}, total {}",
+                out.display(),
+                case.tensors,
+                case.per_level,
+                case.total
+            );
         }
         Command::Parity { device, json } => {
             let dev = trainer::device::parse(&device)?;

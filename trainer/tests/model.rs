@@ -295,3 +295,47 @@ fn the_loss_decreases_when_training_on_a_tiny_fixed_batch() {
     let last: f32 = losses[12..].iter().sum::<f32>() / 3.0;
     assert!(last < 0.8 * first, "loss {first} -> {last}: {losses:?}");
 }
+
+#[test]
+fn a_step_case_holds_the_weights_views_cells_losses_and_gradients() {
+    let cfg = tiny("maskdeep-r18-small");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("case.safetensors");
+    let summary = trainer::diag::step_case::write(&cfg, 5, &path).unwrap();
+    let t = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    let scalar = |k: &str| t[k].to_vec1::<f32>().unwrap()[0];
+    let weighted: f32 = cfg
+        .method
+        .levels
+        .iter()
+        .zip(&cfg.method.level_weights)
+        .map(|(l, w)| *w as f32 * scalar(&format!("loss.{}", l.name())))
+        .sum();
+    assert!((weighted - scalar("loss.total")).abs() < 1e-6);
+    assert_eq!(summary.total, scalar("loss.total"));
+    let n = cfg.data.global_views * cfg.data.batch_size;
+    let s = cfg.data.image_size as usize;
+    assert_eq!(t["views"].dims(), &[n, 3, s, s]);
+    // Every (view, sample, group) sees exactly K cells of the coarsest level's grid.
+    let visible = t["visible"].to_dtype(DType::F32).unwrap();
+    let (rows, groups, cells) = visible.dims3().unwrap();
+    assert_eq!((rows, groups), (n, cfg.method.groups));
+    let k = visible_count(cfg.method.visible_ratio, cells) as f32;
+    let per_row: Vec<f32> = visible
+        .sum(2)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert!(per_row.iter().all(|&c| c == k), "{per_row:?}");
+    // Both branches' weights and a gradient for every trainable online parameter.
+    let model = MaskDeep::new(&cfg, &Device::Cpu).unwrap();
+    for (name, _) in params::trainable(&model.online_vars) {
+        assert!(t.contains_key(&format!("online.{name}")), "{name}");
+        assert!(t.contains_key(&format!("grad.{name}")), "{name}");
+    }
+    for (name, _) in params::sorted(&model.target_vars) {
+        assert!(t.contains_key(&format!("target.{name}")), "{name}");
+    }
+}

@@ -1,7 +1,9 @@
-//! Diagnostics: step timing (`trainer bench`), kNN timing (`trainer bench knn`), CPU-versus-device parity (`trainer parity`) and
-//! training curves (`trainer plot`).
+//! Diagnostics: step timing (`trainer bench`), kNN timing (`trainer bench knn`), CPU-versus-device
+//! parity (`trainer parity`), a loss written out for other implementations (`trainer step-case`)
+//! and training curves (`trainer plot`).
 
 pub mod bench;
 pub mod knn_bench;
 pub mod parity;
 pub mod plot;
+pub mod step_case;
