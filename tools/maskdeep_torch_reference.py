@@ -33,6 +33,7 @@ torch.set_default_dtype(torch.float32)
 p = argparse.ArgumentParser()
 p.add_argument("case")
 p.add_argument("--bn", choices=["joint", "separate"], default="joint")
+p.add_argument("--f64", action="store_true", help="also compute in float64 and compare both f32 results with it")
 args = p.parse_args()
 tensors = load_file(args.case)
 with safe_open(args.case, "pt") as f:
@@ -137,12 +138,12 @@ class Branch(nn.Module):
             self.predictor = nn.ModuleDict({n: mlp(cfg["proj_dim"], cfg["pred_hidden"], cfg["proj_dim"]) for n in level_names})
 
 
-def load(branch, prefix):
+def load(branch, prefix, dtype):
     """Our names are `backbone.<torchvision name>`, `projector.<level>.<i>.*`, `predictor.<level>.<i>.*`."""
     state = {}
     for k, v in tensors.items():
         if k.startswith(prefix + "."):
-            state[k[len(prefix) + 1:]] = v
+            state[k[len(prefix) + 1:]] = v.to(dtype) if v.is_floating_point() else v
     own = branch.state_dict()
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unused = [k for k in state if k not in own]
@@ -152,81 +153,111 @@ def load(branch, prefix):
     branch.train()
 
 
-online, target = Branch(True), Branch(False)
-load(online, "online")
-load(target, "target")
-for q in target.parameters():
-    q.requires_grad_(False)
+def recompute(dtype):
+    """The loss per level and every online gradient, computed in `dtype`."""
+    global online, target, x, visible
+    torch.set_default_dtype(dtype)
+    online, target = Branch(True), Branch(False)
+    online.to(dtype)
+    target.to(dtype)
+    load(online, "online", dtype)
+    load(target, "target", dtype)
+    for q in target.parameters():
+        q.requires_grad_(False)
 
-x = tensors["views"]
-visible = tensors["visible"].bool()  # [views * batch, groups, cells] on the coarse grid
-B, V, G = cfg["batch_size"], cfg["global_views"], cfg["groups"]
-
-
-def heads(mod, rows_per_view, x):
-    """An MLP over all rows at once, or over each view's rows alone."""
-    if args.bn == "joint":
-        return mod(x)
-    return torch.cat([mod(part) for part in x.split(rows_per_view)])
-
-
-def pooled(fmap):
-    """[V*B, C, h, w] -> [V*B*G, C]: the mean over each (row, group)'s visible cells."""
-    n, c, h, w = fmap.shape
-    coarse = visible.reshape(n * G, 1, *grid).float()
-    fine = F.interpolate(coarse, size=(h, w), mode="nearest").reshape(n, G, h * w)
-    weights = fine / fine.sum(-1, keepdim=True).clamp(min=1.0)
-    return torch.bmm(weights, fmap.reshape(n, c, h * w).transpose(1, 2)).reshape(n * G, c)
+    x = tensors["views"].to(dtype)
+    visible = tensors["visible"].bool()  # [views * batch, groups, cells] on the coarse grid
+    B, V, G = cfg["batch_size"], cfg["global_views"], cfg["groups"]
 
 
-def encode(backbone, x):
-    if args.bn == "joint":
-        return backbone(x)
-    per_view = [backbone(part) for part in x.split(B)]
-    return [torch.cat([f[i] for f in per_view]) for i in range(3)]
+    def heads(mod, rows_per_view, x):
+        """An MLP over all rows at once, or over each view's rows alone."""
+        if args.bn == "joint":
+            return mod(x)
+        return torch.cat([mod(part) for part in x.split(rows_per_view)])
 
 
-feats = encode(online.backbone, x)
-with torch.no_grad():
-    tfeats = encode(target.backbone, x)
-losses = []
-for name, l in zip(level_names, levels):
-    pred = heads(online.predictor[name], B * G, heads(online.projector[name], B * G, pooled(feats[l])))
-    pred = F.normalize(pred, dim=1).reshape(V, B, G, -1)
+    def pooled(fmap):
+        """[V*B, C, h, w] -> [V*B*G, C]: the mean over each (row, group)'s visible cells."""
+        n, c, h, w = fmap.shape
+        coarse = visible.reshape(n * G, 1, *grid).to(fmap.dtype)
+        fine = F.interpolate(coarse, size=(h, w), mode="nearest").reshape(n, G, h * w)
+        weights = fine / fine.sum(-1, keepdim=True).clamp(min=1.0)
+        return torch.bmm(weights, fmap.reshape(n, c, h * w).transpose(1, 2)).reshape(n * G, c)
+
+
+    def encode(backbone, x):
+        if args.bn == "joint":
+            return backbone(x)
+        per_view = [backbone(part) for part in x.split(B)]
+        return [torch.cat([f[i] for f in per_view]) for i in range(3)]
+
+
+    feats = encode(online.backbone, x)
     with torch.no_grad():
-        z = heads(target.projector[name], B, tfeats[l].mean((2, 3)))
-        z = F.normalize(z, dim=1).reshape(V, B, -1)
-    terms = []
-    for i in range(V):
-        for j in range(V):
-            if cfg["targets"] == "cross" and i == j:
-                continue
-            cos = (pred[i] * z[j].unsqueeze(1)).sum(-1)  # [B, G]
-            terms.append(2 - 2 * cos.mean())
-    losses.append(torch.stack(terms).mean())
-total = sum(w * l for w, l in zip(cfg["level_weights"], losses))
-total.backward()
+        tfeats = encode(target.backbone, x)
+    losses = []
+    for name, l in zip(level_names, levels):
+        pred = heads(online.predictor[name], B * G, heads(online.projector[name], B * G, pooled(feats[l])))
+        pred = F.normalize(pred, dim=1).reshape(V, B, G, -1)
+        with torch.no_grad():
+            z = heads(target.projector[name], B, tfeats[l].mean((2, 3)))
+            z = F.normalize(z, dim=1).reshape(V, B, -1)
+        terms = []
+        for i in range(V):
+            for j in range(V):
+                if cfg["targets"] == "cross" and i == j:
+                    continue
+                cos = (pred[i] * z[j].unsqueeze(1)).sum(-1)  # [B, G]
+                terms.append(2 - 2 * cos.mean())
+        losses.append(torch.stack(terms).mean())
+    total = sum(w * l for w, l in zip(cfg["level_weights"], losses))
+    total.backward()
+    grads = {k: v.grad.double() for k, v in online.named_parameters() if v.grad is not None}
+    return [l.item() for l in losses], grads
 
+
+
+def worst_error(grads, reference):
+    """The largest relative L2 error of `grads` against `reference` and its parameter; gradients
+    that are zero in exact arithmetic (a bias before BatchNorm: norm below 1e-6 of the largest)
+    hold only rounding noise and are skipped."""
+    largest = max(g.norm().item() for g in reference.values())
+    worst, name, compared = 0.0, "", 0
+    for k, ref in reference.items():
+        if ref.norm().item() < 1e-6 * largest:
+            continue
+        rel = ((grads[k] - ref).norm() / ref.norm()).item()
+        compared += 1
+        if rel > worst:
+            worst, name = rel, k
+    return worst, name, compared
+
+
+losses, grads = recompute(torch.float32)
+ours = {}
+for k in grads:
+    if f"grad.{k}" not in tensors:
+        sys.exit(f"the case has no gradient for {k}")
+    ours[k] = tensors[f"grad.{k}"].double()
 worst_loss = 0.0
 for name, l in zip(level_names, losses):
-    ours = tensors[f"loss.{name}"].item()
-    rel = abs(l.item() - ours) / max(abs(ours), 1e-30)
+    mine = tensors[f"loss.{name}"].item()
+    rel = abs(l - mine) / max(abs(mine), 1e-30)
     worst_loss = max(worst_loss, rel)
-    print(f"loss {name}: torch {l.item():.7f}  ours {ours:.7f}  rel {rel:.2e}")
-grads = {f"{k}": v.grad for k, v in online.named_parameters() if v.grad is not None}
-largest = max(g.norm().item() for g in grads.values())
-worst, worst_name, compared = 0.0, "", 0
-for k, g in grads.items():
-    ours = tensors.get(f"grad.{k}")
-    if ours is None:
-        sys.exit(f"the case has no gradient for {k}")
-    if g.norm().item() < 1e-6 * largest:
-        continue  # zero in exact arithmetic (a bias before BatchNorm): only rounding noise
-    rel = ((g - ours).norm() / g.norm()).item()
-    compared += 1
-    if rel > worst:
-        worst, worst_name = rel, k
-print(f"gradients: {compared} compared, worst relative error {worst:.2e} ({worst_name})")
+    print(f"loss {name}: torch {l:.7f}  ours {mine:.7f}  rel {rel:.2e}")
+worst, name, compared = worst_error(ours, grads)
+print(f"gradients: {compared} compared, worst relative error {worst:.2e} ({name})")
 ok = worst_loss <= 1e-5 and worst <= 1e-4
-print("PASS" if ok else "FAIL", f"(bn {args.bn}; bounds: loss 1e-5, gradients 1e-4)")
+if args.f64:
+    # Deep nets with small batches can be ill-conditioned: then f32 rounding alone moves some
+    # gradients by more than the bound. Measure both f32 results against float64.
+    _, exact = recompute(torch.float64)
+    torch_err, torch_name, _ = worst_error(grads, exact)
+    ours_err, ours_name, _ = worst_error(ours, exact)
+    print(f"against float64: torch f32 {torch_err:.2e} ({torch_name}), ours {ours_err:.2e} ({ours_name})")
+    ok = worst_loss <= 1e-5 and ours_err <= max(1e-4, 2 * torch_err)
+    print("PASS" if ok else "FAIL", f"(bn {args.bn}; ours no further from float64 than 2x torch's f32, or 1e-4)")
+else:
+    print("PASS" if ok else "FAIL", f"(bn {args.bn}; bounds: loss 1e-5, gradients 1e-4)")
 sys.exit(0 if ok else 1)
