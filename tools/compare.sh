@@ -24,7 +24,7 @@ trainer=target/release/trainer
 mkdir -p "$out"
 knn() { # BACKBONE_ARGS... -- SPLIT: prints top-1
     local args=("$@"); local split=${args[-1]}; unset 'args[-1]'
-    "$trainer" eval knn "${args[@]}" --train "$shards/train" --val "$shards/$split" --k 20 --json |
+    "$trainer" eval knn "${args[@]}" --train "$shards/train" --val "$shards/$split" --k 20 --json 2>/dev/null |
         python3 -c 'import json, sys; print(json.load(sys.stdin)["knn"][0]["top1"])'
 }
 for seed in $seeds; do
