@@ -97,14 +97,9 @@ pub fn write(cfg: &TrainConfig, seed: u64, path: &Path) -> Result<CaseSummary> {
         ("seed".to_string(), seed.to_string()),
     ]);
     let count = tensors.len();
-    let tmp = shared::fsutil::temp_path(path);
-    safetensors::tensor::serialize_to_file(tensors, Some(metadata), &tmp)
-        .map_err(|e| Error::Data(format!("cannot write {}: {e}", tmp.display())))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::Io {
-        action: "write",
-        path: path.to_path_buf(),
-        source: e,
-    })?;
+    let bytes = safetensors::tensor::serialize(tensors, Some(metadata))
+        .map_err(|e| Error::Data(format!("cannot serialise the step case: {e}")))?;
+    shared::fsutil::write_atomic(path, &bytes)?;
     Ok(CaseSummary {
         per_level,
         total,

@@ -288,15 +288,10 @@ impl ProtocolJob<'_> {
     fn save(&self, heads: &Heads, state: &mut ProbeState) -> Result<()> {
         let previous = std::mem::take(&mut state.heads_file);
         state.heads_file = format!("probe-step-{:08}.safetensors", state.step);
-        let file = self.out.join(&state.heads_file);
-        let tmp = shared::fsutil::temp_path(&file);
-        candle_core::safetensors::save(&heads.state()?, &tmp)?;
-        let bytes = std::fs::read(&tmp).io("read", &tmp)?;
+        let bytes = safetensors::tensor::serialize(heads.state()?, None)
+            .map_err(|e| Error::Data(format!("cannot serialise the probe's heads: {e}")))?;
         state.heads_crc = crc32fast::hash(&bytes);
-        std::fs::File::open(&tmp)
-            .and_then(|f| f.sync_all())
-            .io("flush to disk", &tmp)?;
-        std::fs::rename(&tmp, &file).io("rename into place", &file)?;
+        shared::fsutil::write_atomic(&self.out.join(&state.heads_file), &bytes)?;
         shared::fsutil::write_json_atomic(&self.out.join(STATE_FILE), &*state)?;
         if !previous.is_empty() && previous != state.heads_file {
             let old = self.out.join(previous);
