@@ -546,3 +546,55 @@ fn helpful_errors_for_wrong_use() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--features cuda"));
 }
+
+/// Runs `trainer ARGS` with `MASKDEEP_ISA` set to `isa`, expecting success.
+fn trainer_on(isa: &str, args: &[&str]) -> Output {
+    let out = Command::new(bin("trainer"))
+        .env("MASKDEEP_ISA", isa)
+        .args(args)
+        .output()
+        .expect("run trainer");
+    assert!(
+        out.status.success(),
+        "MASKDEEP_ISA={isa} trainer {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+#[test]
+fn maskdeep_isa_picks_the_kernels_and_every_set_computes_the_same_step() {
+    let widest = shared::cpu::Isa::widest().name();
+    let bench = |isa: &str| {
+        let mut args = vec!["bench", "--preset", "maskdeep-r18-small", "--steps", "1"];
+        args.extend(["--json", "--batch", "4"]);
+        args.extend(TINY);
+        let out = trainer_on(isa, &args);
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (report["kernels"].as_str().unwrap().to_string(), stderr)
+    };
+    assert_eq!(bench("portable").0, "portable");
+    let (kernels, stderr) = bench("avx9000");
+    assert_eq!(kernels, widest);
+    assert!(
+        stderr.contains("MASKDEEP_ISA=avx9000 is not one of portable, avx2, avx512"),
+        "{stderr}"
+    );
+
+    // One MaskDeep step (forward, loss, every gradient) with the portable kernels and with the
+    // widest ones: the same bytes.
+    let dir = tempfile::tempdir().unwrap();
+    let case = |isa: &str| {
+        let path = dir.path().join(format!("{isa}.safetensors"));
+        let mut args = vec!["step-case", "--preset", "maskdeep-r18-small", "--seed", "3"];
+        args.extend(["--out", p(&path)]);
+        args.extend(TINY);
+        trainer_on(isa, &args);
+        std::fs::read(&path).unwrap()
+    };
+    assert!(
+        case("portable") == case(widest),
+        "{widest} differs from portable"
+    );
+}

@@ -4,6 +4,7 @@
 use anyhow::{bail, Result};
 use clap::Args;
 use rayon::prelude::*;
+use shared::cpu::Isa;
 use shared::dataset::Dataset;
 use shared::decode::{RgbDecoder, RgbRef, DEFAULT_MAX_PIXELS};
 use shared::pipeline::{Output, Pipeline, PipelineConfig};
@@ -217,7 +218,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "samples_per_second": sps,
             "views_per_second": sps * views.len() as f64,
             "threads": threads,
-            "instruction_set": shared::cpu::instruction_set(),
+            "instruction_set": Isa::widest().name(),
+            "kernels": Isa::active().name(),
             "preset": a.preset,
             "views_per_sample": views.len(),
             "source": kind,
@@ -231,15 +233,15 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     println!(
         "{} preset, {} views/sample, {} source ({} samples), {} samples per run, median of {}; \
-         CPU: {} (decoding and resizing dispatch at run time; the augmentation loops are built for \
-         the target in .cargo/config.toml)",
+         CPU: {} (decoding and resizing dispatch at run time), our augmentation kernels on {}",
         a.preset,
         views.len(),
         kind,
         src.len(),
         a.samples,
         a.repeats,
-        shared::cpu::instruction_set()
+        Isa::widest(),
+        Isa::active()
     );
     println!(
         "{:>8} {:>12} {:>12} {:>9}",

@@ -5,6 +5,7 @@
 //! reference outputs). Pixel arithmetic follows torchvision's PIL path (Pillow's blend with
 //! truncation, ITU-R 601 luma in Pillow's fixed point); hue uses torchvision's float HSV.
 
+use crate::cpu::Isa;
 use crate::decode::RgbRef;
 use crate::error::{Error, Result};
 use crate::resize::Filter;
@@ -91,6 +92,7 @@ pub fn crop_resize(
         .map_err(|e| Error::Invalid(format!("crop+resize: {e}")))
 }
 
+crate::multiversion! {
 /// Rotates a `side` x `side` RGB image by `degrees` about its centre (clockwise as displayed,
 /// rows running down), bilinear, into `dst` (resized to fit). Points that fall outside the image
 /// take the nearest edge pixel, so the corners continue the background instead of turning black.
@@ -116,6 +118,7 @@ pub fn rotate(src: &[u8], side: u32, degrees: f32, dst: &mut Vec<u8>) {
         }
     }
 }
+}
 
 /// Mirrors each row of a `width`-wide RGB image.
 pub fn hflip(pixels: &mut [u8], width: u32) {
@@ -131,23 +134,26 @@ pub fn hflip(pixels: &mut [u8], width: u32) {
 }
 
 /// Pillow's ITU-R 601-2 luma in 16-bit fixed point: `L = R*299/1000 + G*587/1000 + B*114/1000`.
-#[inline]
+#[inline(always)]
 pub fn luma(r: u8, g: u8, b: u8) -> u8 {
     ((r as u32 * 19595 + g as u32 * 38470 + b as u32 * 7471 + 0x8000) >> 16) as u8
 }
 
 /// Pillow's `Image.blend(a, b, alpha)` for one channel: `a + alpha * (b - a)`, clamped, truncated.
-#[inline]
+#[inline(always)]
 fn blend(a: f32, b: f32, alpha: f32) -> u8 {
     (a + alpha * (b - a)).clamp(0.0, 255.0) as u8
 }
 
+crate::multiversion! {
 /// torchvision `adjust_brightness`: blend with black.
 pub fn adjust_brightness(pixels: &mut [u8], factor: f32) {
     let lut: [u8; 256] = std::array::from_fn(|v| blend(0.0, v as f32, factor));
     pixels.iter_mut().for_each(|p| *p = lut[*p as usize]);
 }
+}
 
+crate::multiversion! {
 /// torchvision `adjust_contrast`: blend with the image's mean luma (rounded, as Pillow does).
 pub fn adjust_contrast(pixels: &mut [u8], factor: f32) {
     let n = (pixels.len() / 3).max(1) as u64;
@@ -159,13 +165,14 @@ pub fn adjust_contrast(pixels: &mut [u8], factor: f32) {
     let lut: [u8; 256] = std::array::from_fn(|v| blend(mean, v as f32, factor));
     pixels.iter_mut().for_each(|p| *p = lut[*p as usize]);
 }
+}
 
 /// Lanes of [`map_pixels8`]: eight pixels at a time, so the compiler vectorises the arithmetic.
 type Lanes = [f32; 8];
 
 /// Applies `f` to the pixels eight at a time as separate R, G, B lanes of floats; results are
 /// clamped to [0, 255] and converted back adding `round` (0.5 rounds, 0.0 truncates).
-#[inline]
+#[inline(always)]
 fn map_pixels8(pixels: &mut [u8], round: f32, f: impl Fn(&mut Lanes, &mut Lanes, &mut Lanes)) {
     #[inline(always)]
     fn lanes(
@@ -198,11 +205,12 @@ fn map_pixels8(pixels: &mut [u8], round: f32, f: impl Fn(&mut Lanes, &mut Lanes,
 }
 
 /// [`luma`] on float lanes (exact: every intermediate is an integer below 2^24).
-#[inline]
+#[inline(always)]
 fn luma_f32(r: f32, g: f32, b: f32) -> f32 {
     ((r * 19595.0 + g * 38470.0 + b * 7471.0 + 32768.0) * (1.0 / 65536.0)).floor()
 }
 
+crate::multiversion! {
 /// torchvision `adjust_saturation`: blend each pixel with its luma.
 pub fn adjust_saturation(pixels: &mut [u8], factor: f32) {
     map_pixels8(pixels, 0.0, |r, g, b| {
@@ -214,13 +222,15 @@ pub fn adjust_saturation(pixels: &mut [u8], factor: f32) {
         }
     });
 }
+}
 
 /// Rounds a value in `[0, 255]` to the nearest byte (a plain cast after adding 0.5: no libm call).
-#[inline]
+#[inline(always)]
 fn to_u8(x: f32) -> u8 {
     (x.clamp(0.0, 255.0) + 0.5) as u8
 }
 
+crate::multiversion! {
 /// torchvision `adjust_hue`: rotate the hue by `factor` turns (in [-0.5, 0.5]) in float HSV.
 ///
 /// Saturation and value are kept, so each channel is `min + chroma * curve(h')` with the hexcone's
@@ -254,7 +264,9 @@ pub fn adjust_hue(pixels: &mut [u8], factor: f32) {
         }
     });
 }
+}
 
+crate::multiversion! {
 /// Replaces every pixel by its luma on all three channels (`Grayscale(num_output_channels=3)`).
 pub fn grayscale(pixels: &mut [u8]) {
     for p in pixels.chunks_exact_mut(3) {
@@ -262,13 +274,16 @@ pub fn grayscale(pixels: &mut [u8]) {
         p.fill(l);
     }
 }
+}
 
+crate::multiversion! {
 /// torchvision `solarize`: values at or above `threshold` become `255 - v`.
 pub fn solarize(pixels: &mut [u8], threshold: u8) {
     pixels
         .iter_mut()
         .filter(|p| **p >= threshold)
         .for_each(|p| *p = 255 - *p);
+}
 }
 
 /// torchvision's Gaussian kernel: `exp(-x^2 / (2 sigma^2))` at integer offsets, normalised.
@@ -302,6 +317,7 @@ pub struct BlurScratch {
     line: Vec<f32>,
 }
 
+crate::multiversion! {
 /// torchvision `gaussian_blur` with an odd kernel `size` and `sigma`: separable, reflect padding,
 /// float accumulation, rounded back to 8 bits.
 pub fn gaussian_blur(
@@ -364,6 +380,7 @@ pub fn gaussian_blur(
         }
     }
 }
+}
 
 /// ColorJitter strengths, as torchvision's `ColorJitter(brightness, contrast, saturation, hue)`.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -411,12 +428,12 @@ impl Jitter {
 
 impl ColorOp {
     /// Applies the adjustment in place.
-    pub fn apply(&self, pixels: &mut [u8]) {
+    pub fn apply(&self, isa: Isa, pixels: &mut [u8]) {
         match *self {
-            ColorOp::Brightness(f) => adjust_brightness(pixels, f),
-            ColorOp::Contrast(f) => adjust_contrast(pixels, f),
-            ColorOp::Saturation(f) => adjust_saturation(pixels, f),
-            ColorOp::Hue(f) => adjust_hue(pixels, f),
+            ColorOp::Brightness(f) => adjust_brightness(isa, pixels, f),
+            ColorOp::Contrast(f) => adjust_contrast(isa, pixels, f),
+            ColorOp::Saturation(f) => adjust_saturation(isa, pixels, f),
+            ColorOp::Hue(f) => adjust_hue(isa, pixels, f),
         }
     }
 }
@@ -451,13 +468,13 @@ mod tests {
     #[test]
     fn simple_ops_on_known_pixels() {
         let mut px = vec![10, 200, 255, 0, 128, 127];
-        solarize(&mut px, 128);
+        solarize(Isa::active(), &mut px, 128);
         assert_eq!(px, vec![10, 55, 0, 0, 127, 127]);
         let mut px = vec![255, 0, 0, 0, 0, 255];
-        grayscale(&mut px);
+        grayscale(Isa::active(), &mut px);
         assert_eq!(px, vec![76, 76, 76, 29, 29, 29]);
         let mut px = vec![100, 200, 50];
-        adjust_brightness(&mut px, 1.5);
+        adjust_brightness(Isa::active(), &mut px, 1.5);
         assert_eq!(px, vec![150, 255, 75]);
         let mut px = vec![1, 2, 3, 4, 5, 6, 7, 8, 9];
         hflip(&mut px, 3);
@@ -470,19 +487,19 @@ mod tests {
         let src: Vec<u8> = (1..=9u8).flat_map(|v| [v * 10; 3]).collect();
         let grey = |img: &[u8]| img.chunks_exact(3).map(|p| p[0]).collect::<Vec<_>>();
         let mut out = Vec::new();
-        rotate(&src, 3, 0.0, &mut out);
+        rotate(Isa::active(), &src, 3, 0.0, &mut out);
         assert_eq!(out, src);
         // A quarter turn clockwise: the left column becomes the top row, read bottom to top.
-        rotate(&src, 3, 90.0, &mut out);
+        rotate(Isa::active(), &src, 3, 90.0, &mut out);
         assert_eq!(grey(&out), [70, 40, 10, 80, 50, 20, 90, 60, 30]);
-        rotate(&src, 3, -90.0, &mut out);
+        rotate(Isa::active(), &src, 3, -90.0, &mut out);
         assert_eq!(grey(&out), [30, 60, 90, 20, 50, 80, 10, 40, 70]);
         // An eighth of a turn: the centre stays, and the corners, whose source lies outside the
         // image, repeat edge pixels instead of turning black.
         let flat = vec![77u8; 5 * 5 * 3];
-        rotate(&flat, 5, 45.0, &mut out);
+        rotate(Isa::active(), &flat, 5, 45.0, &mut out);
         assert_eq!(out, flat);
-        rotate(&src, 3, 45.0, &mut out);
+        rotate(Isa::active(), &src, 3, 45.0, &mut out);
         assert_eq!(grey(&out)[4], 50);
         assert!(grey(&out).iter().all(|&v| (10..=90).contains(&v)));
     }
@@ -491,20 +508,28 @@ mod tests {
     fn hue_full_turn_is_identity_and_half_turn_swaps_complements() {
         let orig = vec![200, 40, 40, 30, 180, 90, 50, 50, 50];
         let mut px = orig.clone();
-        adjust_hue(&mut px, 0.0);
+        adjust_hue(Isa::active(), &mut px, 0.0);
         assert_eq!(px, orig);
         let mut px = vec![255, 0, 0];
-        adjust_hue(&mut px, 0.5);
+        adjust_hue(Isa::active(), &mut px, 0.5);
         assert_eq!(px, vec![0, 255, 255]);
         let mut px = vec![255, 0, 0];
-        adjust_hue(&mut px, 1.0 / 3.0);
+        adjust_hue(Isa::active(), &mut px, 1.0 / 3.0);
         assert_eq!(px, vec![0, 255, 0]);
     }
 
     #[test]
     fn blur_keeps_constant_images_and_mass() {
         let mut px = vec![77u8; 20 * 10 * 3];
-        gaussian_blur(&mut px, 20, 10, 9, 1.5, &mut BlurScratch::default());
+        gaussian_blur(
+            Isa::active(),
+            &mut px,
+            20,
+            10,
+            9,
+            1.5,
+            &mut BlurScratch::default(),
+        );
         assert!(px.iter().all(|&v| v == 77));
         let k = gaussian_kernel(23, 2.0);
         assert!((k.iter().sum::<f32>() - 1.0).abs() < 1e-5);

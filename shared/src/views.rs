@@ -2,6 +2,7 @@
 //! turns one decoded image into one augmented view.
 
 use crate::augment::{self, BlurScratch, Jitter};
+use crate::cpu::Isa;
 use crate::decode::RgbRef;
 use crate::error::{Error, Result};
 use crate::resize::Filter;
@@ -210,6 +211,7 @@ pub fn make_view(
     out: ViewOut,
     times: &mut StageTimes,
 ) -> Result<()> {
+    let isa = Isa::active();
     let mut t = Instant::now();
     let mut lap = |slot: &mut Duration| {
         let now = Instant::now();
@@ -228,7 +230,7 @@ pub fn make_view(
     )?;
     if spec.rotation > 0.0 {
         let degrees = rng.random_range(-spec.rotation..=spec.rotation);
-        augment::rotate(&ws.view, spec.size, degrees, &mut ws.rotated);
+        augment::rotate(isa, &ws.view, spec.size, degrees, &mut ws.rotated);
         std::mem::swap(&mut ws.view, &mut ws.rotated);
     }
     lap(&mut times.crop_resize);
@@ -238,16 +240,17 @@ pub fn make_view(
     }
     if rng.random::<f32>() < spec.jitter_p {
         for op in spec.jitter.sample(rng) {
-            op.apply(px);
+            op.apply(isa, px);
         }
     }
     if rng.random::<f32>() < spec.gray_p {
-        augment::grayscale(px);
+        augment::grayscale(isa, px);
     }
     lap(&mut times.colour);
     if rng.random::<f32>() < spec.blur_p {
         let sigma = rng.random_range(spec.blur_sigma.0..=spec.blur_sigma.1);
         augment::gaussian_blur(
+            isa,
             px,
             spec.size,
             spec.size,
@@ -258,34 +261,44 @@ pub fn make_view(
     }
     lap(&mut times.blur);
     if rng.random::<f32>() < spec.solarize_p {
-        augment::solarize(px, 128);
+        augment::solarize(isa, px, 128);
     }
     lap(&mut times.colour);
     match out {
-        ViewOut::U8(dst) => hwc_to_chw(px, dst),
+        ViewOut::U8(dst) => hwc_to_chw(isa, px, dst),
         ViewOut::F32(dst, mean, std) => {
-            let plane = (spec.size * spec.size) as usize;
             let (scale, shift) = normalising_affine(mean, std);
-            for (i, p) in px.chunks_exact(3).enumerate() {
-                for c in 0..3 {
-                    dst[c * plane + i] = p[c] as f32 * scale[c] - shift[c];
-                }
-            }
+            normalise_to_chw(isa, px, dst, scale, shift);
         }
     }
     lap(&mut times.collate);
     Ok(())
 }
 
-/// Interleaved RGB pixels (HWC) into three planes (CHW); `chw` holds as many bytes as `hwc`.
-pub fn hwc_to_chw(hwc: &[u8], chw: &mut [u8]) {
-    let plane = hwc.len() / 3;
-    let (r, gb) = chw.split_at_mut(plane);
-    let (g, b) = gb.split_at_mut(plane);
-    for (i, p) in hwc.chunks_exact(3).enumerate() {
-        r[i] = p[0];
-        g[i] = p[1];
-        b[i] = p[2];
+crate::multiversion! {
+    /// Interleaved RGB pixels (HWC) into three planes (CHW); `chw` holds as many bytes as `hwc`.
+    pub fn hwc_to_chw(hwc: &[u8], chw: &mut [u8]) {
+        let plane = hwc.len() / 3;
+        let (r, gb) = chw.split_at_mut(plane);
+        let (g, b) = gb.split_at_mut(plane);
+        for (i, p) in hwc.chunks_exact(3).enumerate() {
+            r[i] = p[0];
+            g[i] = p[1];
+            b[i] = p[2];
+        }
+    }
+}
+
+crate::multiversion! {
+    /// Interleaved RGB pixels (HWC) into three f32 planes (CHW), channel `c` mapped by
+    /// `v * scale[c] - shift[c]` ([`normalising_affine`]).
+    fn normalise_to_chw(hwc: &[u8], chw: &mut [f32], scale: [f32; 3], shift: [f32; 3]) {
+        let plane = hwc.len() / 3;
+        for (i, p) in hwc.chunks_exact(3).enumerate() {
+            for c in 0..3 {
+                chw[c * plane + i] = p[c] as f32 * scale[c] - shift[c];
+            }
+        }
     }
 }
 

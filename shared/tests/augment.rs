@@ -2,6 +2,7 @@
 //! stated tolerance: (largest per-channel difference, mean absolute difference).
 
 use shared::augment::*;
+use shared::cpu::Isa;
 use shared::decode::RgbRef;
 use shared::resize::Filter;
 use std::path::{Path, PathBuf};
@@ -43,10 +44,23 @@ fn check(name: &str, got: &[u8], max_ok: u8, mean_ok: f64) {
     );
 }
 
-fn with_input(f: impl FnOnce(&mut Vec<u8>, u32, u32)) -> Vec<u8> {
-    let (w, h, mut px) = fixture("input");
-    f(&mut px, w, h);
-    px
+/// `f` applied to the input fixture with every instruction set this CPU has: each must give the
+/// portable copy's bytes exactly. Returns those bytes.
+fn with_input(f: impl Fn(Isa, &mut Vec<u8>, u32, u32)) -> Vec<u8> {
+    let (w, h, input) = fixture("input");
+    let run = |isa| {
+        let mut px = input.clone();
+        f(isa, &mut px, w, h);
+        px
+    };
+    let portable = run(Isa::PORTABLE);
+    for isa in Isa::supported() {
+        assert!(
+            run(isa) == portable,
+            "{isa} differs from the portable kernel"
+        );
+    }
+    portable
 }
 
 #[test]
@@ -55,7 +69,7 @@ fn colour_ops_match_torchvision_pil_path() {
     for f in [1.3f32, 0.7] {
         check(
             &format!("brightness_{f}"),
-            &with_input(|p, _, _| adjust_brightness(p, f)),
+            &with_input(|isa, p, _, _| adjust_brightness(isa, p, f)),
             1,
             0.01,
         );
@@ -63,7 +77,7 @@ fn colour_ops_match_torchvision_pil_path() {
     for f in [1.4f32, 0.6] {
         check(
             &format!("contrast_{f}"),
-            &with_input(|p, _, _| adjust_contrast(p, f)),
+            &with_input(|isa, p, _, _| adjust_contrast(isa, p, f)),
             1,
             0.01,
         );
@@ -71,19 +85,24 @@ fn colour_ops_match_torchvision_pil_path() {
     for f in [1.2f32, 0.8] {
         check(
             &format!("saturation_{f}"),
-            &with_input(|p, _, _| adjust_saturation(p, f)),
+            &with_input(|isa, p, _, _| adjust_saturation(isa, p, f)),
             1,
             0.01,
         );
     }
-    check("grayscale", &with_input(|p, _, _| grayscale(p)), 0, 0.0);
     check(
-        "solarize_128",
-        &with_input(|p, _, _| solarize(p, 128)),
+        "grayscale",
+        &with_input(|isa, p, _, _| grayscale(isa, p)),
         0,
         0.0,
     );
-    check("hflip", &with_input(|p, w, _| hflip(p, w)), 0, 0.0);
+    check(
+        "solarize_128",
+        &with_input(|isa, p, _, _| solarize(isa, p, 128)),
+        0,
+        0.0,
+    );
+    check("hflip", &with_input(|_, p, w, _| hflip(p, w)), 0, 0.0);
 }
 
 #[test]
@@ -93,7 +112,7 @@ fn hue_matches_within_pillows_8_bit_hsv_quantisation() {
     for f in [0.1f32, -0.07] {
         check(
             &format!("hue_{f}"),
-            &with_input(|p, _, _| adjust_hue(p, f)),
+            &with_input(|isa, p, _, _| adjust_hue(isa, p, f)),
             6,
             1.0,
         );
@@ -103,7 +122,9 @@ fn hue_matches_within_pillows_8_bit_hsv_quantisation() {
 #[test]
 fn blur_matches_torchvision_kernel() {
     for (k, s) in [(9usize, 1.5f32), (23, 0.4)] {
-        let out = with_input(|p, w, h| gaussian_blur(p, w, h, k, s, &mut BlurScratch::default()));
+        let out = with_input(|isa, p, w, h| {
+            gaussian_blur(isa, p, w, h, k, s, &mut BlurScratch::default())
+        });
         check(&format!("blur_{k}_{s}"), &out, 1, 0.01);
     }
 }

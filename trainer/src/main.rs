@@ -15,6 +15,7 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use anyhow::{bail, Context, Result};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use shared::cpu::Isa;
 use shared::dataset::Dataset;
 use trainer::config::{TrainConfig, PRESETS};
 use trainer::diag::bench;
@@ -760,7 +761,8 @@ fn run(cli: Cli) -> Result<()> {
                 let out = serde_json::json!({
                     "preset": cfg.preset,
                     "device": args.config.device,
-                    "instruction_set": shared::cpu::instruction_set(),
+                    "instruction_set": Isa::widest().name(),
+                    "kernels": Isa::active().name(),
                     "batch": cfg.data.batch_size,
                     "size": cfg.data.image_size,
                     "bf16": cfg.model.bf16,
@@ -771,12 +773,13 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{out}");
             } else {
                 println!(
-                    "{} batch {} at {} px on {} (gemm on {}, {} threads): {:.1} views/s ({:.1} ms/step)",
+                    "{} batch {} at {} px on {} (gemm on {}, our kernels on {}, {} threads): {:.1} views/s ({:.1} ms/step)",
                     cfg.preset,
                     cfg.data.batch_size,
                     cfg.data.image_size,
                     args.config.device,
-                    shared::cpu::instruction_set(),
+                    Isa::widest(),
+                    Isa::active(),
                     rayon::current_num_threads(),
                     main.views_per_second,
                     main.step_ms

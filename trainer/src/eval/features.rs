@@ -257,7 +257,7 @@ fn centre_view(
         width: side,
     };
     shared::augment::crop_resize(resizer, img.as_ref(), crop, size, Filter::Bilinear, hwc)?;
-    shared::views::hwc_to_chw(hwc, out);
+    shared::views::hwc_to_chw(shared::cpu::Isa::active(), hwc, out);
     Ok(())
 }
 

@@ -7,6 +7,7 @@
 pub mod batch_norm;
 pub mod conv;
 pub mod cpu_storage;
+pub mod lanes;
 pub mod max_pool;
 pub mod portable;
 pub mod update;

@@ -6,5 +6,6 @@
 mod batch_norm;
 mod common;
 mod conv;
+mod isa;
 mod max_pool;
 mod update;

@@ -1,33 +1,40 @@
 //! Train-mode BatchNorm's CPU kernels (f32): the batch statistics in one pass per channel, the
 //! normalisation fused with the residual add and the ReLU, and the whole backward (through the
-//! ReLU's mask) in two passes, instead of a dozen elementwise passes each way.
+//! ReLU's mask) in two passes, instead of a dozen elementwise passes each way. The loops are
+//! compiled for every [`Isa`]; sums are f64 [`Lanes`].
 
 use candle_core::{CpuStorage, Layout, Result, Shape};
 use rayon::prelude::*;
+use shared::cpu::Isa;
 
 use super::{ncl, EPS};
 use crate::ops::cpu_storage::f32_slice;
+use crate::ops::lanes::Lanes;
 
 /// Per-channel mean then biased variance of `x [n, c, ...]`: `[2c]`, summed in f64.
-pub fn stats(xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
+pub fn stats(isa: Isa, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
     let (n, c, l) = ncl(xl.shape())?;
     let x = f32_slice(xs, xl, "batch-norm-stats")?;
     let stats: Vec<(f32, f32)> = (0..c)
         .into_par_iter()
-        .map(|ch| {
-            let blocks = (0..n).map(|b| &x[(b * c + ch) * l..][..l]);
-            let count = (n * l) as f64;
-            let mean = blocks.clone().flatten().map(|&v| v as f64).sum::<f64>() / count;
-            let var = blocks
-                .flatten()
-                .map(|&v| (v as f64 - mean).powi(2))
-                .sum::<f64>()
-                / count;
-            (mean as f32, var as f32)
-        })
+        .map(|ch| channel_stats(isa, x, n, c, l, ch))
         .collect();
     let (means, vars): (Vec<f32>, Vec<f32>) = stats.into_iter().unzip();
     Ok((CpuStorage::F32([means, vars].concat()), Shape::from(2 * c)))
+}
+
+shared::multiversion! {
+    /// Mean and biased variance of channel `ch` of `x [n, c, l]`.
+    fn channel_stats(x: &[f32], n: usize, c: usize, l: usize, ch: usize) -> (f32, f32) {
+        let planes = || (0..n).map(|b| &x[(b * c + ch) * l..][..l]);
+        let count = (n * l) as f64;
+        let mut sum = Lanes::default();
+        planes().for_each(|p| sum.add(p, |v| v as f64));
+        let mean = sum.total() / count;
+        let mut squares = Lanes::default();
+        planes().for_each(|p| squares.add(p, |v| (v as f64 - mean) * (v as f64 - mean)));
+        (mean as f32, (squares.total() / count) as f32)
+    }
 }
 
 /// The per-channel affine map `x * scale + shift` that normalises with `mean` and `var`.
@@ -40,6 +47,7 @@ fn affine(weight: f32, bias: f32, mean: f32, var: f32) -> (f32, f32) {
 /// `(x, params [weight, bias, mean, var], residual)` -> `x` normalised, plus `residual`, through
 /// a ReLU when `relu`.
 pub fn forward(
+    isa: Isa,
     (xs, xl): (&CpuStorage, &Layout),
     (ps, pl): (&CpuStorage, &Layout),
     residual: Option<(&CpuStorage, &Layout)>,
@@ -58,11 +66,27 @@ pub fn forward(
         let ch = i % c;
         let (scale, shift) = affine(w[ch], b[ch], mean[ch], var[ch]);
         let src = &x[i * l..(i + 1) * l];
+        let residual = residual.map(|r| &r[i * l..(i + 1) * l]);
+        normalise_plane(isa, dst, src, scale, shift, residual, relu);
+    });
+    Ok((CpuStorage::F32(y), xl.shape().clone()))
+}
+
+shared::multiversion! {
+    /// `dst = src * scale + shift`, plus `residual`, through a ReLU when `relu`.
+    fn normalise_plane(
+        dst: &mut [f32],
+        src: &[f32],
+        scale: f32,
+        shift: f32,
+        residual: Option<&[f32]>,
+        relu: bool,
+    ) {
         for (d, &v) in dst.iter_mut().zip(src) {
             *d = v * scale + shift;
         }
         if let Some(r) = residual {
-            for (d, &r) in dst.iter_mut().zip(&r[i * l..(i + 1) * l]) {
+            for (d, &r) in dst.iter_mut().zip(r) {
                 *d += r;
             }
         }
@@ -71,14 +95,14 @@ pub fn forward(
                 *d = d.max(0.0);
             }
         }
-    });
-    Ok((CpuStorage::F32(y), xl.shape().clone()))
+    }
 }
 
 /// `(x, dy, y)` with `params` = `[weight, bias, mean, var]` -> `[dx | dresidual (when residual)
 /// | dweight | dbias | 2c zeros]`, flat. With `relu`, `dy` is first masked where the output `y`
 /// was clipped to zero.
 pub fn backward(
+    isa: Isa,
     (xs, xl): (&CpuStorage, &Layout),
     (gs, gl): (&CpuStorage, &Layout),
     (ys, yl): (&CpuStorage, &Layout),
@@ -93,25 +117,20 @@ pub fn backward(
     let y = f32_slice(ys, yl, name)?;
     let p = f32_slice(ps, pl, name)?;
     let (w, mean, var) = (&p[..c], &p[2 * c..3 * c], &p[3 * c..]);
-    // The gradient that reaches the normalisation (and the residual): dy, or dy where the
-    // ReLU passed.
-    let mask = move |g: f32, y: f32| if relu && y <= 0.0 { 0.0 } else { g };
-    // Per channel: sum(dy) and sum(dy * x_hat).
+    // Per channel: sum(dy) and sum(dy * x_hat), dy masked by the ReLU.
     let sums: Vec<(f64, f64)> = (0..c)
         .into_par_iter()
         .map(|ch| {
             let inv = 1.0 / (var[ch] as f64 + EPS).sqrt();
-            let (mut s, mut sx) = (0f64, 0f64);
-            for b in 0..n {
+            let planes = (0..n).map(|b| {
                 let at = (b * c + ch) * l;
-                let planes = dy[at..at + l].iter().zip(&y[at..at + l]);
-                for ((&g, &out), &v) in planes.zip(&x[at..at + l]) {
-                    let g = mask(g, out) as f64;
-                    s += g;
-                    sx += g * (v as f64 - mean[ch] as f64) * inv;
-                }
+                (&dy[at..at + l], &y[at..at + l], &x[at..at + l])
+            });
+            let (mut s, mut sx) = (Lanes::default(), Lanes::default());
+            for planes in planes {
+                gradient_sums(isa, &mut s, &mut sx, planes, mean[ch] as f64, inv, relu);
             }
-            (s, sx)
+            (s.total(), sx.total())
         })
         .collect();
     let count = (n * l) as f64;
@@ -137,18 +156,9 @@ pub fn backward(
             let (mean_dy, mean_dyx) = ((s / count) as f32, (sx / count) as f32);
             let (m, inv) = (mean[ch], inv as f32);
             let at = i * l;
-            let planes = dy[at..at + l].iter().zip(&y[at..at + l]);
-            for ((d, (&g, &out)), &v) in dst.iter_mut().zip(planes).zip(&x[at..at + l]) {
-                let g = mask(g, out);
-                let xh = (v - m) * inv;
-                *d = k * count as f32 * (g - mean_dy - xh * mean_dyx);
-            }
-            if let Some(dres) = dres {
-                let planes = dy[at..at + l].iter().zip(&y[at..at + l]);
-                for (d, (&g, &out)) in dres.iter_mut().zip(planes) {
-                    *d = mask(g, out);
-                }
-            }
+            let planes = (&dy[at..at + l], &y[at..at + l], &x[at..at + l]);
+            let coefficients = [k * count as f32, mean_dy, mean_dyx, m, inv];
+            input_gradient(isa, dst, dres, planes, coefficients, relu);
         });
     for (ch, &(s, sx)) in sums.iter().enumerate() {
         params[ch] = sx as f32;
@@ -156,4 +166,58 @@ pub fn backward(
     }
     let len = out.len();
     Ok((CpuStorage::F32(out), Shape::from(len)))
+}
+
+/// The gradient that reaches the normalisation (and the residual): `g`, or zero where the
+/// ReLU clipped the output `y`.
+#[inline(always)]
+fn masked(g: f32, y: f32, relu: bool) -> f32 {
+    if relu && y <= 0.0 {
+        0.0
+    } else {
+        g
+    }
+}
+
+shared::multiversion! {
+    /// Adds one plane's `dy` (masked by the ReLU) to `s` and `dy * x_hat` to `sx`.
+    fn gradient_sums(
+        s: &mut Lanes,
+        sx: &mut Lanes,
+        planes: (&[f32], &[f32], &[f32]),
+        mean: f64,
+        inv: f64,
+        relu: bool,
+    ) {
+        let (dy, y, x) = planes;
+        s.add3((dy, y, x), |g, out, _| masked(g, out, relu) as f64);
+        sx.add3((dy, y, x), |g, out, v| {
+            masked(g, out, relu) as f64 * (v as f64 - mean) * inv
+        });
+    }
+}
+
+shared::multiversion! {
+    /// One plane's input gradient `k (g - mean_dy - x_hat mean_dyx)` with `[k, mean_dy,
+    /// mean_dyx, mean, inv]`, and the residual's (the masked `dy`) when asked.
+    fn input_gradient(
+        dst: &mut [f32],
+        dres: Option<&mut [f32]>,
+        planes: (&[f32], &[f32], &[f32]),
+        coefficients: [f32; 5],
+        relu: bool,
+    ) {
+        let (dy, y, x) = planes;
+        let [k, mean_dy, mean_dyx, m, inv] = coefficients;
+        let planes = dy.iter().zip(y);
+        for ((d, (&g, &out)), &v) in dst.iter_mut().zip(planes).zip(x) {
+            let xh = (v - m) * inv;
+            *d = k * (masked(g, out, relu) - mean_dy - xh * mean_dyx);
+        }
+        if let Some(dres) = dres {
+            for (d, (&g, &out)) in dres.iter_mut().zip(dy.iter().zip(y)) {
+                *d = masked(g, out, relu);
+            }
+        }
+    }
 }

@@ -12,6 +12,7 @@ pub mod cpu;
 pub mod reference;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use shared::cpu::Isa;
 
 use crate::ops::cpu_storage::all_f32;
 use crate::ops::portable::{self, Backend};
@@ -72,7 +73,7 @@ impl CustomOp1 for BatchStats {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         if all_f32(&[s]) {
-            cpu::stats(s, l)
+            cpu::stats(Isa::active(), s, l)
         } else {
             self.portable(s, l)
         }
@@ -115,7 +116,7 @@ impl BatchNormTrain {
         let mut storages = vec![x.0, params.0];
         storages.extend(residual.map(|r| r.0));
         if all_f32(&storages) {
-            cpu::forward(x, params, residual, self.relu)
+            cpu::forward(Isa::active(), x, params, residual, self.relu)
         } else {
             self.portable(x, params, residual)
         }
@@ -265,6 +266,7 @@ impl CustomOp3 for BatchNormBackward {
         }
         portable::with_storage(&self.params, |ps: &CpuStorage, pl| {
             cpu::backward(
+                Isa::active(),
                 (xs, xl),
                 (gs, gl),
                 (ys, yl),

@@ -2,12 +2,17 @@
 //! are gathered into a per-thread buffer laid out `[c_in*k*k, ho*wo]` (im2col), and one gemm gives
 //! the output planes in NCHW order. The backward gathers the patches again and runs two gemms per
 //! image: `dW += dY @ patches^T` and `dPatches = W^T @ dY`, the latter scattered back onto the
-//! input (col2im). Outputs narrower than 16 pixels gather and scatter through a tap table, and
-//! small images are batched into groups so that each gemm stays wide.
+//! input (col2im). Outputs narrower than 16 pixels gather and scatter through a tap table on a
+//! zero-padded copy of the image, and small images are batched into groups so that each gemm
+//! stays wide. The gathers and scatters are compiled for every [`Isa`]; the buffers they fill are
+//! kept per thread from call to call.
+
+use std::cell::Cell;
 
 use candle_core::{CpuStorage, Layout, Result, Shape};
 use gemm::Parallelism;
 use rayon::prelude::*;
+use shared::cpu::Isa;
 
 use super::Geometry;
 use crate::ops::cpu_storage::f32_slice;
@@ -17,6 +22,7 @@ const BACKWARD_NAME: &str = "conv2d-backward";
 
 /// `(x [n, c_in, h, w], weight [c_out, c_in, k, k]) -> y [n, c_out, ho, wo]`.
 pub fn forward(
+    isa: Isa,
     xs: &CpuStorage,
     xl: &Layout,
     ws: &CpuStorage,
@@ -33,46 +39,45 @@ pub fn forward(
     // output [c_out, ld] before it is scattered into NCHW planes.
     out.par_chunks_mut(group * d.c_out * hw)
         .zip(x.par_chunks(group * chw))
-        .for_each_init(
-            || (Vec::new(), Vec::new()),
-            |(cols, staged), (y, images)| {
+        .for_each(|(y, images)| {
+            with_scratch(|scratch| {
                 let ld = images.len() / chw * hw;
                 let single = ld == hw;
-                let patches = d.patches(images, cols, &taps);
+                let patches = d.patches(isa, images, &mut scratch.cols, &mut scratch.padded, &taps);
                 let dst: &mut [f32] = if single {
                     y
                 } else {
-                    staged.resize(d.c_out * ld, 0.0);
-                    staged
+                    grown(&mut scratch.staged, d.c_out * ld)
                 };
-                // dst [c_out, ld] = weight [c_out, kk] @ patches [kk, ld].
+                // dst^T [ld, c_out] = patches^T [ld, kk] @ weight^T [kk, c_out], all three
+                // column-major: gemm reads the patches in place instead of packing them.
                 matmul(
-                    (d.c_out, ld, kk),
+                    (ld, d.c_out, kk),
                     View {
                         data: dst,
-                        rs: ld,
-                        cs: 1,
-                    },
-                    View {
-                        data: weight,
-                        rs: kk,
-                        cs: 1,
+                        rs: 1,
+                        cs: ld,
                     },
                     View {
                         data: patches,
-                        rs: ld,
-                        cs: 1,
+                        rs: 1,
+                        cs: ld,
+                    },
+                    View {
+                        data: weight,
+                        rs: 1,
+                        cs: kk,
                     },
                     false,
                 );
                 if !single {
                     for (j, plane) in y.chunks_exact_mut(hw).enumerate() {
                         let (img, co) = (j / d.c_out, j % d.c_out);
-                        plane.copy_from_slice(&staged[co * ld + img * hw..][..hw]);
+                        plane.copy_from_slice(&scratch.staged[co * ld + img * hw..][..hw]);
                     }
                 }
-            },
-        );
+            })
+        });
     Ok((
         CpuStorage::F32(out),
         Shape::from((d.n, d.c_out, d.ho, d.wo)),
@@ -81,6 +86,7 @@ pub fn forward(
 
 /// `(x, weight, dy) -> [dx (empty unless need_dx), dweight]`, flat.
 pub fn backward(
+    isa: Isa,
     (xs, xl): (&CpuStorage, &Layout),
     (ws, wl): (&CpuStorage, &Layout),
     (gs, gl): (&CpuStorage, &Layout),
@@ -111,83 +117,90 @@ pub fn backward(
         .enumerate()
         .chunks(per_task)
         .map(|tasks| {
-            let (mut cols, mut staged, mut dcols) = (Vec::new(), Vec::new(), Vec::new());
-            let mut dw = vec![0f32; c_out * kk];
-            for (i, dx_group) in tasks {
-                let first = i * group;
-                let count = group.min(d.n - first);
-                let (ld, single) = (count * hw, count == 1);
-                let images = &x[first * chw..(first + count) * chw];
-                let dy_group = &dy[first * c_out * hw..(first + count) * c_out * hw];
-                let patches = d.patches(images, &mut cols, &taps);
-                // dY as [c_out, ld]: the group's planes side by side.
-                let dy_mat: &[f32] = if single {
-                    dy_group
-                } else {
-                    staged.resize(c_out * ld, 0.0);
-                    for (j, plane) in dy_group.chunks_exact(hw).enumerate() {
-                        let (img, co) = (j / c_out, j % c_out);
-                        staged[co * ld + img * hw..][..hw].copy_from_slice(plane);
-                    }
-                    &staged
-                };
-                // dW [c_out, kk] += dY [c_out, ld] @ patches^T [ld, kk].
-                matmul(
-                    (c_out, kk, ld),
-                    View {
-                        data: &mut dw[..],
-                        rs: kk,
-                        cs: 1,
-                    },
-                    View {
-                        data: dy_mat,
-                        rs: ld,
-                        cs: 1,
-                    },
-                    View {
-                        data: patches,
-                        rs: 1,
-                        cs: ld,
-                    },
-                    true,
-                );
-                let Some(dx_group) = dx_group else {
-                    continue;
-                };
-                // dPatches [kk, ld] = W^T [kk, c_out] @ dY [c_out, ld].
-                let weight_t_dy = |dst: &mut [f32]| {
+            with_scratch(|scratch| {
+                let Scratch {
+                    cols,
+                    staged,
+                    dcols,
+                    padded,
+                } = scratch;
+                let mut dw = vec![0f32; c_out * kk];
+                for (i, dx_group) in tasks {
+                    let first = i * group;
+                    let count = group.min(d.n - first);
+                    let (ld, single) = (count * hw, count == 1);
+                    let images = &x[first * chw..(first + count) * chw];
+                    let dy_group = &dy[first * c_out * hw..(first + count) * c_out * hw];
+                    let patches = d.patches(isa, images, cols, padded, &taps);
+                    // dY as [c_out, ld]: the group's planes side by side.
+                    let dy_mat: &[f32] = if single {
+                        dy_group
+                    } else {
+                        let staged = grown(staged, c_out * ld);
+                        for (j, plane) in dy_group.chunks_exact(hw).enumerate() {
+                            let (img, co) = (j / c_out, j % c_out);
+                            staged[co * ld + img * hw..][..hw].copy_from_slice(plane);
+                        }
+                        staged
+                    };
+                    // dW [c_out, kk] += dY [c_out, ld] @ patches^T [ld, kk].
                     matmul(
-                        (kk, ld, c_out),
+                        (c_out, kk, ld),
                         View {
-                            data: dst,
-                            rs: ld,
+                            data: &mut dw[..],
+                            rs: kk,
                             cs: 1,
-                        },
-                        View {
-                            data: weight,
-                            rs: 1,
-                            cs: kk,
                         },
                         View {
                             data: dy_mat,
                             rs: ld,
                             cs: 1,
                         },
-                        false,
-                    )
-                };
-                if single && d.pointwise() {
-                    // A pointwise kernel's patch gradient is the input gradient itself.
-                    weight_t_dy(dx_group);
-                } else {
-                    dcols.resize(kk * ld, 0.0);
-                    weight_t_dy(&mut dcols);
-                    for (j, dx_img) in dx_group.chunks_exact_mut(chw).enumerate() {
-                        d.col2im(&dcols, ld, j * hw, dx_img, &taps);
+                        View {
+                            data: patches,
+                            rs: 1,
+                            cs: ld,
+                        },
+                        true,
+                    );
+                    let Some(dx_group) = dx_group else {
+                        continue;
+                    };
+                    // dPatches [kk, ld] = W^T [kk, c_out] @ dY [c_out, ld].
+                    let weight_t_dy = |dst: &mut [f32]| {
+                        matmul(
+                            (kk, ld, c_out),
+                            View {
+                                data: dst,
+                                rs: ld,
+                                cs: 1,
+                            },
+                            View {
+                                data: weight,
+                                rs: 1,
+                                cs: kk,
+                            },
+                            View {
+                                data: dy_mat,
+                                rs: ld,
+                                cs: 1,
+                            },
+                            false,
+                        )
+                    };
+                    if single && d.pointwise() {
+                        // A pointwise kernel's patch gradient is the input gradient itself.
+                        weight_t_dy(dx_group);
+                    } else {
+                        let dcols = grown(dcols, kk * ld);
+                        weight_t_dy(dcols);
+                        for (j, dx_img) in dx_group.chunks_exact_mut(chw).enumerate() {
+                            col2im(isa, &d, dcols, ld, j * hw, dx_img, &taps, padded);
+                        }
                     }
                 }
-            }
-            dw
+                dw
+            })
         })
         .collect();
     let mut partials = partials.into_iter();
@@ -283,23 +296,24 @@ impl Dims {
     /// would be mostly loop overhead).
     const NARROW: usize = 16;
 
-    /// For narrow outputs, the tap table `[k*k, ho*wo]`: the input index (within a plane) that
-    /// each kernel tap reads for each output pixel, or `u32::MAX` (outside any plane) where it
-    /// reads padding. Empty for wider outputs.
+    /// Rows and columns of a plane padded on every side.
+    fn padded_size(&self) -> (usize, usize) {
+        let p = self.g.padding;
+        (self.h + 2 * p, self.w + 2 * p)
+    }
+
+    /// For narrow outputs, the tap table `[k*k, ho*wo]`: the index within a padded plane (see
+    /// [`Dims::pad`]) that each kernel tap reads for each output pixel. Empty for wider outputs.
     fn taps(&self) -> Vec<u32> {
         if self.wo >= Self::NARROW {
             return Vec::new();
         }
-        let Geometry { k, stride, padding } = self.g;
-        let inside =
-            |o: usize, t: usize, n: usize| (o * stride + t).checked_sub(padding).filter(|&i| i < n);
+        let Geometry { k, stride, .. } = self.g;
+        let (_, wp) = self.padded_size();
         let mut taps = Vec::with_capacity(k * k * self.hw());
         for (ki, kj) in (0..k * k).map(|t| (t / k, t % k)) {
             for (oh, ow) in (0..self.hw()).map(|o| (o / self.wo, o % self.wo)) {
-                taps.push(match (inside(oh, ki, self.h), inside(ow, kj, self.w)) {
-                    (Some(ih), Some(iw)) => (ih * self.w + iw) as u32,
-                    _ => u32::MAX,
-                });
+                taps.push(((oh * stride + ki) * wp + ow * stride + kj) as u32);
             }
         }
         taps
@@ -316,24 +330,127 @@ impl Dims {
             .max(1)
     }
 
+    /// Image `img` (`[c, h, w]`) with `padding` zeros around each plane, in `padded`.
+    fn pad<'a>(&self, img: &[f32], padded: &'a mut Vec<f32>) -> &'a [f32] {
+        let p = self.g.padding;
+        let (hp, wp) = self.padded_size();
+        let padded = grown(padded, self.c * hp * wp);
+        for (dst, src) in padded
+            .chunks_exact_mut(hp * wp)
+            .zip(img.chunks_exact(self.h * self.w))
+        {
+            dst[..p * wp].fill(0.0);
+            dst[(p + self.h) * wp..].fill(0.0);
+            for (line, src) in dst[p * wp..(p + self.h) * wp]
+                .chunks_exact_mut(wp)
+                .zip(src.chunks_exact(self.w))
+            {
+                line[..p].fill(0.0);
+                line[p..p + self.w].copy_from_slice(src);
+                line[p + self.w..].fill(0.0);
+            }
+        }
+        padded
+    }
+
+    /// The patch matrix `[kk, count*ho*wo]` of `count` consecutive images: built in `cols`, or
+    /// the image itself for a single image under a pointwise kernel.
+    fn patches<'a>(
+        &self,
+        isa: Isa,
+        images: &'a [f32],
+        cols: &'a mut Vec<f32>,
+        padded: &mut Vec<f32>,
+        taps: &[u32],
+    ) -> &'a [f32] {
+        let chw = self.c * self.h * self.w;
+        let ld = images.len() / chw * self.hw();
+        if ld == self.hw() && self.pointwise() {
+            return images;
+        }
+        let cols = grown(cols, self.kk() * ld);
+        for (j, img) in images.chunks_exact(chw).enumerate() {
+            im2col(isa, self, img, cols, ld, j * self.hw(), taps, padded);
+        }
+        cols
+    }
+}
+
+/// `buffer`'s first `len` elements, growing it if shorter. What it held before is left in place:
+/// callers overwrite every element they read.
+fn grown(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if buffer.len() < len {
+        buffer.resize(len, 0.0);
+    }
+    &mut buffer[..len]
+}
+
+/// The buffers a task fills on its way through a convolution, kept per thread from call to call.
+#[derive(Default)]
+struct Scratch {
+    /// The patch matrix.
+    cols: Vec<f32>,
+    /// A group's output or output gradient as one `[c_out, ld]` matrix.
+    staged: Vec<f32>,
+    /// The patch matrix's gradient.
+    dcols: Vec<f32>,
+    /// One image with padded planes (narrow outputs).
+    padded: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: Cell<Scratch> = Cell::new(Scratch::default());
+}
+
+/// Runs `f` with this thread's scratch buffers (fresh ones if `f` runs inside another call).
+fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
+    let mut scratch = SCRATCH.take();
+    let result = f(&mut scratch);
+    SCRATCH.set(scratch);
+    result
+}
+
+/// Whether every entry of the tap table reads inside a padded plane of `d`.
+fn taps_fit(d: &Dims, taps: &[u32]) -> bool {
+    let (hp, wp) = d.padded_size();
+    taps.iter().all(|&t| (t as usize) < hp * wp)
+}
+
+shared::multiversion! {
     /// Gathers image `img` (`[c, h, w]`) into columns `at..at + ho*wo` of `cols` (`[kk, ld]`),
     /// zeros where the kernel overhangs the padding. Every entry of those columns is written.
-    fn im2col(&self, img: &[f32], cols: &mut [f32], ld: usize, at: usize, taps: &[u32]) {
-        let (k, s, p) = (self.g.k, self.g.stride, self.g.padding);
-        let (h, w, wo, hw) = (self.h, self.w, self.wo, self.hw());
+    #[allow(clippy::too_many_arguments)]
+    fn im2col(
+        d: &Dims,
+        img: &[f32],
+        cols: &mut [f32],
+        ld: usize,
+        at: usize,
+        taps: &[u32],
+        padded: &mut Vec<f32>,
+    ) {
+        let (k, s, p) = (d.g.k, d.g.stride, d.g.padding);
+        let (h, w, wo, hw) = (d.h, d.w, d.wo, d.hw());
+        if !taps.is_empty() {
+            assert!(taps_fit(d, taps), "conv: tap table outside the padded plane");
+            let (hp, wp) = d.padded_size();
+            let padded = d.pad(img, padded);
+            for (r, row) in cols.chunks_exact_mut(ld).enumerate() {
+                let plane = &padded[r / (k * k) * hp * wp..][..hp * wp];
+                let taps = &taps[(r % (k * k)) * hw..][..hw];
+                for (d, &t) in row[at..at + hw].iter_mut().zip(taps) {
+                    // SAFETY: every tap lies inside a padded plane (asserted above).
+                    *d = unsafe { *plane.get_unchecked(t as usize) };
+                }
+            }
+            return;
+        }
         for (r, row) in cols.chunks_exact_mut(ld).enumerate() {
             let row = &mut row[at..at + hw];
             let (ci, ki, kj) = (r / (k * k), r / k % k, r % k);
             let plane = &img[ci * h * w..(ci + 1) * h * w];
-            if !taps.is_empty() {
-                let taps = &taps[(r % (k * k)) * hw..][..hw];
-                for (d, &t) in row.iter_mut().zip(taps) {
-                    *d = plane.get(t as usize).copied().unwrap_or(0.0);
-                }
-                continue;
-            }
-            let (lo, hi, first) = self.columns(kj);
-            if self.same_size() {
+            let (lo, hi, first) = d.columns(kj);
+            if d.same_size() {
                 // row[i] = plane[i + shift] on the valid output rows, then the wrapped columns
                 // and the rows above and below the image are zeroed.
                 let shift = (ki * w + kj) as isize - (p * w + p) as isize;
@@ -354,7 +471,7 @@ impl Dims {
                 continue;
             }
             for (oh, dst) in row.chunks_exact_mut(wo).enumerate() {
-                let Some(ih) = self.input_row(oh, ki) else {
+                let Some(ih) = d.input_row(oh, ki) else {
                     dst.fill(0.0);
                     continue;
                 };
@@ -367,43 +484,53 @@ impl Dims {
             }
         }
     }
+}
 
-    /// The patch matrix `[kk, count*ho*wo]` of `count` consecutive images: built in `cols`, or
-    /// the image itself for a single image under a pointwise kernel.
-    fn patches<'a>(&self, images: &'a [f32], cols: &'a mut Vec<f32>, taps: &[u32]) -> &'a [f32] {
-        let chw = self.c * self.h * self.w;
-        let ld = images.len() / chw * self.hw();
-        if ld == self.hw() && self.pointwise() {
-            return images;
-        }
-        cols.resize(self.kk() * ld, 0.0);
-        for (j, img) in images.chunks_exact(chw).enumerate() {
-            self.im2col(img, cols, ld, j * self.hw(), taps);
-        }
-        cols
-    }
-
-    /// The adjoint of [`Dims::im2col`]: adds columns `at..at + ho*wo` of `cols` (`[kk, ld]`) onto
+shared::multiversion! {
+    /// The adjoint of [`im2col`]: adds columns `at..at + ho*wo` of `cols` (`[kk, ld]`) onto
     /// image `img`.
-    fn col2im(&self, cols: &[f32], ld: usize, at: usize, img: &mut [f32], taps: &[u32]) {
-        let (k, s) = (self.g.k, self.g.stride);
-        let (h, w, wo, hw) = (self.h, self.w, self.wo, self.hw());
+    #[allow(clippy::too_many_arguments)]
+    fn col2im(
+        d: &Dims,
+        cols: &[f32],
+        ld: usize,
+        at: usize,
+        img: &mut [f32],
+        taps: &[u32],
+        padded: &mut Vec<f32>,
+    ) {
+        let (k, s, p) = (d.g.k, d.g.stride, d.g.padding);
+        let (h, w, wo, hw) = (d.h, d.w, d.wo, d.hw());
+        if !taps.is_empty() {
+            // Scattered onto zeroed padded planes, whose insides are then added to the image.
+            assert!(taps_fit(d, taps), "conv: tap table outside the padded plane");
+            let (hp, wp) = d.padded_size();
+            let padded = grown(padded, d.c * hp * wp);
+            padded.fill(0.0);
+            for (r, row) in cols.chunks_exact(ld).enumerate() {
+                let plane = &mut padded[r / (k * k) * hp * wp..][..hp * wp];
+                let taps = &taps[(r % (k * k)) * hw..][..hw];
+                for (&v, &t) in row[at..at + hw].iter().zip(taps) {
+                    // SAFETY: every tap lies inside a padded plane (asserted above).
+                    unsafe { *plane.get_unchecked_mut(t as usize) += v };
+                }
+            }
+            for (dst, src) in img.chunks_exact_mut(h * w).zip(padded.chunks_exact(hp * wp)) {
+                for (line, src) in dst.chunks_exact_mut(w).zip(src[p * wp..].chunks_exact(wp)) {
+                    for (d, &v) in line.iter_mut().zip(&src[p..p + w]) {
+                        *d += v;
+                    }
+                }
+            }
+            return;
+        }
         for (r, row) in cols.chunks_exact(ld).enumerate() {
             let row = &row[at..at + hw];
             let (ci, ki, kj) = (r / (k * k), r / k % k, r % k);
             let plane = &mut img[ci * h * w..(ci + 1) * h * w];
-            if !taps.is_empty() {
-                let taps = &taps[(r % (k * k)) * hw..][..hw];
-                for (&v, &t) in row.iter().zip(taps) {
-                    if let Some(d) = plane.get_mut(t as usize) {
-                        *d += v;
-                    }
-                }
-                continue;
-            }
-            let (lo, hi, first) = self.columns(kj);
+            let (lo, hi, first) = d.columns(kj);
             for (oh, src) in row.chunks_exact(wo).enumerate() {
-                let Some(ih) = self.input_row(oh, ki) else {
+                let Some(ih) = d.input_row(oh, ki) else {
                     continue;
                 };
                 let dst = &mut plane[ih * w..(ih + 1) * w];

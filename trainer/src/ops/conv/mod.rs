@@ -12,6 +12,8 @@ pub mod reference;
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
+use shared::cpu::Isa;
+
 use crate::ops::cpu_storage::all_f32;
 use crate::ops::portable::{self, Backend};
 
@@ -61,7 +63,7 @@ impl CustomOp2 for Conv2d {
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         if all_f32(&[xs, ws]) {
-            cpu::forward(xs, xl, ws, wl, self.g)
+            cpu::forward(Isa::active(), xs, xl, ws, wl, self.g)
         } else {
             self.portable(xs, xl, ws, wl)
         }
@@ -129,7 +131,14 @@ impl CustomOp3 for Conv2dBackward {
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         if all_f32(&[xs, ws, gs]) {
-            cpu::backward((xs, xl), (ws, wl), (gs, gl), self.g, self.need_dx)
+            cpu::backward(
+                Isa::active(),
+                (xs, xl),
+                (ws, wl),
+                (gs, gl),
+                self.g,
+                self.need_dx,
+            )
         } else {
             self.portable([(xs, xl), (ws, wl), (gs, gl)])
         }

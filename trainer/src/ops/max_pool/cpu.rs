@@ -1,9 +1,10 @@
 //! The stem's max-pool on the CPU (f32), plane by plane on the thread pool: the forward takes
 //! separable row then column maxima, the backward sends each output's gradient to the first
-//! maximum of its window (PyTorch's rule).
+//! maximum of its window (PyTorch's rule). The forward's loops are compiled for every [`Isa`].
 
 use candle_core::{CpuStorage, Layout, Result, Shape};
 use rayon::prelude::*;
+use shared::cpu::Isa;
 
 use super::reference::out;
 use crate::ops::cpu_storage::f32_slice;
@@ -12,7 +13,7 @@ const NAME: &str = "max-pool-3x3-s2";
 const BACKWARD_NAME: &str = "max-pool-3x3-s2-backward";
 
 /// `x [n, c, h, w] -> y [n, c, ho, wo]`.
-pub fn forward(s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+pub fn forward(isa: Isa, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
     let (count, h, w) = planes(l, NAME)?;
     let x = f32_slice(s, l, NAME)?;
     let (ho, wo) = (out(h), out(w));
@@ -21,30 +22,7 @@ pub fn forward(s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
     y.par_chunks_mut(ho * wo)
         .zip(x.par_chunks(h * w))
         .for_each_init(Vec::new, |rows, (dst, plane)| {
-            rows.clear();
-            for line in plane.chunks_exact(w) {
-                rows.extend((0..wo).map(|j| {
-                    let right = (2 * j + 1).min(w - 1);
-                    let m = line[2 * j].max(line[right]);
-                    if j > 0 {
-                        m.max(line[2 * j - 1])
-                    } else {
-                        m
-                    }
-                }));
-            }
-            for (i, out) in dst.chunks_exact_mut(wo).enumerate() {
-                let at = |r: usize| &rows[r * wo..(r + 1) * wo];
-                let (mid, below) = (at(2 * i), at((2 * i + 1).min(h - 1)));
-                for (j, o) in out.iter_mut().enumerate() {
-                    *o = mid[j].max(below[j]);
-                }
-                if i > 0 {
-                    for (o, &v) in out.iter_mut().zip(at(2 * i - 1)) {
-                        *o = o.max(v);
-                    }
-                }
-            }
+            pool_plane(isa, dst, plane, rows, h, w)
         });
     let dims = l.shape().dims();
     Ok((CpuStorage::F32(y), Shape::from((dims[0], dims[1], ho, wo))))
@@ -96,4 +74,35 @@ fn argmax(plane: &[f32], (h, w): (usize, usize), (i, j): (usize, usize)) -> usiz
         }
     }
     best
+}
+
+shared::multiversion! {
+    /// One `h x w` plane's 3x3 stride-2 maxima into `dst` (`ho x wo`), with `rows` as scratch.
+    fn pool_plane(dst: &mut [f32], plane: &[f32], rows: &mut Vec<f32>, h: usize, w: usize) {
+        let wo = out(w);
+        rows.clear();
+        for line in plane.chunks_exact(w) {
+            rows.extend((0..wo).map(|j| {
+                let right = (2 * j + 1).min(w - 1);
+                let m = line[2 * j].max(line[right]);
+                if j > 0 {
+                    m.max(line[2 * j - 1])
+                } else {
+                    m
+                }
+            }));
+        }
+        for (i, out) in dst.chunks_exact_mut(wo).enumerate() {
+            let at = |r: usize| &rows[r * wo..(r + 1) * wo];
+            let (mid, below) = (at(2 * i), at((2 * i + 1).min(h - 1)));
+            for (j, o) in out.iter_mut().enumerate() {
+                *o = mid[j].max(below[j]);
+            }
+            if i > 0 {
+                for (o, &v) in out.iter_mut().zip(at(2 * i - 1)) {
+                    *o = o.max(v);
+                }
+            }
+        }
+    }
 }

@@ -7,6 +7,8 @@ pub mod reference;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 
+use shared::cpu::Isa;
+
 use crate::ops::cpu_storage::all_f32;
 use crate::ops::portable::{self, Backend};
 
@@ -32,7 +34,7 @@ impl CustomOp1 for MaxPool {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         if all_f32(&[s]) {
-            cpu::forward(s, l)
+            cpu::forward(Isa::active(), s, l)
         } else {
             self.portable(s, l)
         }

@@ -8,6 +8,8 @@ pub mod reference;
 
 use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
 
+use shared::cpu::Isa;
+
 use crate::ops::cpu_storage::{all_f32, f32_slice, f32_slice_mut};
 use crate::ops::portable::{self, Backend};
 
@@ -91,7 +93,12 @@ impl InplaceOp2 for Blend {
             return portable_update(ds, dl, [(ss, sl)], |d, [s]| reference::blend(self, d, &s));
         }
         let src = f32_slice(ss, sl, self.name())?;
-        cpu::blend(self, f32_slice_mut(ds, dl, self.name())?, src);
+        cpu::blend(
+            Isa::active(),
+            self,
+            f32_slice_mut(ds, dl, self.name())?,
+            src,
+        );
         Ok(())
     }
 
@@ -128,7 +135,13 @@ impl InplaceOp3 for Momentum {
         }
         let w = f32_slice(ws, wl, self.name())?;
         let g = f32_slice(gs, gl, self.name())?;
-        cpu::momentum(self, f32_slice_mut(ms, ml, self.name())?, w, g);
+        cpu::momentum(
+            Isa::active(),
+            self,
+            f32_slice_mut(ms, ml, self.name())?,
+            w,
+            g,
+        );
         Ok(())
     }
 
@@ -169,7 +182,13 @@ impl InplaceOp3 for AdamStep {
         }
         let m = f32_slice(ms, ml, self.name())?;
         let v = f32_slice(vs, vl, self.name())?;
-        cpu::adam_step(self, f32_slice_mut(ws, wl, self.name())?, m, v);
+        cpu::adam_step(
+            Isa::active(),
+            self,
+            f32_slice_mut(ws, wl, self.name())?,
+            m,
+            v,
+        );
         Ok(())
     }
 
