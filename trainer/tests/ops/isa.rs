@@ -27,7 +27,7 @@ fn tensor(dims: &[usize], seed: u64) -> (CpuStorage, Layout) {
 fn values(out: Result<(CpuStorage, Shape)>) -> Vec<f32> {
     match out.unwrap().0 {
         CpuStorage::F32(v) => v,
-        other => panic!("expected f32, got {:?}", other.dtype()),
+        _ => panic!("expected an f32 output"),
     }
 }
 
