@@ -309,13 +309,18 @@ impl Dims {
             return Vec::new();
         }
         let Geometry { k, stride, .. } = self.g;
-        let (_, wp) = self.padded_size();
+        let (hp, wp) = self.padded_size();
         let mut taps = Vec::with_capacity(k * k * self.hw());
         for (ki, kj) in (0..k * k).map(|t| (t / k, t % k)) {
             for (oh, ow) in (0..self.hw()).map(|o| (o / self.wo, o % self.wo)) {
                 taps.push(((oh * stride + ki) * wp + ow * stride + kj) as u32);
             }
         }
+        // The gathers and scatters index without bounds checks: checked once here.
+        assert!(
+            taps.iter().all(|&t| (t as usize) < hp * wp),
+            "conv: tap table outside the padded plane"
+        );
         taps
     }
 
@@ -410,12 +415,6 @@ fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
     result
 }
 
-/// Whether every entry of the tap table reads inside a padded plane of `d`.
-fn taps_fit(d: &Dims, taps: &[u32]) -> bool {
-    let (hp, wp) = d.padded_size();
-    taps.iter().all(|&t| (t as usize) < hp * wp)
-}
-
 shared::multiversion! {
     /// Gathers image `img` (`[c, h, w]`) into columns `at..at + ho*wo` of `cols` (`[kk, ld]`),
     /// zeros where the kernel overhangs the padding. Every entry of those columns is written.
@@ -432,14 +431,13 @@ shared::multiversion! {
         let (k, s, p) = (d.g.k, d.g.stride, d.g.padding);
         let (h, w, wo, hw) = (d.h, d.w, d.wo, d.hw());
         if !taps.is_empty() {
-            assert!(taps_fit(d, taps), "conv: tap table outside the padded plane");
             let (hp, wp) = d.padded_size();
             let padded = d.pad(img, padded);
             for (r, row) in cols.chunks_exact_mut(ld).enumerate() {
                 let plane = &padded[r / (k * k) * hp * wp..][..hp * wp];
                 let taps = &taps[(r % (k * k)) * hw..][..hw];
                 for (d, &t) in row[at..at + hw].iter_mut().zip(taps) {
-                    // SAFETY: every tap lies inside a padded plane (asserted above).
+                    // SAFETY: every tap lies inside a padded plane (asserted in `Dims::taps`).
                     *d = unsafe { *plane.get_unchecked(t as usize) };
                 }
             }
@@ -503,7 +501,6 @@ shared::multiversion! {
         let (h, w, wo, hw) = (d.h, d.w, d.wo, d.hw());
         if !taps.is_empty() {
             // Scattered onto zeroed padded planes, whose insides are then added to the image.
-            assert!(taps_fit(d, taps), "conv: tap table outside the padded plane");
             let (hp, wp) = d.padded_size();
             let padded = grown(padded, d.c * hp * wp);
             padded.fill(0.0);
@@ -511,7 +508,7 @@ shared::multiversion! {
                 let plane = &mut padded[r / (k * k) * hp * wp..][..hp * wp];
                 let taps = &taps[(r % (k * k)) * hw..][..hw];
                 for (&v, &t) in row[at..at + hw].iter().zip(taps) {
-                    // SAFETY: every tap lies inside a padded plane (asserted above).
+                    // SAFETY: every tap lies inside a padded plane (asserted in `Dims::taps`).
                     unsafe { *plane.get_unchecked_mut(t as usize) += v };
                 }
             }
