@@ -27,6 +27,8 @@ pub struct TrainConfig {
     #[serde(flatten)]
     pub data: DataConfig,
     #[serde(flatten)]
+    pub parallel: ParallelConfig,
+    #[serde(flatten)]
     pub run: RunConfig,
 }
 
@@ -122,11 +124,29 @@ pub struct DataConfig {
     pub local_views: usize,
     /// Side of the local views.
     pub local_size: u32,
+    /// The global batch: samples per optimiser step, over every rank and micro-batch (each of
+    /// `world` ranks runs `accumulate` micro-batches of `batch_size / (world * accumulate)`).
+    /// The learning rate scales with it.
     pub batch_size: usize,
     /// Input-pipeline worker threads (0: all cores).
     pub threads: usize,
     /// Batches the input pipeline may prepare ahead.
     pub prefetch: usize,
+}
+
+/// How a step is split: over data-parallel ranks (`trainer pretrain --ranks/--gpus`, torchrun,
+/// srun) and over micro-batches.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ParallelConfig {
+    /// Micro-batches per optimiser step (gradient accumulation): their gradients are averaged,
+    /// so a step equals one on the whole batch, except that BatchNorm sees each micro-batch on
+    /// its own. Lets the paper's global batch fit on fewer GPUs.
+    #[serde(default = "one_usize")]
+    pub accumulate: usize,
+    /// With several ranks: BatchNorm normalises with the statistics of the batch of every rank
+    /// together (SyncBN), as with one device; off, each rank with its own part's.
+    #[serde(default = "yes")]
+    pub sync_bn: bool,
 }
 
 /// Seeding, checkpoints and monitoring.
@@ -323,6 +343,10 @@ impl TrainConfig {
                 threads: 0,
                 prefetch: 4,
             },
+            parallel: ParallelConfig {
+                accumulate: 1,
+                sync_bn: true,
+            },
             run: RunConfig {
                 seed: 0,
                 checkpoint_every: 1000,
@@ -356,7 +380,8 @@ impl TrainConfig {
     }
 
     /// Reads a JSON config file (as written to a run's `config.json`: every key required except
-    /// `lr_final`, `ema_final`, `rotation` and `knn_per_class`, which configs written before they existed lack).
+    /// `lr_final`, `ema_final`, `rotation`, `knn_per_class`, `accumulate` and `sync_bn`, which configs
+    /// written before they existed lack).
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).io("read config", path)?;
         let c = serde_json::from_str(&text)
@@ -457,6 +482,12 @@ impl TrainConfig {
             ">= 2 (BatchNorm)",
         )?;
         check(d.prefetch >= 1, "prefetch", d.prefetch, ">= 1")?;
+        check(
+            self.parallel.accumulate >= 1 && d.batch_size.is_multiple_of(self.parallel.accumulate),
+            "accumulate",
+            self.parallel.accumulate,
+            "a divisor of batch_size, >= 1",
+        )?;
         check(me.groups >= 1, "groups", me.groups, ">= 1")?;
         check(
             me.visible_ratio > 0.0 && me.visible_ratio <= 1.0,
@@ -622,7 +653,32 @@ impl TrainConfig {
         views
     }
 
-    /// Learning rate after scaling by the batch size.
+    /// Samples of one micro-batch on each of `world` ranks, or why `batch_size` cannot be split so.
+    pub fn micro_batch(&self, world: usize) -> Result<usize> {
+        let parts = world * self.parallel.accumulate;
+        let micro = self.data.batch_size / parts;
+        if !self.data.batch_size.is_multiple_of(parts) || micro == 0 {
+            return Err(Error::config(
+                "batch_size",
+                format!(
+                    "batch_size = {} cannot be split into {world} ranks x {} micro-batches                      (accumulate): make it a multiple of {parts}",
+                    self.data.batch_size, self.parallel.accumulate
+                ),
+            ));
+        }
+        if micro < 2 && !(world > 1 && self.parallel.sync_bn) {
+            return Err(Error::config(
+                "batch_size",
+                format!(
+                    "batch_size = {} over {world} ranks x {} micro-batches leaves {micro} sample                      per BatchNorm batch: raise batch_size or lower accumulate",
+                    self.data.batch_size, self.parallel.accumulate
+                ),
+            ));
+        }
+        Ok(micro)
+    }
+
+    /// Learning rate after scaling by the (global) batch size.
     pub fn scaled_lr(&self) -> f64 {
         self.optim.lr * self.data.batch_size as f64 / 256.0
     }
@@ -631,6 +687,16 @@ impl TrainConfig {
 /// Serde default of `ema_final` for configs written before it existed.
 fn one() -> f64 {
     1.0
+}
+
+/// Serde default of `accumulate` for configs written before it existed.
+fn one_usize() -> usize {
+    1
+}
+
+/// Serde default of `sync_bn` for configs written before it existed.
+fn yes() -> bool {
+    true
 }
 
 /// Serde default of `knn_per_class` for configs written before it existed.

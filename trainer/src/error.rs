@@ -28,6 +28,9 @@ pub enum Error {
          the same command and --resume"
     )]
     Interrupted { step: u64, checkpoint: PathBuf },
+    /// Rank `rank` of a data-parallel run failed with `source`; the other ranks were stopped.
+    #[error("rank {rank} failed, and the other ranks were stopped: {source}")]
+    Rank { rank: usize, source: Box<Error> },
     /// An operating-system error while doing `action` on `path`.
     #[error("cannot {action} {path}")]
     Io {

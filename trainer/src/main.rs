@@ -200,6 +200,24 @@ struct PretrainArgs {
     /// run over the whole run, so --resume later continues exactly. For time-limited job slots.
     #[arg(long)]
     stop_after: Option<u64>,
+    /// Data-parallel on N GPUs of this machine (needs a build with `--features nccl` and
+    /// `--device cuda`): starts one process per GPU (rank i on GPU i), which split each step's
+    /// global batch (`batch_size`, whose learning-rate scaling is unchanged) and average their
+    /// gradients through NCCL; BatchNorm uses the statistics of the global batch unless
+    /// `--set sync_bn=false`. Only rank 0 writes the run folder and shows progress. When one
+    /// rank fails, the others are stopped and the error names it. Across machines, start the
+    /// trainer once per GPU with torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+    /// MASTER_PORT) or srun (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, and MASTER_ADDR set by
+    /// the job script) instead: see the README. A run resumes on any number of GPUs that divides
+    /// batch_size; with `--set accumulate=K` each rank runs K micro-batches per step, so fewer
+    /// GPUs hold the same global batch.
+    #[arg(long, value_name = "N", conflicts_with = "ranks")]
+    gpus: Option<usize>,
+    /// Data-parallel over N ranks as threads of this process (any device; for several CPU
+    /// sockets, or to check a multi-GPU setting on one machine): the same split of the global
+    /// batch, averaged gradients and SyncBN as --gpus, with an in-process reduction.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    ranks: usize,
     /// Print a JSON summary at the end instead of text.
     #[arg(long)]
     json: bool,
@@ -461,6 +479,45 @@ impl EvalArgs {
 /// A flag that the first SIGTERM or SIGINT sets (pretraining then finishes its step, writes a
 /// checkpoint and exits); a second one ends the process at once, leaving the last complete
 /// checkpoint as it was.
+/// Fails unless this binary can talk NCCL.
+fn require_nccl() -> Result<()> {
+    if cfg!(feature = "nccl") {
+        Ok(())
+    } else {
+        Err(trainer::error::Error::Device(
+            "several GPUs need NCCL: rebuild with `cargo build --release --features nccl`              (tools/build-cuda.sh builds it); on the CPU, --ranks N runs N ranks as threads"
+                .into(),
+        )
+        .into())
+    }
+}
+
+/// This process's GPU and its place in the NCCL group that `env` (from the launcher) describes.
+fn join_group(
+    env: &trainer::dist::launch::RankEnv,
+    device: &str,
+) -> Result<(candle_core::Device, pretrain::Ranks)> {
+    require_nccl()?;
+    if !device.starts_with("cuda") {
+        return Err(trainer::error::Error::Device(format!(
+            "rank {} of {} (set by the launcher) runs on GPU {}: use --device cuda, not {device}",
+            env.rank, env.world_size, env.local_rank
+        ))
+        .into());
+    }
+    let gpu = trainer::device::parse(&format!("cuda:{}", env.local_rank))?;
+    #[cfg(feature = "nccl")]
+    {
+        let group = trainer::dist::nccl::join(env, &gpu)?;
+        Ok((gpu, pretrain::Ranks::Group(group)))
+    }
+    #[cfg(not(feature = "nccl"))]
+    {
+        let _ = gpu;
+        bail!("this trainer was built without NCCL")
+    }
+}
+
 fn stop_on_signals() -> Result<Arc<AtomicBool>> {
     let flag = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
@@ -645,11 +702,32 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Pretrain(args) => {
+            let stop = stop_on_signals()?;
+            let launched = trainer::dist::launch::RankEnv::from_env()?;
+            if let (None, Some(gpus)) = (&launched, args.gpus) {
+                if gpus > 1 {
+                    require_nccl()?;
+                    return Ok(trainer::dist::launch::spawn_local(gpus, &stop)?);
+                }
+            }
+            let (device, ranks) = match &launched {
+                Some(env) => join_group(env, &args.config.device)?,
+                None if args.ranks > 1 => (
+                    trainer::device::parse(&args.config.device)?,
+                    pretrain::Ranks::Threads(args.ranks),
+                ),
+                None => (
+                    trainer::device::parse(&args.config.device)?,
+                    pretrain::Ranks::One,
+                ),
+            };
+            let lead = launched.as_ref().is_none_or(|env| env.rank == 0);
             let job = PretrainJob {
                 config: args.config.resolve()?,
                 data: args.data.clone(),
                 out: args.out,
-                device: trainer::device::parse(&args.config.device)?,
+                device,
+                ranks,
                 resume: match args.resume {
                     None => Resume::No,
                     Some(ResumeArg::Yes) => Resume::Required,
@@ -658,7 +736,7 @@ fn run(cli: Cli) -> Result<()> {
                 force: args.force,
                 stop_after: args.stop_after,
                 change_schedule: args.change_schedule,
-                stop: Some(stop_on_signals()?),
+                stop: Some(stop),
                 knn: args.val.map(|val| pretrain::KnnSets {
                     train: args.knn_train.unwrap_or_else(|| args.data.clone()),
                     val,
@@ -672,7 +750,9 @@ fn run(cli: Cli) -> Result<()> {
                 },
             };
             let summary = pretrain::run(&job)?;
-            if args.json {
+            if !lead {
+                // Rank 0 reports for the job.
+            } else if args.json {
                 println!("{}", serde_json::to_string(&summary)?);
             } else if summary.steps_this_run == 0 {
                 println!(

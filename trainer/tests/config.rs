@@ -23,10 +23,14 @@ fn a_run_config_written_before_the_sections_loads_and_round_trips() {
     assert_eq!(cfg.run.knn_every, 4);
     // Written back, it is the same file plus the keys added since, at their defaults.
     let mut want = flat(&std::fs::read_to_string(BEFORE_SECTIONS).unwrap());
-    assert!(want.get("knn_per_class").is_none());
-    want.as_object_mut()
-        .unwrap()
-        .insert("knn_per_class".into(), 100.into());
+    for (key, default) in [
+        ("knn_per_class", serde_json::json!(100)),
+        ("accumulate", serde_json::json!(1)),
+        ("sync_bn", serde_json::json!(true)),
+    ] {
+        assert!(want.get(key).is_none());
+        want.as_object_mut().unwrap().insert(key.into(), default);
+    }
     assert_eq!(serde_json::to_value(&cfg).unwrap(), want);
 }
 
@@ -46,6 +50,10 @@ fn keys_added_later_take_their_defaults_when_missing() {
             cfg.run.knn_per_class
         ),
         (0.0, 1.0, 0.0, 100)
+    );
+    assert_eq!(
+        (cfg.parallel.accumulate, cfg.parallel.sync_bn),
+        (1, true)
     );
 }
 

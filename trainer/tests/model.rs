@@ -89,8 +89,14 @@ fn stage_outputs_have_the_documented_strides_and_channels() {
 
 #[test]
 fn masks_have_exactly_k_cells_per_view_and_group_and_groups_differ() {
-    let mut rng = ChaCha8Rng::seed_from_u64(1);
-    let m = VisibleCells::sample(&mut rng, 6, 4, (7, 7), 0.25);
+    let seed = 1;
+    let m = VisibleCells::sample(
+        |r| ChaCha8Rng::seed_from_u64(seed + r as u64),
+        6,
+        4,
+        (7, 7),
+        0.25,
+    );
     let k = visible_count(0.25, 49);
     assert_eq!(k, 12);
     let sets: Vec<&[bool]> = m.visible.chunks(49).collect();
@@ -110,8 +116,14 @@ fn masks_have_exactly_k_cells_per_view_and_group_and_groups_differ() {
 
 #[test]
 fn finer_level_mask_is_the_nearest_upsampled_coarse_mask() {
-    let mut rng = ChaCha8Rng::seed_from_u64(2);
-    let m = VisibleCells::sample(&mut rng, 2, 3, (7, 7), 0.25);
+    let seed = 2;
+    let m = VisibleCells::sample(
+        |r| ChaCha8Rng::seed_from_u64(seed + r as u64),
+        2,
+        3,
+        (7, 7),
+        0.25,
+    );
     let c5 = m.pooling_weights((7, 7));
     let c4 = m.pooling_weights((14, 14));
     for row in 0..6 {
@@ -130,9 +142,15 @@ fn finer_level_mask_is_the_nearest_upsampled_coarse_mask() {
 #[test]
 fn masked_pooling_equals_a_loop_over_groups() {
     let dev = Device::Cpu;
-    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let seed = 3;
     let (n, c, h, w, g) = (3, 5, 4, 4, 4);
-    let m = VisibleCells::sample(&mut rng, n, g, (2, 2), 0.5);
+    let m = VisibleCells::sample(
+        |r| ChaCha8Rng::seed_from_u64(seed + r as u64),
+        n,
+        g,
+        (2, 2),
+        0.5,
+    );
     let feats = Tensor::randn(0f32, 1.0, (n, c, h, w), &dev).unwrap();
     let weights = m.pooling_tensor((h, w), DType::F32, &dev).unwrap();
     let pooled: Vec<f32> = masked_pool(&feats, &weights)
@@ -179,13 +197,13 @@ fn batch(cfg: &TrainConfig, seed: u64) -> Tensor {
 
 /// The model's loss on the global views `x` with masks drawn from `mask_seed`.
 fn loss_on(model: &MaskDeep, x: &Tensor, mask_seed: u64) -> Loss {
+    let positions: Vec<u64> = (0..model.config().data.batch_size as u64).collect();
     let views = Views {
         global: x,
         local: None,
-        batch: model.config().data.batch_size,
+        positions: &positions,
     };
-    let mut rng = ChaCha8Rng::seed_from_u64(mask_seed);
-    let masks = model.sample_masks(&mut rng, &views).unwrap();
+    let masks = model.sample_masks(mask_seed, &views).unwrap();
     model.loss(&views, &masks, None).unwrap()
 }
 
@@ -277,10 +295,11 @@ fn the_loss_decreases_when_training_on_a_tiny_fixed_batch() {
     let opt = Optimizer::new(Rule::Sgd, params::trainable(&model.online_vars), 0.9, 0.0).unwrap();
     let mut trainer = TrainStep::new(model, opt);
     let x = batch(&cfg, 8);
+    let positions: Vec<u64> = (0..cfg.data.batch_size as u64).collect();
     let views = Views {
         global: &x,
         local: None,
-        batch: cfg.data.batch_size,
+        positions: &positions,
     };
     let rates = Rates {
         lr: 0.05,
@@ -288,7 +307,10 @@ fn the_loss_decreases_when_training_on_a_tiny_fixed_batch() {
     };
     let mut losses = Vec::new();
     for step in 0..15 {
-        let loss = trainer.run(&views, step, rates, None).unwrap().total;
+        let loss = trainer
+            .run(std::slice::from_ref(&views), step, rates, None)
+            .unwrap()
+            .total;
         losses.push(loss.to_scalar::<f32>().unwrap());
     }
     let first: f32 = losses[..3].iter().sum::<f32>() / 3.0;

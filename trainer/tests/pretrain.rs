@@ -10,7 +10,7 @@ use trainer::config::TrainConfig;
 use trainer::diag::{bench, parity};
 use trainer::error::Error;
 use trainer::train::checkpoint;
-use trainer::train::pretrain::{run, PretrainJob, Resume};
+use trainer::train::pretrain::{run, PretrainJob, Ranks, Resume};
 use trainer::train::progress::ProgressMode;
 use trainer::train::step::steps_run_on_this_thread;
 
@@ -58,6 +58,7 @@ fn job(cfg: &TrainConfig, data: &Path, out: &Path) -> PretrainJob {
         stop: None,
         knn: None,
         progress: ProgressMode::Off,
+        ranks: Ranks::One,
     }
 }
 

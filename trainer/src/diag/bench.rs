@@ -54,10 +54,11 @@ pub fn time_steps(cfg: &TrainConfig, device: &Device, steps: usize) -> Result<St
     } else {
         None
     };
+    let positions: Vec<u64> = (0..b as u64).collect();
     let views = Views {
         global: &global,
         local: local.as_ref(),
-        batch: b,
+        positions: &positions,
     };
     let rates = Rates {
         lr: 0.01,
@@ -66,7 +67,12 @@ pub fn time_steps(cfg: &TrainConfig, device: &Device, steps: usize) -> Result<St
     let mut samples: Vec<StepProfile> = Vec::new();
     for step in 0..=steps {
         let mut profile = StepProfile::default();
-        trainer.run(&views, step as u64, rates, Some(&mut profile))?;
+        trainer.run(
+            std::slice::from_ref(&views),
+            step as u64,
+            rates,
+            Some(&mut profile),
+        )?;
         if step > 0 {
             samples.push(profile);
         }

@@ -65,10 +65,11 @@ impl GradientHook for CaptureGrads {
 fn run(cfg: &TrainConfig, device: &Device, input: &Tensor) -> candle_core::Result<Run> {
     let model = MaskDeep::new(cfg, device)?;
     let x = input.to_device(device)?;
+    let positions: Vec<u64> = (0..cfg.data.batch_size as u64).collect();
     let views = Views {
         global: &x,
         local: None,
-        batch: cfg.data.batch_size,
+        positions: &positions,
     };
     let dtype = cfg.model.compute_dtype();
     let c5 = model
@@ -86,7 +87,7 @@ fn run(cfg: &TrainConfig, device: &Device, input: &Tensor) -> candle_core::Resul
     let optimizer = model.optimizer()?;
     let mut trainer = TrainStep::new(model, optimizer).with_hook(Box::new(hook));
     let rates = Rates { lr: 0.0, tau: 1.0 };
-    let loss = trainer.run(&views, 0, rates, None)?;
+    let loss = trainer.run(std::slice::from_ref(&views), 0, rates, None)?;
     let grads = std::mem::take(&mut *grads.lock().unwrap_or_else(|e| e.into_inner()));
     Ok(Run {
         c5,

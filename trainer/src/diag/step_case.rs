@@ -46,12 +46,13 @@ pub fn write(cfg: &TrainConfig, seed: u64, path: &Path) -> Result<CaseSummary> {
         .map(|_| StandardNormal.sample(&mut rng))
         .collect();
     let x = Tensor::from_vec(values, (n, 3, s, s), &dev)?;
+    let positions: Vec<u64> = (0..cfg.data.batch_size as u64).collect();
     let views = Views {
         global: &x,
         local: None,
-        batch: cfg.data.batch_size,
+        positions: &positions,
     };
-    let masks = model.sample_masks(&mut rng, &views)?;
+    let masks = model.sample_masks(seed, &views)?;
     let loss = model.loss(&views, &masks, None)?;
     let grads = loss.total.backward()?;
 

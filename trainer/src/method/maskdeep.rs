@@ -5,7 +5,6 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use rand::Rng;
 
 use crate::config::{Targets, TrainConfig};
 use crate::method::masking::{masked_pool, VisibleCells};
@@ -73,6 +72,33 @@ pub struct Loss {
     pub per_level: Vec<Tensor>,
 }
 
+impl Loss {
+    /// The same values without the graph behind them.
+    pub fn detach(&self) -> Result<Loss> {
+        Ok(Loss {
+            total: self.total.detach(),
+            per_level: self.per_level.iter().map(Tensor::detach).collect(),
+        })
+    }
+
+    /// The mean of `losses` (one when there is one), term by term.
+    pub fn mean(losses: &[Loss]) -> Result<Loss> {
+        let mean = |terms: Vec<&Tensor>| -> Result<Tensor> {
+            match terms.as_slice() {
+                [one] => Ok((*one).clone()),
+                _ => Tensor::stack(&terms, 0)?.mean(0),
+            }
+        };
+        let levels = losses.first().map_or(0, |l| l.per_level.len());
+        Ok(Loss {
+            total: mean(losses.iter().map(|l| &l.total).collect())?,
+            per_level: (0..levels)
+                .map(|i| mean(losses.iter().map(|l| &l.per_level[i]).collect()))
+                .collect::<Result<_>>()?,
+        })
+    }
+}
+
 /// Where the forward pass spends its time, and the ops of the target branch (whose graph is cut
 /// before the loss), filled when asked for (synchronises the device).
 #[derive(Clone, Copy, Debug, Default)]
@@ -91,7 +117,16 @@ pub struct Views<'a> {
     pub global: &'a Tensor,
     /// `[local_views * batch, 3, s, s]`, view-major, when the config has local views.
     pub local: Option<&'a Tensor>,
-    pub batch: usize,
+    /// Each sample's position in the step's global batch (over every rank and micro-batch): it
+    /// keys the sample's masks.
+    pub positions: &'a [u64],
+}
+
+impl Views<'_> {
+    /// Samples per view.
+    pub fn batch(&self) -> usize {
+        self.positions.len()
+    }
 }
 
 impl MaskDeep {
@@ -149,30 +184,40 @@ impl MaskDeep {
         &self.device
     }
 
-    /// Samples the visible cells for a step: one set per (online view, sample, group) on the
-    /// coarsest masked level of each view size; all visible when `visible_ratio` is 1.
-    pub fn sample_masks(&self, rng: &mut impl Rng, views: &Views) -> Result<Vec<VisibleCells>> {
+    /// Samples the visible cells of step `step`: one set per (online view, sample, group) on the
+    /// coarsest masked level of each view size, each (view, sample) from its own stream keyed by
+    /// (seed, step, the sample's position, view); all visible when `visible_ratio` is 1.
+    pub fn sample_masks(&self, step: u64, views: &Views) -> Result<Vec<VisibleCells>> {
         let coarsest = *self
             .levels
             .iter()
             .max()
             .expect("validated: at least one level");
         let stride = self.cfg.resnet().strides()[coarsest];
+        let (seed, batch) = (self.cfg.run.seed, views.batch());
         let mut out = Vec::new();
+        let mut first_view = 0;
         let mut add = |t: &Tensor| -> Result<()> {
             let (rows, _, h, w) = t.dims4()?;
             let grid = (h.div_ceil(stride), w.div_ceil(stride));
+            let groups = self.cfg.method.groups;
             out.push(if self.cfg.method.visible_ratio >= 1.0 {
-                VisibleCells::all(rows, self.cfg.method.groups, grid)
+                VisibleCells::all(rows, groups, grid)
             } else {
+                // Rows are view-major: row r is sample r % batch of view r / batch.
+                let rng_of_row = |r: usize| {
+                    let view = (first_view + r / batch) as u64;
+                    mask_rng(seed, step, views.positions[r % batch], view)
+                };
                 VisibleCells::sample(
-                    rng,
+                    rng_of_row,
                     rows,
-                    self.cfg.method.groups,
+                    groups,
                     grid,
                     self.cfg.method.visible_ratio,
                 )
             });
+            first_view += rows / batch;
             Ok(())
         };
         add(views.global)?;
@@ -250,7 +295,7 @@ impl MaskDeep {
         let mut per_level = Vec::with_capacity(self.levels.len());
         let mut total: Option<Tensor> = None;
         for (li, (p, z)) in preds.iter().zip(&targets).enumerate() {
-            let l = multi_target_loss(p, z, &weights, views.batch, self.cfg.method.groups)?;
+            let l = multi_target_loss(p, z, &weights, views.batch(), self.cfg.method.groups)?;
             let weighted = (&l * self.cfg.method.level_weights[li])?;
             total = Some(match total {
                 None => weighted,
@@ -286,6 +331,13 @@ impl MaskDeep {
         }
         Tensor::from_vec(w, (n_views * groups, n_global), &self.device)
     }
+}
+
+/// The random stream of the masks of one (step, sample position, view): a function of these only,
+/// so that a resumed run draws what an uninterrupted one would, and a batch split over ranks or
+/// micro-batches what the whole batch would.
+pub fn mask_rng(seed: u64, step: u64, position: u64, view: u64) -> rand_chacha::ChaCha8Rng {
+    shared::sampler::view_rng(seed ^ 0x6d61_736b_6465_6570, step, position, view)
 }
 
 /// `2 - 2 * cos`, averaged with `weights [views * groups, targets]` and over the batch.

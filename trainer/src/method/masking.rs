@@ -21,32 +21,26 @@ pub fn visible_count(ratio: f64, cells: usize) -> usize {
 
 impl VisibleCells {
     /// Samples, for every (row, group), an independent uniform subset of exactly
-    /// `visible_count(ratio, h * w)` cells.
-    pub fn sample(
-        rng: &mut impl Rng,
+    /// `visible_count(ratio, h * w)` cells; row `r`'s from its own stream `rng_of_row(r)`, so
+    /// that a row's cells do not depend on which other rows are drawn with it (data-parallel
+    /// ranks and accumulated micro-batches draw what one whole batch would).
+    pub fn sample<R: Rng>(
+        mut rng_of_row: impl FnMut(usize) -> R,
         rows: usize,
         groups: usize,
         grid: (usize, usize),
         ratio: f64,
     ) -> Self {
-        let cells = grid.0 * grid.1;
-        let k = visible_count(ratio, cells);
-        let mut visible = vec![false; rows * groups * cells];
-        let mut order: Vec<usize> = (0..cells).collect();
-        for chunk in visible.chunks_mut(cells) {
-            // Partial Fisher-Yates: the first k entries of `order` become a uniform k-subset.
-            for i in 0..k {
-                let j = rng.random_range(i..cells);
-                order.swap(i, j);
-                chunk[order[i]] = true;
-            }
+        let mut cells = Self::all(rows, groups, grid);
+        let mut order = Vec::new();
+        for (r, row) in cells
+            .visible
+            .chunks_mut(groups * grid.0 * grid.1)
+            .enumerate()
+        {
+            draw_row(&mut rng_of_row(r), row, groups, ratio, &mut order);
         }
-        VisibleCells {
-            rows,
-            groups,
-            grid,
-            visible,
-        }
+        cells
     }
 
     /// All cells visible (masking off).
@@ -92,6 +86,30 @@ impl VisibleCells {
         Tensor::from_vec(w, (self.rows, self.groups, grid.0 * grid.1), &Device::Cpu)?
             .to_dtype(dtype)?
             .to_device(device)
+    }
+}
+
+/// Draws one row's visible cells for each of its `groups` (`row` holds `groups` grids, all
+/// visible on entry), using `order` as scratch.
+fn draw_row(
+    rng: &mut impl Rng,
+    row: &mut [bool],
+    groups: usize,
+    ratio: f64,
+    order: &mut Vec<usize>,
+) {
+    let cells = row.len() / groups;
+    let k = visible_count(ratio, cells);
+    for chunk in row.chunks_mut(cells) {
+        chunk.fill(false);
+        order.clear();
+        order.extend(0..cells);
+        // Partial Fisher-Yates: the first k entries of `order` become a uniform k-subset.
+        for i in 0..k {
+            let j = rng.random_range(i..cells);
+            order.swap(i, j);
+            chunk[order[i]] = true;
+        }
     }
 }
 

@@ -5,6 +5,7 @@
 use candle_core::{DType, Result, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 
+use crate::dist::sync_bn;
 use crate::ops::batch_norm::{self, EPS};
 
 /// PyTorch's default momentum of the running statistics.
@@ -45,7 +46,9 @@ impl BatchNorm {
     ) -> Result<Tensor> {
         if train {
             let (y, stats) = batch_norm::train(x, &self.weight, &self.bias, residual, relu)?;
-            self.update_running(&stats, x.elem_count() / x.dim(1)?)?;
+            // Under SyncBN the statistics are over every rank's values.
+            let ranks = sync_bn::current().map_or(1, |g| g.world_size());
+            self.update_running(&stats, ranks * x.elem_count() / x.dim(1)?)?;
             return Ok(y);
         }
         let dims = x.dims().to_vec();

@@ -117,6 +117,11 @@ fn sync(path: &Path) -> Result<()> {
         .io("flush to disk", path)
 }
 
+/// Where the checkpoint of step `step` of the run in `run` is (or will be) saved.
+pub fn path(run: &Path, step: u64) -> PathBuf {
+    folder(run).join(format!("step-{step:08}"))
+}
+
 /// Writes a checkpoint of `model`, `optimizer` and `state` (whose `files` it fills), then removes
 /// all but the newest `keep`. On failure (a full disk, say) the earlier checkpoints are untouched.
 pub fn save(
@@ -127,7 +132,7 @@ pub fn save(
     keep: usize,
 ) -> Result<PathBuf> {
     let dir = folder(run);
-    let path = dir.join(format!("step-{:08}", state.step));
+    let path = path(run, state.step);
     let tmp = dir.join(format!("step-{:08}.tmp", state.step));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).io("remove", &tmp)?;

@@ -14,7 +14,39 @@ use shared::viewshards::{ViewShards, VIEWS_MANIFEST};
 
 use crate::config::TrainConfig;
 
-/// One step's views as u8 CHW bytes, global views first, each `[batch, 3, size, size]`.
+/// How each step's global batch is cut: rank `rank` of `world` takes the samples at positions
+/// `j * world + rank` of the step (as [`Sampler::batch`] deals them), and its micro-batch `k` of
+/// `accumulate` takes every `accumulate`-th of those from the `k`-th. So micro-batch `k` of rank
+/// `r` is what rank `k * world + r` of `world * accumulate` would get: the split changes where a
+/// sample is computed, never which samples a step sees.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Split {
+    pub rank: usize,
+    pub world: usize,
+    pub accumulate: usize,
+}
+
+/// The samples of one micro-batch: rows of the rank's batch, and their positions in the step's
+/// global batch (which key their masks).
+pub struct Micro {
+    pub rows: Vec<usize>,
+    pub positions: Vec<u64>,
+}
+
+impl Split {
+    /// Micro-batch `k` of `size` samples.
+    pub fn micro(&self, k: usize, size: usize) -> Micro {
+        let rows: Vec<usize> = (0..size).map(|i| i * self.accumulate + k).collect();
+        let positions = rows
+            .iter()
+            .map(|&j| (j * self.world + self.rank) as u64)
+            .collect();
+        Micro { rows, positions }
+    }
+}
+
+/// One step's views (this rank's part) as u8 CHW bytes, global views first, each
+/// `[batch, 3, size, size]`.
 pub struct HostBatch {
     pub step: usize,
     pub epoch: u64,
@@ -35,13 +67,16 @@ enum Source {
     },
 }
 
-/// A stream of training batches for steps `start..end`.
+/// A stream of training batches for steps `start..end`: this rank's part of each.
 pub struct Batches {
     source: Source,
+    split: Split,
+    /// The global batch.
     batch_size: usize,
 }
 
 /// What a data folder offers a run.
+#[derive(Clone, Debug)]
 pub struct DataPlan {
     pub steps_per_epoch: usize,
     /// Steps available in total (view shards hold a fixed number of epochs).
@@ -138,8 +173,14 @@ fn check_view_shards(shards: &ViewShards, cfg: &TrainConfig, dir: &Path) -> Resu
 }
 
 impl Batches {
-    /// Starts producing steps `start..end` from `dir`.
-    pub fn open(dir: &Path, cfg: &TrainConfig, start: usize, end: usize) -> Result<Self> {
+    /// Starts producing rank `split.rank`'s part of steps `start..end` from `dir`.
+    pub fn open(
+        dir: &Path,
+        cfg: &TrainConfig,
+        start: usize,
+        end: usize,
+        split: Split,
+    ) -> Result<Self> {
         let source = if is_view_folder(dir) {
             let shards = ViewShards::open(dir)?;
             check_view_shards(&shards, cfg, dir)?;
@@ -159,12 +200,12 @@ impl Batches {
                 dataset,
                 PipelineConfig {
                     views: cfg.view_specs(),
-                    batch_size: cfg.data.batch_size,
+                    batch_size: cfg.data.batch_size / split.world,
                     seed: cfg.run.seed,
                     threads,
                     prefetch: cfg.data.prefetch,
-                    rank: 0,
-                    world_size: 1,
+                    rank: split.rank,
+                    world_size: split.world,
                     start_step: start,
                     end_step: end,
                     output: Output::U8,
@@ -173,6 +214,7 @@ impl Batches {
         };
         Ok(Batches {
             source,
+            split,
             batch_size: cfg.data.batch_size,
         })
     }
@@ -225,12 +267,14 @@ impl Batches {
                 *next += 1;
                 let m = shards.manifest();
                 let sizes: Vec<u32> = m.views.iter().map(|v| v.size).collect();
+                let part = self.batch_size / self.split.world;
                 let mut views: Vec<Vec<u8>> = sizes
                     .iter()
-                    .map(|&s| Vec::with_capacity(self.batch_size * 3 * (s * s) as usize))
+                    .map(|&s| Vec::with_capacity(part * 3 * (s * s) as usize))
                     .collect();
-                let mut labels = Vec::with_capacity(self.batch_size);
-                for k in step * self.batch_size..(step + 1) * self.batch_size {
+                let mut labels = Vec::with_capacity(part);
+                let first = step * self.batch_size + self.split.rank;
+                for k in (0..part).map(|j| first + j * self.split.world) {
                     let sample = shards.sample(k)?;
                     for (out, bytes) in views.iter_mut().zip(&sample.views) {
                         out.extend_from_slice(bytes);
@@ -260,20 +304,27 @@ pub fn imagenet_normalised(bytes: &[u8], n: usize, size: usize, device: &Device)
     Ok(x.broadcast_mul(&scale)?.broadcast_sub(&shift)?)
 }
 
-/// The global views of `batch` stacked view-major (`[global * n, 3, S, S]`), and the local views
-/// likewise when there are any.
+/// The global views of micro-batch `micro` of `batch` stacked view-major
+/// (`[global * n, 3, S, S]`), and the local views likewise when there are any.
 pub fn to_device(
     batch: &HostBatch,
+    micro: &Micro,
     global_views: usize,
     device: &Device,
 ) -> Result<(Tensor, Option<Tensor>)> {
-    let n = batch.labels.len();
+    let n = micro.rows.len();
     let stack = |range: std::ops::Range<usize>| -> Result<Option<Tensor>> {
         if range.is_empty() {
             return Ok(None);
         }
         let size = batch.sizes[range.start] as usize;
-        let bytes: Vec<u8> = batch.views[range.clone()].concat();
+        let image = 3 * size * size;
+        let mut bytes: Vec<u8> = Vec::with_capacity(n * range.len() * image);
+        for view in &batch.views[range.clone()] {
+            for &row in &micro.rows {
+                bytes.extend_from_slice(&view[row * image..(row + 1) * image]);
+            }
+        }
         Ok(Some(imagenet_normalised(
             &bytes,
             n * range.len(),

@@ -14,8 +14,11 @@ use serde::Serialize;
 use shared::fsutil::write_json_atomic;
 
 use crate::config::TrainConfig;
+use crate::dist::gradients::AverageGradients;
+use crate::dist::{self, Group};
 use crate::eval::{features, knn};
 use crate::method::maskdeep::{MaskDeep, Views};
+use crate::nn::params;
 use crate::train::checkpoint::{self, DataIdentity, TrainState};
 use crate::train::data::{self, Batches};
 use crate::train::progress::{ProgressMode, Reporter, StepFigures};
@@ -48,8 +51,22 @@ pub struct PretrainJob {
     /// Labelled shards to score with kNN during training (`knn_every`), with the labelled shards
     /// whose features form the kNN memory.
     pub knn: Option<KnnSets>,
-    /// How to report progress on stderr.
+    /// How to report progress on stderr (rank 0's; the other ranks are quiet).
     pub progress: ProgressMode,
+    /// The ranks that run the job.
+    pub ranks: Ranks,
+}
+
+/// Which ranks run a job: the global batch of each step is split over them, and each applies the
+/// same averaged update.
+pub enum Ranks {
+    /// This process alone.
+    One,
+    /// `n` ranks as threads of this process (CPU; `trainer pretrain --ranks N`).
+    Threads(usize),
+    /// This process is one rank of a group whose other ranks run elsewhere (NCCL, one process
+    /// per GPU).
+    Group(Group),
 }
 
 /// Whether a job continues the run in its `out` folder.
@@ -65,8 +82,8 @@ pub enum Resume {
 }
 
 /// The checkpoint `job` continues from: the newest that verifies (saying which newer ones are
-/// damaged), or none for a new run.
-fn checkpoint_to_resume(job: &PretrainJob) -> Result<Option<PathBuf>> {
+/// damaged, when `lead`), or none for a new run.
+fn checkpoint_to_resume(job: &PretrainJob, lead: bool) -> Result<Option<PathBuf>> {
     let existing = checkpoint::list(&job.out)?;
     if job.resume == Resume::No {
         if existing.is_empty() {
@@ -78,14 +95,16 @@ fn checkpoint_to_resume(job: &PretrainJob) -> Result<Option<PathBuf>> {
         )));
     }
     if existing.is_empty() && job.resume == Resume::Auto {
-        eprintln!(
-            "--resume auto: no checkpoint in {}; starting a new run",
-            job.out.display()
-        );
+        if lead {
+            eprintln!(
+                "--resume auto: no checkpoint in {}; starting a new run",
+                job.out.display()
+            );
+        }
         return Ok(None);
     }
     let (good, damaged) = checkpoint::newest_good(&job.out)?;
-    for (ckpt, why) in &damaged {
+    for (ckpt, why) in damaged.iter().filter(|_| lead) {
         eprintln!(
             "warning: checkpoint {} is damaged ({why}); falling back to an earlier one",
             ckpt.display()
@@ -132,6 +151,10 @@ pub struct KnnSets {
     pub train: PathBuf,
     pub val: PathBuf,
 }
+
+/// The config keys a resumed run may always change: how the global batch is split, not what is
+/// trained (a run may continue on fewer GPUs with more micro-batches).
+pub const SPLIT_KEYS: &[&str] = &["accumulate"];
 
 /// The config keys a resumed run may change when asked (`--change-schedule`): how fast it learns
 /// from here on and how it checkpoints, not what it trains.
@@ -206,43 +229,131 @@ pub struct Summary {
     pub data_wait: f64,
 }
 
-/// Runs (or resumes) a pretraining job.
+/// Runs (or resumes) a pretraining job, on one rank or on several (`job.ranks`).
 pub fn run(job: &PretrainJob) -> Result<Summary> {
+    match &job.ranks {
+        Ranks::One => run_rank(job, &dist::solo(), &check(job, 1, true)?),
+        Ranks::Group(group) => check(job, group.world_size(), group.rank() == 0)
+            .and_then(|checked| run_rank(job, group, &checked))
+            .inspect_err(|e| {
+                if !agreed(e) {
+                    group.abort(&e.to_string());
+                }
+            }),
+        Ranks::Threads(n) => run_threads(job, *n, &check(job, *n, true)?),
+    }
+}
+
+/// Whether `e` ends every rank at the same step by itself (the ranks agreed on it through the
+/// per-step reduction), so that the other ranks need not be stopped.
+fn agreed(e: &Error) -> bool {
+    matches!(e, Error::Interrupted { .. } | Error::NonFiniteLoss { .. })
+}
+
+/// Runs `job`, `checked`, on `n` ranks as threads of this process. When a rank fails, the others
+/// stop at their next collective call, and the error is the failing rank's.
+fn run_threads(job: &PretrainJob, n: usize, checked: &Checked) -> Result<Summary> {
+    let groups = dist::threads::group(n, dist::DEFAULT_TIMEOUT);
+    let first_failure = std::sync::Mutex::new(None::<usize>);
+    let mut results: Vec<Result<Summary>> = std::thread::scope(|s| {
+        let handles: Vec<_> = groups
+            .iter()
+            .map(|group| {
+                let first_failure = &first_failure;
+                s.spawn(move || {
+                    let result = run_rank(job, group, checked);
+                    if let Err(e) = &result {
+                        if !agreed(e) {
+                            let mut first = first_failure.lock().unwrap_or_else(|p| p.into_inner());
+                            first.get_or_insert(group.rank());
+                            group.abort(&e.to_string());
+                        }
+                    }
+                    result
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .enumerate()
+            .map(|(rank, h)| {
+                h.join().unwrap_or_else(|_| {
+                    groups[rank].abort("panicked");
+                    Err(Error::Run(format!("rank {rank} panicked")))
+                })
+            })
+            .collect()
+    });
+    let failed = first_failure
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner());
+    match failed {
+        Some(0) | None => results.swap_remove(0),
+        Some(rank) => Err(Error::Rank {
+            rank,
+            source: Box::new(results.swap_remove(rank).expect_err("it failed")),
+        }),
+    }
+}
+
+/// Checks the resumed run's saved config against the job's: changed keys are refused unless
+/// allowed (`--force`, `--change-schedule`, or a key that only says how the batch is split).
+fn check_resumed_config(job: &PretrainJob, config_path: &Path, lead: bool) -> Result<()> {
     let cfg = &job.config;
-    cfg.validate()?;
-    let config_path = job.out.join(CONFIG_FILE);
-    let resume_from = checkpoint_to_resume(job)?;
-    if resume_from.is_some() {
-        let saved = TrainConfig::load(&config_path).map_err(|e| {
-            Error::Run(format!(
-                "--resume: {} has no readable run config ({e})",
-                job.out.display()
-            ))
-        })?;
-        let changed = differences(&saved, cfg)?;
-        let allowed = |k: &str| job.force || (job.change_schedule && SCHEDULE_KEYS.contains(&k));
-        for (key, was, now) in changed.iter().filter(|(k, _, _)| allowed(k)) {
+    let saved = TrainConfig::load(config_path).map_err(|e| {
+        Error::Run(format!(
+            "--resume: {} has no readable run config ({e})",
+            job.out.display()
+        ))
+    })?;
+    let changed = differences(&saved, cfg)?;
+    let allowed = |k: &str| {
+        job.force || SPLIT_KEYS.contains(&k) || (job.change_schedule && SCHEDULE_KEYS.contains(&k))
+    };
+    for (key, was, now) in changed.iter().filter(|(k, _, _)| allowed(k)) {
+        if lead {
             eprintln!("--resume: `{key}` changes from {was} to {now}");
         }
-        let fixed: Vec<_> = changed.iter().filter(|(k, _, _)| !allowed(k)).collect();
-        if let Some((key, was, now)) = fixed.first() {
-            let hint = if SCHEDULE_KEYS.contains(&key.as_str()) {
-                " (a schedule key: add --change-schedule to resume with the new value)"
-            } else {
-                " (add --force to resume with it all the same)"
-            };
-            return Err(Error::Config {
-                key: key.clone(),
-                message: format!(
-                    "--resume: the config differs from the run's {} in `{key}` ({was} there, \
-                     {now} now){hint}; resume with --config {}",
-                    config_path.display(),
-                    config_path.display()
-                ),
-            });
-        }
     }
-    // Every input is checked before anything is written to --out.
+    let fixed: Vec<_> = changed.iter().filter(|(k, _, _)| !allowed(k)).collect();
+    if let Some((key, was, now)) = fixed.first() {
+        let hint = if SCHEDULE_KEYS.contains(&key.as_str()) {
+            " (a schedule key: add --change-schedule to resume with the new value)"
+        } else {
+            " (add --force to resume with it all the same)"
+        };
+        return Err(Error::Config {
+            key: key.clone(),
+            message: format!(
+                "--resume: the config differs from the run's {} in `{key}` ({was} there, \
+                 {now} now){hint}; resume with --config {}",
+                config_path.display(),
+                config_path.display()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// What [`check`] found: the job's inputs, checked once before any rank starts.
+#[derive(Clone)]
+struct Checked {
+    micro_batch: usize,
+    resume_from: Option<PathBuf>,
+    plan: data::DataPlan,
+    total: u64,
+    warmup: u64,
+}
+
+/// Checks everything `job` needs on `world` ranks before anything is written to `--out`.
+fn check(job: &PretrainJob, world: usize, lead: bool) -> Result<Checked> {
+    let cfg = &job.config;
+    cfg.validate()?;
+    let micro_batch = cfg.micro_batch(world)?;
+    let resume_from = checkpoint_to_resume(job, lead)?;
+    if resume_from.is_some() {
+        check_resumed_config(job, &job.out.join(CONFIG_FILE), lead)?;
+    }
     let plan = data::plan(&job.data, cfg)?;
     let RunLength { total, warmup } = RunLength::new(&cfg.schedule, plan.steps_per_epoch as u64);
     if let Some(available) = plan.max_steps {
@@ -257,9 +368,55 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
     if let Some(ckpt) = &resume_from {
         check_same_data(ckpt, &plan.identity, job)?;
     }
+    Ok(Checked {
+        micro_batch,
+        resume_from,
+        plan,
+        total,
+        warmup,
+    })
+}
+
+/// Every rank's copy of rank 0's parameters (online and target), so that the ranks start equal.
+fn broadcast_parameters(model: &MaskDeep, group: &Group) -> Result<()> {
+    if group.world_size() == 1 {
+        return Ok(());
+    }
+    for vars in [&model.online_vars, &model.target_vars] {
+        let mut named = vars
+            .data()
+            .lock()
+            .expect("var map")
+            .clone()
+            .into_iter()
+            .collect::<Vec<_>>();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        for (_, var) in named {
+            var.set(&group.broadcast(var.as_tensor(), 0)?)?;
+        }
+    }
+    Ok(())
+}
+
+/// One rank's share of a pretraining job: the whole job when `group` has one rank. Every rank
+/// trains on its part of each step's global batch and applies the same averaged update; only
+/// rank 0 writes the run folder (config, metrics, checkpoints) and shows progress.
+fn run_rank(job: &PretrainJob, group: &Group, checked: &Checked) -> Result<Summary> {
+    let cfg = &job.config;
+    let (rank, world) = (group.rank(), group.world_size());
+    let lead = rank == 0;
+    let accumulate = cfg.parallel.accumulate;
+    let config_path = job.out.join(CONFIG_FILE);
+    let Checked {
+        micro_batch,
+        resume_from,
+        plan,
+        total,
+        warmup,
+    } = checked.clone();
     let knn_sets = match &job.knn {
-        Some(sets) => Some(KnnMonitor::open(sets, cfg)?),
-        None => None,
+        Some(sets) if lead => Some(KnnMonitor::open(sets, cfg)?),
+        _ => None,
     };
     let base_lr = cfg.scaled_lr();
     let mut model = MaskDeep::new(cfg, &job.device)?;
@@ -271,21 +428,48 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
         start = state.step;
         last_checkpoint = Some(ckpt);
     }
-    // Only now, with the inputs checked and the checkpoint loaded, is --out written.
-    std::fs::create_dir_all(&job.out).io("create", &job.out)?;
-    write_json_atomic(&config_path, cfg)?;
+    broadcast_parameters(&model, group)?;
     let mut trainer = TrainStep::new(model, optimizer);
+    if world > 1 {
+        let vars = params::trainable(&trainer.model.online_vars)
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect();
+        trainer = trainer.with_hook(Box::new(AverageGradients::new(group.clone(), vars)));
+        if cfg.parallel.sync_bn {
+            trainer = trainer.with_sync_bn(group.clone());
+        }
+    }
+    // Only now, with the inputs checked and the checkpoint loaded, is --out written (by rank 0).
     let metrics_path = job.out.join(METRICS_FILE);
-    truncate_metrics(&metrics_path, start)?;
-    let mut metrics = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&metrics_path)
-        .io("open", &metrics_path)?;
+    let mut metrics = if lead {
+        std::fs::create_dir_all(&job.out).io("create", &job.out)?;
+        write_json_atomic(&config_path, cfg)?;
+        truncate_metrics(&metrics_path, start)?;
+        Some(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&metrics_path)
+                .io("open", &metrics_path)?,
+        )
+    } else {
+        None
+    };
 
     let end = job.stop_after.map_or(total, |n| total.min(start + n));
-    let mut reporter = Reporter::new(job.progress, start, end, total);
-    let mut batches = Batches::open(&job.data, cfg, start as usize, end as usize)?;
+    let progress = if lead {
+        job.progress
+    } else {
+        ProgressMode::Off
+    };
+    let mut reporter = Reporter::new(progress, start, end, total);
+    let split = data::Split {
+        rank,
+        world,
+        accumulate,
+    };
+    let mut batches = Batches::open(&job.data, cfg, start as usize, end as usize, split)?;
     let views_per_sample = cfg.data.global_views + cfg.data.local_views;
     let (mut wait, mut busy) = (Duration::ZERO, Duration::ZERO);
     let mut last_loss = f64::NAN;
@@ -302,16 +486,39 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
         let lr = schedule::learning_rate(base_lr, cfg.schedule.lr_final, step, warmup, total);
         let tau =
             schedule::ema_momentum(cfg.schedule.ema_base, cfg.schedule.ema_final, step, total);
-        let (global, local) = data::to_device(&batch, cfg.data.global_views, &job.device)?;
-        let views = Views {
-            global: &global,
-            local: local.as_ref(),
-            batch: batch.labels.len(),
-        };
+        let inputs = (0..accumulate)
+            .map(|k| {
+                let micro = split.micro(k, micro_batch);
+                let (global, local) =
+                    data::to_device(&batch, &micro, cfg.data.global_views, &job.device)?;
+                Ok((global, local, micro.positions))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let micro: Vec<Views> = inputs
+            .iter()
+            .map(|(global, local, positions)| Views {
+                global,
+                local: local.as_ref(),
+                positions,
+            })
+            .collect();
         let (epoch, skipped) = (batch.epoch, batch.skipped.len());
         batches.recycle(batch);
-        let loss = trainer.run(&views, step, Rates { lr, tau }, None)?;
-        let value = loss.total.to_scalar::<f32>()? as f64;
+        let loss = trainer.run(&micro, step, Rates { lr, tau }, None)?;
+        drop(micro);
+        drop(inputs);
+        // One reduction per step: the loss terms, averaged over the ranks, and whether any rank
+        // was asked to stop, so that every rank logs, checks and stops alike.
+        let stop_here = job.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst));
+        let mut terms = vec![loss.total.to_scalar::<f32>()? as f64];
+        for l in &loss.per_level {
+            terms.push(l.to_scalar::<f32>()? as f64);
+        }
+        terms.push(if stop_here { 1.0 } else { 0.0 });
+        group.all_reduce_host(&mut terms)?;
+        let stop_requested = terms.pop().is_some_and(|s| s > 0.0);
+        let value = terms[0] / world as f64;
+        let per_level: Vec<f64> = terms[1..].iter().map(|t| t / world as f64).collect();
         if !value.is_finite() {
             return Err(Error::NonFiniteLoss {
                 step: step + 1,
@@ -319,31 +526,28 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
                 last_checkpoint,
             });
         }
-        let per_level = loss
-            .per_level
-            .iter()
-            .map(|l| Ok(l.to_scalar::<f32>()? as f64))
-            .collect::<Result<Vec<_>>>()?;
         let t2 = Instant::now();
         wait += t1 - t0;
         busy += t2 - t1;
         step += 1;
         last_loss = value;
         let step_time = (t2 - t0).as_secs_f64();
-        let views_per_second = (views.batch * views_per_sample) as f64 / step_time;
-        let line = Metrics {
-            step,
-            epoch,
-            loss: value,
-            loss_per_level: per_level,
-            lr,
-            ema_momentum: tau,
-            views_per_second,
-            data_wait: (t1 - t0).as_secs_f64() / step_time,
-            skipped,
-        };
-        serde_json::to_writer(&mut metrics, &line)?;
-        writeln!(metrics).io("write", &metrics_path)?;
+        let views_per_second = (cfg.data.batch_size * views_per_sample) as f64 / step_time;
+        if let Some(metrics) = &mut metrics {
+            let line = Metrics {
+                step,
+                epoch,
+                loss: value,
+                loss_per_level: per_level,
+                lr,
+                ema_momentum: tau,
+                views_per_second,
+                data_wait: (t1 - t0).as_secs_f64() / step_time,
+                skipped,
+            };
+            serde_json::to_writer(&mut *metrics, &line)?;
+            writeln!(metrics).io("write", &metrics_path)?;
+        }
         reporter.step(&StepFigures {
             step,
             epoch,
@@ -357,36 +561,40 @@ pub fn run(job: &PretrainJob) -> Result<Summary> {
         let epochs_done = step / plan.steps_per_epoch as u64;
         let knn_due =
             epoch_end && cfg.run.knn_every > 0 && epochs_done.is_multiple_of(cfg.run.knn_every);
-        if let Some(monitor) = &knn_sets {
+        if let (Some(monitor), Some(metrics)) = (&knn_sets, &mut metrics) {
             if knn_due || step == total {
                 let line =
                     monitor.score(&trainer.model, step, epoch, step == total, &job.device)?;
                 let (top1, top5) = (line.knn_top1, line.knn_top5);
-                serde_json::to_writer(&mut metrics, &line)?;
+                serde_json::to_writer(&mut *metrics, &line)?;
                 writeln!(metrics).io("write", &metrics_path)?;
                 reporter.say(&format!(
                     "step {step}: kNN (k={KNN_K}) top-1 {top1:.2}%  top-5 {top5:.2}%"
                 ));
             }
         }
-        let stop_requested = job.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst));
         if epoch_end || periodic || step == end || stop_requested {
-            let state = TrainState {
-                step,
-                epoch,
-                total_steps: total,
-                loss: value,
-                files: Default::default(),
-                data: Some(plan.identity),
-            };
-            metrics.flush().io("write", &metrics_path)?;
-            last_checkpoint = Some(checkpoint::save(
-                &job.out,
-                &trainer.model,
-                &trainer.optimizer,
-                &state,
-                cfg.run.keep_checkpoints,
-            )?);
+            last_checkpoint = Some(match &mut metrics {
+                Some(metrics) => {
+                    let state = TrainState {
+                        step,
+                        epoch,
+                        total_steps: total,
+                        loss: value,
+                        files: Default::default(),
+                        data: Some(plan.identity),
+                    };
+                    metrics.flush().io("write", &metrics_path)?;
+                    checkpoint::save(
+                        &job.out,
+                        &trainer.model,
+                        &trainer.optimizer,
+                        &state,
+                        cfg.run.keep_checkpoints,
+                    )?
+                }
+                None => checkpoint::path(&job.out, step),
+            });
         }
         if stop_requested && step < end {
             reporter.finish();

@@ -1,6 +1,7 @@
-//! The one training step: masks -> forward -> loss -> backward -> gradient hook -> optimiser ->
-//! EMA. Pretraining, `trainer bench` and `trainer parity` all run it; the data-parallel
-//! all-reduce of the gradients goes into the hook.
+//! The one training step: per micro-batch masks -> forward -> loss -> backward (gradients summed
+//! over the micro-batches) -> gradient hook -> optimiser -> EMA. Pretraining, `trainer bench` and
+//! `trainer parity` all run it; the data-parallel all-reduce of the gradients goes into the hook
+//! ([`crate::dist::gradients`]), and SyncBN's group rides on the forward and backward.
 
 use std::cell::Cell;
 use std::time::{Duration, Instant};
@@ -8,6 +9,7 @@ use std::time::{Duration, Instant};
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor};
 
+use crate::dist::{sync_bn, Group};
 use crate::method::ema;
 use crate::method::maskdeep::{ForwardProfile, Loss, MaskDeep, Views};
 use crate::train::optim::Optimizer;
@@ -50,11 +52,12 @@ pub struct StepProfile {
     pub update_ops: usize,
 }
 
-/// The model, its optimiser and the gradient hook: everything a step changes.
+/// The model, its optimiser, the gradient hook and the SyncBN group: everything a step changes.
 pub struct TrainStep {
     pub model: MaskDeep,
     pub optimizer: Optimizer,
     hook: Box<dyn GradientHook>,
+    sync_bn: Option<Group>,
 }
 
 impl TrainStep {
@@ -64,6 +67,7 @@ impl TrainStep {
             model,
             optimizer,
             hook: Box::new(NoHook),
+            sync_bn: None,
         }
     }
 
@@ -73,11 +77,19 @@ impl TrainStep {
         self
     }
 
-    /// Runs step number `step` (which fixes its masks, see [`mask_rng`]) on `views` and returns
-    /// its loss; fills `profile` when given.
+    /// Synchronises BatchNorm over `group` in the forward and backward passes (SyncBN).
+    pub fn with_sync_bn(mut self, group: Group) -> Self {
+        self.sync_bn = Some(group);
+        self
+    }
+
+    /// Runs step number `step` (which, with the samples' positions, fixes the masks) on the
+    /// micro-batches `micro` (one for a plain step; their gradients are averaged, as if they
+    /// were one batch) and returns the loss averaged over them, without a graph; fills `profile`
+    /// when given (the forward phases of the first micro-batch).
     pub fn run(
         &mut self,
-        views: &Views,
+        micro: &[Views],
         step: u64,
         rates: Rates,
         profile: Option<&mut StepProfile>,
@@ -91,16 +103,39 @@ impl TrainStep {
             Ok(since.elapsed())
         };
         let start = Instant::now();
-        let mut rng = mask_rng(self.model.config().run.seed, step);
-        let masks = self.model.sample_masks(&mut rng, views)?;
         let mut forward = ForwardProfile::default();
-        let loss = self
-            .model
-            .loss(views, &masks, timed.then_some(&mut forward))?;
-        let t_backward = Instant::now();
-        let mut grads = loss.total.backward()?;
+        let (mut backward, mut graph) = (Duration::ZERO, 0);
+        let mut grads: Option<GradStore> = None;
+        let mut losses = Vec::with_capacity(micro.len());
+        let scope = self.sync_bn.as_ref().map(sync_bn::Scope::enter);
+        for (i, views) in micro.iter().enumerate() {
+            let masks = self.model.sample_masks(step, views)?;
+            let first = timed && i == 0;
+            let loss = self
+                .model
+                .loss(views, &masks, first.then_some(&mut forward))?;
+            if first {
+                graph = graph_ops(std::slice::from_ref(&loss.total));
+            }
+            let t_backward = Instant::now();
+            let objective = match micro.len() {
+                1 => loss.total.clone(),
+                k => (&loss.total / k as f64)?,
+            };
+            let g = objective.backward()?;
+            match &mut grads {
+                None => grads = Some(g),
+                Some(sum) => sum.extend(g)?,
+            }
+            backward += lap(t_backward)?;
+            losses.push(loss.detach()?);
+        }
+        drop(scope);
+        let mut grads =
+            grads.ok_or_else(|| candle_core::Error::Msg("a step without data".into()))?;
+        let t_hook = Instant::now();
         self.hook.on_gradients(&mut grads)?;
-        let backward = lap(t_backward)?;
+        backward += lap(t_hook)?;
         let t_update = Instant::now();
         let mut update_ops = self.optimizer.step(&grads, rates.lr)?;
         update_ops += ema::update(&self.model.online_vars, &self.model.target_vars, rates.tau)?;
@@ -113,11 +148,11 @@ impl TrainStep {
                 backward,
                 update,
                 total,
-                graph_ops: graph_ops(std::slice::from_ref(&loss.total)),
+                graph_ops: graph,
                 update_ops,
             };
         }
-        Ok(loss)
+        Loss::mean(&losses)
     }
 }
 
@@ -143,10 +178,4 @@ pub fn graph_ops(roots: &[Tensor]) -> usize {
         }
     }
     seen.len()
-}
-
-/// The random stream of step `step`'s masks: a function of (seed, step) only, so that a resumed
-/// run draws what an uninterrupted one would.
-pub fn mask_rng(seed: u64, step: u64) -> rand_chacha::ChaCha8Rng {
-    shared::sampler::view_rng(seed ^ 0x6d61_736b_6465_6570, step, 0, 0)
 }

@@ -151,3 +151,89 @@ fn check_case(relu: bool, with_residual: bool, device: &Device, dtype: DType) {
         );
     }
 }
+
+/// One rank's share of a SyncBN check: the output, the statistics and the gradients of `x`,
+/// `weight`, `bias` for the probe objective `sum(y * probe)`, as f32 on the CPU.
+fn synced_pass(
+    x: &Tensor,
+    probe: &Tensor,
+    group: Option<&trainer::dist::Group>,
+    device: &Device,
+    dtype: DType,
+) -> Vec<Tensor> {
+    let c = x.dim(1).unwrap();
+    let on = |t: &Tensor, dtype| {
+        Var::from_tensor(&t.to_dtype(dtype).unwrap().to_device(device).unwrap()).unwrap()
+    };
+    let xd = on(x, dtype);
+    let wd = on(
+        &Tensor::new(&[0.5f32, 1.0, 2.0], &Device::Cpu).unwrap(),
+        DType::F32,
+    );
+    let bd = on(
+        &Tensor::new(&[0.1f32, -0.2, 0.3], &Device::Cpu).unwrap(),
+        DType::F32,
+    );
+    let _scope = group.map(trainer::dist::sync_bn::Scope::enter);
+    let (y, stats) =
+        batch_norm::train(xd.as_tensor(), wd.as_tensor(), bd.as_tensor(), None, true).unwrap();
+    let probe = probe.to_dtype(dtype).unwrap().to_device(device).unwrap();
+    let grads = (&y * &probe)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let back = |t: &Tensor| {
+        t.to_dtype(DType::F32)
+            .unwrap()
+            .to_device(&Device::Cpu)
+            .unwrap()
+    };
+    assert_eq!(stats.elem_count(), 2 * c);
+    let mut out = vec![back(&y), back(&stats)];
+    out.extend([&xd, &wd, &bd].map(|v| back(grads.get(v.as_tensor()).unwrap())));
+    out
+}
+
+#[test]
+fn synced_batchnorm_on_two_ranks_equals_batchnorm_on_the_whole_batch() {
+    let dev = Device::Cpu;
+    let (n, c, l) = (6, 3, 10);
+    let x = (Tensor::randn(0f32, 2.0, (n, c, l), &dev).unwrap() + 1.5).unwrap();
+    let probe = Tensor::randn(0f32, 1.0, (n, c, l), &dev).unwrap();
+    for (device, dtype) in common::cases() {
+        let whole = synced_pass(&x, &probe, None, &device, dtype);
+        let groups = trainer::dist::threads::group(2, std::time::Duration::from_secs(60));
+        let halves: Vec<Vec<Tensor>> = std::thread::scope(|s| {
+            let handles: Vec<_> = groups
+                .iter()
+                .enumerate()
+                .map(|(r, g)| {
+                    let (x, probe) = (&x, &probe);
+                    let device = device.clone();
+                    s.spawn(move || {
+                        let part = |t: &Tensor| t.narrow(0, r * n / 2, n / 2).unwrap();
+                        synced_pass(&part(x), &part(probe), Some(g), &device, dtype)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let tol = common::tolerance(&device);
+        let close = |a: &Tensor, b: &Tensor, what: &str| {
+            let d = max_abs(a, b);
+            assert!(d < tol, "{device:?} {dtype:?} {what}: off by {d}");
+        };
+        let joined = |i: usize| Tensor::cat(&[&halves[0][i], &halves[1][i]], 0).unwrap();
+        close(&joined(0), &whole[0], "output");
+        for half in &halves {
+            close(&half[1], &whole[1], "statistics");
+        }
+        close(&joined(2), &whole[2], "input gradient");
+        // The parameters' gradients are each rank's own sums, which the gradient all-reduce adds.
+        for (i, what) in [(3, "weight gradient"), (4, "bias gradient")] {
+            close(&(&halves[0][i] + &halves[1][i]).unwrap(), &whole[i], what);
+        }
+    }
+}

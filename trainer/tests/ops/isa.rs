@@ -89,7 +89,7 @@ fn batch_norm_kernels_give_the_same_bits_on_every_isa() {
     p[3 * c..].iter_mut().for_each(|v| *v = v.abs() + 0.1);
     let params = (CpuStorage::F32(p), Layout::contiguous(4 * c));
     same_on_every_isa("batch-norm stats", |isa| {
-        values(batch_norm::cpu::stats(isa, &x.0, &x.1))
+        values(batch_norm::cpu::stats(isa, &x.0, &x.1, None))
     });
     for relu in [false, true] {
         let forward = |isa| {
@@ -110,6 +110,7 @@ fn batch_norm_kernels_give_the_same_bits_on_every_isa() {
                 (&params.0, &params.1),
                 relu,
                 true,
+                None,
             ))
         });
     }

@@ -8,32 +8,74 @@ use rayon::prelude::*;
 use shared::cpu::Isa;
 
 use super::{ncl, EPS};
+use crate::dist::Collective;
 use crate::ops::cpu_storage::f32_slice;
 use crate::ops::lanes::Lanes;
 
-/// Per-channel mean then biased variance of `x [n, c, ...]`: `[2c]`, summed in f64.
-pub fn stats(isa: Isa, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
+/// Per-channel mean then biased variance of `x [n, c, ...]`: `[2c]`, summed in f64. With `sync`,
+/// the sums are those of every rank's batch (each rank holds `n` samples).
+pub fn stats(
+    isa: Isa,
+    xs: &CpuStorage,
+    xl: &Layout,
+    sync: Option<&dyn Collective>,
+) -> Result<(CpuStorage, Shape)> {
     let (n, c, l) = ncl(xl.shape())?;
     let x = f32_slice(xs, xl, "batch-norm-stats")?;
-    let stats: Vec<(f32, f32)> = (0..c)
+    let world = sync.map_or(1, |g| g.world_size());
+    let count = (n * l * world) as f64;
+    let mut sums: Vec<f64> = (0..c)
         .into_par_iter()
-        .map(|ch| channel_stats(isa, x, n, c, l, ch))
+        .map(|ch| channel_sum(isa, x, n, c, l, ch))
         .collect();
-    let (means, vars): (Vec<f32>, Vec<f32>) = stats.into_iter().unzip();
-    Ok((CpuStorage::F32([means, vars].concat()), Shape::from(2 * c)))
+    reduce(sync, &mut sums)?;
+    let means: Vec<f64> = sums.iter().map(|s| s / count).collect();
+    let mut squares: Vec<f64> = (0..c)
+        .into_par_iter()
+        .map(|ch| channel_squares(isa, x, n, c, l, ch, means[ch]))
+        .collect();
+    reduce(sync, &mut squares)?;
+    let means = means.iter().map(|&m| m as f32);
+    let vars = squares.iter().map(|&s| (s / count) as f32);
+    Ok((
+        CpuStorage::F32(means.chain(vars).collect()),
+        Shape::from(2 * c),
+    ))
+}
+
+/// Sums `values` over the ranks of `sync`, if any.
+fn reduce(sync: Option<&dyn Collective>, values: &mut [f64]) -> Result<()> {
+    match sync {
+        Some(group) => group.all_reduce_host(values),
+        None => Ok(()),
+    }
+}
+
+/// The planes of channel `ch` of `x [n, c, l]`.
+fn channel_planes(
+    x: &[f32],
+    (n, c, l): (usize, usize, usize),
+    ch: usize,
+) -> impl Iterator<Item = &[f32]> {
+    (0..n).map(move |b| &x[(b * c + ch) * l..][..l])
 }
 
 shared::multiversion! {
-    /// Mean and biased variance of channel `ch` of `x [n, c, l]`.
-    fn channel_stats(x: &[f32], n: usize, c: usize, l: usize, ch: usize) -> (f32, f32) {
-        let planes = || (0..n).map(|b| &x[(b * c + ch) * l..][..l]);
-        let count = (n * l) as f64;
+    /// Sum of channel `ch` of `x [n, c, l]`.
+    fn channel_sum(x: &[f32], n: usize, c: usize, l: usize, ch: usize) -> f64 {
         let mut sum = Lanes::default();
-        planes().for_each(|p| sum.add(p, |v| v as f64));
-        let mean = sum.total() / count;
+        channel_planes(x, (n, c, l), ch).for_each(|p| sum.add(p, |v| v as f64));
+        sum.total()
+    }
+}
+
+shared::multiversion! {
+    /// Sum of the squared deviations from `mean` of channel `ch` of `x [n, c, l]`.
+    fn channel_squares(x: &[f32], n: usize, c: usize, l: usize, ch: usize, mean: f64) -> f64 {
         let mut squares = Lanes::default();
-        planes().for_each(|p| squares.add(p, |v| (v as f64 - mean) * (v as f64 - mean)));
-        (mean as f32, (squares.total() / count) as f32)
+        channel_planes(x, (n, c, l), ch)
+            .for_each(|p| squares.add(p, |v| (v as f64 - mean) * (v as f64 - mean)));
+        squares.total()
     }
 }
 
@@ -100,7 +142,9 @@ shared::multiversion! {
 
 /// `(x, dy, y)` with `params` = `[weight, bias, mean, var]` -> `[dx | dresidual (when residual)
 /// | dweight | dbias | 2c zeros]`, flat. With `relu`, `dy` is first masked where the output `y`
-/// was clipped to zero.
+/// was clipped to zero. With `sync`, the input gradient uses the gradient sums of every rank's
+/// batch; the parameters' gradients stay this rank's own (the gradient all-reduce sums them).
+#[allow(clippy::too_many_arguments)]
 pub fn backward(
     isa: Isa,
     (xs, xl): (&CpuStorage, &Layout),
@@ -109,6 +153,7 @@ pub fn backward(
     (ps, pl): (&CpuStorage, &Layout),
     relu: bool,
     residual: bool,
+    sync: Option<&dyn Collective>,
 ) -> Result<(CpuStorage, Shape)> {
     let name = "batch-norm-train-backward";
     let (n, c, l) = ncl(xl.shape())?;
@@ -133,7 +178,10 @@ pub fn backward(
             (s.total(), sx.total())
         })
         .collect();
-    let count = (n * l) as f64;
+    let mut global: Vec<f64> = sums.iter().flat_map(|&(s, sx)| [s, sx]).collect();
+    reduce(sync, &mut global)?;
+    let world = sync.map_or(1, |g| g.world_size());
+    let count = (n * l * world) as f64;
     let len = n * c * l;
     let planes_len = if residual { 2 * len } else { len };
     let mut out = vec![0f32; planes_len + 4 * c];
@@ -150,7 +198,7 @@ pub fn backward(
         .for_each(|(i, (dst, dres))| {
             let ch = i % c;
             let inv = 1.0 / (var[ch] as f64 + EPS).sqrt();
-            let (s, sx) = sums[ch];
+            let (s, sx) = (global[2 * ch], global[2 * ch + 1]);
             // dx = w * inv / M * (M * dy - sum(dy) - x_hat * sum(dy * x_hat))
             let k = (w[ch] as f64 * inv / count) as f32;
             let (mean_dy, mean_dyx) = ((s / count) as f32, (sx / count) as f32);

@@ -6,7 +6,8 @@
 //! packed in one `[4c]` tensor. The statistics stay on the device as a tensor, for the running
 //! averages; nothing is read back to the host. Each node picks its kernel from the storage it gets:
 //! the fused kernels of [`cpu`] on the CPU in f32, otherwise the tensor ops of [`reference`] run
-//! inside the node (see [`crate::ops::portable`]).
+//! inside the node (see [`crate::ops::portable`]). Inside a [`sync_bn::Scope`] both nodes sum
+//! their per-channel statistics over the ranks (SyncBN).
 
 pub mod cpu;
 pub mod reference;
@@ -14,6 +15,7 @@ pub mod reference;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use shared::cpu::Isa;
 
+use crate::dist::sync_bn;
 use crate::ops::cpu_storage::all_f32;
 use crate::ops::portable::{self, Backend};
 
@@ -62,7 +64,12 @@ struct BatchStats;
 
 impl BatchStats {
     fn portable<S: Backend>(&self, s: &S, l: &Layout) -> Result<(S, Shape)> {
-        portable::output(&reference::stats(&portable::tensor(s, l)?)?)
+        let x = portable::tensor(s, l)?;
+        let stats = match sync_bn::current() {
+            Some(group) => reference::synced_stats(&x, group.as_ref())?,
+            None => reference::stats(&x)?,
+        };
+        portable::output(&stats)
     }
 }
 
@@ -73,7 +80,7 @@ impl CustomOp1 for BatchStats {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         if all_f32(&[s]) {
-            cpu::stats(Isa::active(), s, l)
+            cpu::stats(Isa::active(), s, l, sync_bn::current().as_deref())
         } else {
             self.portable(s, l)
         }
@@ -242,7 +249,16 @@ impl BatchNormBackward {
     fn portable<S: Backend>(&self, args: [(&S, &Layout); 3]) -> Result<(S, Shape)> {
         let [x, dy, y] = args.map(|(s, l)| portable::tensor(s, l));
         let params = portable::with_storage(&self.params, |s: &S, l| portable::tensor(s, l))?;
-        let out = reference::backward(&x?, &dy?, &y?, &params, self.relu, self.residual)?;
+        let (x, dy, y) = (x?, dy?, y?);
+        let out = match sync_bn::current() {
+            Some(group) => reference::synced_backward(
+                (&x, &dy, &y),
+                &params,
+                (self.relu, self.residual),
+                group.as_ref(),
+            )?,
+            None => reference::backward(&x, &dy, &y, &params, self.relu, self.residual)?,
+        };
         portable::output(&out)
     }
 }
@@ -273,6 +289,7 @@ impl CustomOp3 for BatchNormBackward {
                 (ps, pl),
                 self.relu,
                 self.residual,
+                sync_bn::current().as_deref(),
             )
         })
     }

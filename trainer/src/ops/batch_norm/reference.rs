@@ -5,6 +5,7 @@
 use candle_core::{DType, Result, Tensor, Var};
 
 use super::EPS;
+use crate::dist::Collective;
 
 /// `x [n, c, ...]` as f32 `[n, c, l]`.
 fn ncl_f32(x: &Tensor) -> Result<Tensor> {
@@ -100,6 +101,62 @@ pub fn backward(
     parts.extend([
         grad(&w)?,
         grad(&b)?,
+        Tensor::zeros(2 * c, DType::F32, x.device())?,
+    ]);
+    Tensor::cat(&parts, 0)
+}
+
+/// [`stats`] over the batches of every rank of `group` (SyncBN): the per-channel sums are
+/// all-reduced, then the squared deviations from the global mean.
+pub fn synced_stats(x: &Tensor, group: &dyn Collective) -> Result<Tensor> {
+    let x = ncl_f32(x)?;
+    let (n, _, l) = x.dims3()?;
+    let count = (n * l * group.world_size()) as f64;
+    let channel_sums =
+        |t: &Tensor| -> Result<Tensor> { group.all_reduce(&t.sum_keepdim(2)?.sum_keepdim(0)?) };
+    let mean = (channel_sums(&x)? / count)?;
+    let var = (channel_sums(&x.broadcast_sub(&mean)?.sqr()?)? / count)?;
+    Tensor::cat(&[mean.flatten_all()?, var.flatten_all()?], 0)
+}
+
+/// [`backward`] over the batches of every rank of `group` (SyncBN), by the closed form: the input
+/// gradient uses the gradient sums of the global batch, the parameters' gradients are this rank's
+/// own. `(x, dy, y)` as in [`backward`], `(relu, residual)` the forward's.
+pub fn synced_backward(
+    (x, dy, y): (&Tensor, &Tensor, &Tensor),
+    params: &Tensor,
+    (relu, residual): (bool, bool),
+    group: &dyn Collective,
+) -> Result<Tensor> {
+    let c = x.dim(1)?;
+    let x = ncl_f32(x)?;
+    let (n, _, l) = x.dims3()?;
+    let count = (n * l * group.world_size()) as f64;
+    let mut g = ncl_f32(dy)?;
+    if relu {
+        g = (g * ncl_f32(y)?.gt(0.0)?.to_dtype(DType::F32)?)?;
+    }
+    let p = |i: usize| params.narrow(0, i * c, c)?.reshape((1, c, 1));
+    let inv = (p(3)? + EPS)?.sqrt()?.recip()?;
+    let x_hat = x.broadcast_sub(&p(2)?)?.broadcast_mul(&inv)?;
+    let channel_sum = |t: &Tensor| t.sum_keepdim(2)?.sum_keepdim(0);
+    let (s, sx) = (channel_sum(&g)?, channel_sum(&(&g * &x_hat)?)?);
+    let global = group.all_reduce(&Tensor::cat(&[&s, &sx], 0)?)?;
+    let (mean_g, mean_gx) = (
+        (global.narrow(0, 0, 1)? / count)?,
+        (global.narrow(0, 1, 1)? / count)?,
+    );
+    let dx = g
+        .broadcast_sub(&mean_g)?
+        .sub(&x_hat.broadcast_mul(&mean_gx)?)?
+        .broadcast_mul(&p(0)?.broadcast_mul(&inv)?)?;
+    let mut parts = vec![dx.flatten_all()?];
+    if residual {
+        parts.push(g.flatten_all()?);
+    }
+    parts.extend([
+        sx.flatten_all()?,
+        s.flatten_all()?,
         Tensor::zeros(2 * c, DType::F32, x.device())?,
     ]);
     Tensor::cat(&parts, 0)
