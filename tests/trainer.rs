@@ -433,6 +433,18 @@ fn pretraining_into_a_log_file_prints_periodic_progress_lines() {
 
 #[test]
 fn a_sigterm_checkpoints_and_the_resumed_run_ends_like_an_uninterrupted_one() {
+    sigterm_then_resume(&[]);
+}
+
+#[test]
+fn two_ranks_stop_together_on_a_sigterm_and_resume_like_an_uninterrupted_run() {
+    sigterm_then_resume(&["--ranks", "2"]);
+}
+
+/// Pretrains with `extra` arguments three ways: uninterrupted; stopped by SIGTERM after a few
+/// steps; resumed. The stopped run must say how to continue, and the resumed run end with the
+/// uninterrupted run's bytes.
+fn sigterm_then_resume(extra: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     synth(&d.join("data"), 3, 16, 40);
@@ -453,7 +465,7 @@ fn a_sigterm_checkpoints_and_the_resumed_run_ends_like_an_uninterrupted_one() {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        a.extend(TINY.iter().map(|s| s.to_string()));
+        a.extend(TINY.iter().chain(extra).map(|s| s.to_string()));
         a
     };
     let whole = d.join("whole");
@@ -545,6 +557,28 @@ fn helpful_errors_for_wrong_use() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--features cuda"));
+
+    // Several GPUs without NCCL in the build: the error says how to get it, and what CPUs can do.
+    let out = Command::new(bin("trainer"))
+        .args([
+            "pretrain",
+            "--preset",
+            "maskdeep-r18-small",
+            "--data",
+            p(dir.path()),
+            "--out",
+            p(&dir.path().join("r")),
+            "--gpus",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--features nccl") && err.contains("--ranks"),
+        "{err}"
+    );
 }
 
 /// Runs `trainer ARGS` with `MASKDEEP_ISA` set to `isa`, expecting success.

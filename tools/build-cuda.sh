@@ -5,8 +5,8 @@
 # - toolkit: installs the pinned CUDA 13.0 compiler, headers and libraries from PyPI into
 #   $CUDA_CACHE (default ~/.cache/maskdeep-cuda, outside the repo), adds the unversioned library
 #   links and a link-time stub for the driver library (libcuda.so belongs to the driver).
-# - build: `cargo build --release` with `--features cuda` and with `--features cudnn` (and each
-#   variant's op test binaries, `cargo test --no-run`) into
+# - build: `cargo build --release` with `--features cuda` and with `--features cudnn`, each with
+#   `nccl` for data-parallel runs (and each variant's op test binaries, `cargo test --no-run`) into
 #   $CUDA_TARGET (default ~/.cache/maskdeep-cuda/target; it stores absolute paths, keep it in place).
 # - bundle: writes carry/cuda-bundle.tar.xz (binaries + tools/gpu-check.sh) into the repo's ignored
 #   `carry/` folder, ready to travel to the GPU machine.
@@ -20,21 +20,26 @@ ROOT=$PREFIX/nvidia/cu13
 TARGET=${CUDA_TARGET:-$CACHE/target}
 
 toolkit() {
-    if [ -x "$ROOT/bin/nvcc" ] && [ -f "$ROOT/lib/stubs/libcuda.so" ]; then
+    if [ -x "$ROOT/bin/nvcc" ] && [ -f "$ROOT/lib/stubs/libcuda.so" ] && [ -f "$ROOT/lib/libnccl.so" ]; then
         echo "toolkit: already in $ROOT"; return
     fi
+    # pip --target does not merge into an existing tree: an incomplete toolkit is installed anew.
+    rm -rf "$PREFIX"
     python3 -m pip install --quiet --no-deps --target "$PREFIX" \
         nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88 \
         nvidia-cuda-cccl==13.0.85 nvidia-cuda-runtime==13.0.96 nvidia-cuda-nvrtc==13.0.88 \
-        nvidia-cublas==13.1.0.3 nvidia-curand==10.4.0.35 nvidia-cudnn-cu13==9.19.0.56
-    # cuDNN ships in its own folder; bring its headers and libraries into the one root.
-    if [ -d "$PREFIX/nvidia/cudnn" ]; then
-        cp -rn "$PREFIX/nvidia/cudnn/include/." "$ROOT/include/"
-        cp -rn "$PREFIX/nvidia/cudnn/lib/." "$ROOT/lib/"
-    fi
+        nvidia-cublas==13.1.0.3 nvidia-curand==10.4.0.35 nvidia-cudnn-cu13==9.19.0.56 \
+        nvidia-nccl-cu13==2.28.9
+    # cuDNN and NCCL ship in their own folders; bring their headers and libraries into the one root.
+    for extra in cudnn nccl; do
+        if [ -d "$PREFIX/nvidia/$extra" ]; then
+            cp -rn "$PREFIX/nvidia/$extra/include/." "$ROOT/include/"
+            cp -rn "$PREFIX/nvidia/$extra/lib/." "$ROOT/lib/"
+        fi
+    done
     (
         cd "$ROOT/lib"
-        for lib in cudart cublas cublasLt curand nvrtc cudnn; do
+        for lib in cudart cublas cublasLt curand nvrtc cudnn nccl; do
             versioned=$(ls lib$lib.so.* 2>/dev/null | sort | head -n 1 || true)
             [ -n "$versioned" ] && ln -sf "$versioned" "lib$lib.so"
         done
@@ -66,12 +71,12 @@ build() {
     cuda_env
     for feature in cuda cudnn; do
         # One target folder for both: the CUDA kernels (most of the build) are compiled once.
-        cargo build --release --features "$feature" -p trainer --target-dir "$TARGET/gpu"
+        cargo build --release --features "$feature nccl" -p trainer --target-dir "$TARGET/gpu"
         mkdir -p "$TARGET/bin"
         cp "$TARGET/gpu/release/trainer" "$TARGET/bin/trainer-$feature"
         # The op tests of this variant (they run each op on the GPU when one is present).
         mkdir -p "$TARGET/bin/tests-$feature"
-        cargo test --release --no-run --features "$feature" -p trainer --target-dir "$TARGET/gpu" \
+        cargo test --release --no-run --features "$feature nccl" -p trainer --target-dir "$TARGET/gpu" \
             --test ops \
             --message-format=json |
             python3 -c 'import json, sys

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every check of the CUDA trainer on the GPU machine, in one run (about 6-8 minutes); ends with a
+# Every check of the CUDA trainer on the GPU machine, in one run (about 7-8 minutes); ends with a
 # short table. Needs carry/cuda-bundle.tar.xz (tools/build-cuda.sh) and carry/photos/ (a few JPEGs)
 # in the repository; the machine needs the NVIDIA driver and PyTorch (cu13) for its libraries and
 # the reference step.
@@ -19,7 +19,7 @@ note() { echo "== $*" | tee -a "$log"; }
 tar -C "$work" -xJf carry/cuda-bundle.tar.xz
 bin=$work/bundle
 nv=$(python3 -c 'import nvidia; print(list(nvidia.__path__)[0])')
-export LD_LIBRARY_PATH="$nv/cu13/lib:$nv/cudnn/lib:$nv/cublas/lib:${LD_LIBRARY_PATH:-}"
+export LD_LIBRARY_PATH="$nv/cu13/lib:$nv/cudnn/lib:$nv/cublas/lib:$nv/nccl/lib:${LD_LIBRARY_PATH:-}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$log"
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)
 row "GPU" "$gpu"
@@ -72,6 +72,34 @@ if [ -f "$work/run/metrics.jsonl" ]; then
 else
     row "pretrain" "FAILED (see log)"
 fi
+
+# 2b. Data-parallel through NCCL (issue 19): one process, then one rank of a torchrun-style group
+# of one, then (where PyTorch's NCCL allows two ranks on one GPU, 2.30+) two ranks sharing the
+# GPU, each against the plain run's losses.
+note "data-parallel (trainer-$t)"
+dp=(--preset maskdeep-r18-imagenet --data "$work/shards" --device cuda --set batch_size=64
+    --set max_steps=8 --set warmup_epochs=0.5 --set threads=8 --set checkpoint_every=0 --json)
+ranks() { # world, out: starts `world` ranks on GPU 0 and waits for them
+    local world=$1 dir=$2 pids=() r
+    for r in $(seq 0 $((world - 1))); do
+        NCCL_MULTI_RANK_GPU_ENABLE=1 RANK=$r WORLD_SIZE=$world LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 \
+            MASTER_PORT=29517 timeout 150 "$bin/trainer-$t" pretrain "${dp[@]}" --out "$dir" \
+            >>"$log" 2>&1 &
+        pids+=($!)
+    done
+    local rc=0
+    for r in "${pids[@]}"; do wait "$r" || rc=1; done
+    return $rc
+}
+timeout 150 "$bin/trainer-$t" pretrain "${dp[@]}" --out "$work/dp-plain" >>"$log" 2>&1
+for world in 1 2; do
+    if ranks "$world" "$work/dp-$world"; then
+        row "NCCL $world rank(s) on 1 GPU vs one process, r18 b64, 8 steps" \
+            "$(python3 tools/gpu_summary.py same-run "$work/dp-plain/metrics.jsonl" "$work/dp-$world/metrics.jsonl")"
+    else
+        row "NCCL $world rank(s) on 1 GPU" "did not run: $(grep -iE 'nccl|error' "$log" | tail -n 1)"
+    fi
+done
 
 # 3. Throughput: trainer bench vs the PyTorch step, and the input pipeline on all cores.
 bench() { # label, args...

@@ -5,6 +5,7 @@
     gpu_summary.py torch < bench_torch_step.json
     gpu_summary.py loader < loader-bench.json
     gpu_summary.py pretrain metrics.jsonl
+    gpu_summary.py same-run metrics-a.jsonl metrics-b.jsonl   (two runs of the same steps)
 """
 import json
 import sys
@@ -28,6 +29,12 @@ def main():
         vps = sorted(x["views_per_second"] for x in m[5:])
         print(f"steps {m[-1]['step']}, loss {first:.3f} -> {last:.3f}, "
               f"median data wait {100 * wait[len(wait) // 2]:.1f}%, median {vps[len(vps) // 2]:.0f} views/s")
+        return
+    if kind == "same-run":
+        a, b = ([json.loads(line)["loss"] for line in open(p) if '"loss"' in line] for p in sys.argv[2:4])
+        worst = max(abs(x - y) / abs(x) for x, y in zip(a, b))
+        verdict = "PASS" if len(a) == len(b) and worst <= 1e-3 else "FAIL"
+        print(f"{verdict}: {len(b)} of {len(a)} steps, losses within {worst:.1e} (relative)")
         return
     d = last_json(sys.stdin.read())
     if kind == "bench":

@@ -51,10 +51,7 @@ fn keys_added_later_take_their_defaults_when_missing() {
         ),
         (0.0, 1.0, 0.0, 100)
     );
-    assert_eq!(
-        (cfg.parallel.accumulate, cfg.parallel.sync_bn),
-        (1, true)
-    );
+    assert_eq!((cfg.parallel.accumulate, cfg.parallel.sync_bn), (1, true));
 }
 
 #[test]

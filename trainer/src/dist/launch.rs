@@ -32,7 +32,8 @@ impl RankEnv {
     }
 
     /// From the variables `get` returns (torchrun's first, then srun's); `None` when neither
-    /// launcher's variables are set or they say there is one rank.
+    /// launcher's variables are set, or srun's say there is one task (a job script's own
+    /// commands see those too). torchrun's with one rank still give a group of one, through NCCL.
     pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<Option<Self>> {
         let number = |key: &str| -> Result<Option<usize>> {
             get(key)
@@ -46,7 +47,9 @@ impl RankEnv {
         let (rank, world, local) = match (number("RANK")?, number("WORLD_SIZE")?) {
             (Some(rank), Some(world)) => (rank, world, number("LOCAL_RANK")?.unwrap_or(0)),
             (None, None) => match (number("SLURM_PROCID")?, number("SLURM_NTASKS")?) {
-                (Some(rank), Some(world)) => (rank, world, number("SLURM_LOCALID")?.unwrap_or(0)),
+                (Some(rank), Some(world)) if world > 1 => {
+                    (rank, world, number("SLURM_LOCALID")?.unwrap_or(0))
+                }
                 _ => return Ok(None),
             },
             _ => {
@@ -55,9 +58,6 @@ impl RankEnv {
                 ))
             }
         };
-        if world <= 1 {
-            return Ok(None);
-        }
         if rank >= world {
             return Err(Error::Run(format!(
                 "rank {rank} is not below the world size {world} (RANK/SLURM_PROCID, WORLD_SIZE/SLURM_NTASKS)"
@@ -228,19 +228,26 @@ mod tests {
     }
 
     #[test]
-    fn no_launcher_or_one_rank_is_a_single_process() {
+    fn no_launcher_or_one_slurm_task_is_a_single_process() {
         assert_eq!(RankEnv::from_vars(vars(&[])).unwrap(), None);
         let one = vars(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "1")]);
         assert_eq!(RankEnv::from_vars(one).unwrap(), None);
+        let torchrun_one = vars(&[("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "h")]);
+        let env = RankEnv::from_vars(torchrun_one).unwrap().unwrap();
+        assert_eq!((env.rank, env.world_size), (0, 1));
     }
 
     #[test]
     fn bad_variables_are_named() {
-        let cases: [(&[(&str, &str)], &str); 4] = [
+        let cases: [(&[(&str, &str)], &str); 5] = [
             (&[("RANK", "1")], "RANK and WORLD_SIZE"),
             (&[("RANK", "x"), ("WORLD_SIZE", "2")], "RANK=x"),
             (
                 &[("RANK", "2"), ("WORLD_SIZE", "2")],
+                "not below the world size",
+            ),
+            (
+                &[("RANK", "0"), ("WORLD_SIZE", "0")],
                 "not below the world size",
             ),
             (&[("RANK", "1"), ("WORLD_SIZE", "2")], "needs MASTER_ADDR"),
