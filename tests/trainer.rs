@@ -522,59 +522,26 @@ fn sigterm_then_resume(extra: &[&str]) {
 #[test]
 fn helpful_errors_for_wrong_use() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(bin("trainer"))
-        .args([
-            "pretrain",
-            "--preset",
-            "nope",
-            "--data",
-            p(dir.path()),
-            "--out",
-            p(&dir.path().join("r")),
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    // `trainer pretrain` on an empty folder with `preset` and `extra`: it must fail; its stderr.
+    let failure = |preset: &str, extra: &[&str]| -> String {
+        let out = Command::new(bin("trainer"))
+            .args(["pretrain", "--preset", preset, "--data", p(dir.path())])
+            .args(["--out", p(&dir.path().join("r"))])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = failure("nope", &[]);
     assert!(
         err.contains("maskdeep-r18-small"),
         "lists the presets: {err}"
     );
-
-    let out = Command::new(bin("trainer"))
-        .args([
-            "pretrain",
-            "--preset",
-            "maskdeep-r18-small",
-            "--data",
-            p(dir.path()),
-            "--out",
-            p(&dir.path().join("r")),
-            "--device",
-            "cuda",
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--features cuda"));
-
+    let err = failure("maskdeep-r18-small", &["--device", "cuda"]);
+    assert!(err.contains("--features cuda"), "{err}");
     // Several GPUs without NCCL in the build: the error says how to get it, and what CPUs can do.
-    let out = Command::new(bin("trainer"))
-        .args([
-            "pretrain",
-            "--preset",
-            "maskdeep-r18-small",
-            "--data",
-            p(dir.path()),
-            "--out",
-            p(&dir.path().join("r")),
-            "--gpus",
-            "2",
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = failure("maskdeep-r18-small", &["--gpus", "2"]);
     assert!(
         err.contains("--features nccl") && err.contains("--ranks"),
         "{err}"

@@ -3,71 +3,27 @@
 //! accumulated micro-batches equal ranks; a split run resumes, on the same or another number of
 //! ranks; a failing rank stops the others.
 
+mod support;
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use candle_core::{Device, Tensor};
-use shared::shard::Encoding;
-use shared::synth::{write_packed_train, SynthSpec};
+use support::{shards, tiny};
 use trainer::config::TrainConfig;
 use trainer::dist::{self, Collective, Group};
 use trainer::error::Error;
 use trainer::train::checkpoint;
 use trainer::train::pretrain::{run, PretrainJob, Ranks, Resume, Summary};
-use trainer::train::progress::ProgressMode;
 
-fn shards(dir: &Path) -> PathBuf {
-    let spec = SynthSpec {
-        seed: 5,
-        classes: 3,
-        train_per_class: 8,
-        val_per_class: 0,
-        test_per_class: 0,
-        size: 40,
-    };
-    write_packed_train(&spec, dir, Encoding::Raw).unwrap()
-}
-
-/// A tiny MaskDeep run: 24 images, global batch 8, 2 epochs = 6 steps.
-fn tiny(extra: &[&str]) -> TrainConfig {
-    let mut c = TrainConfig::preset("maskdeep-r18-small").unwrap();
-    for kv in [
-        "width=0.125",
-        "image_size=32",
-        "proj_hidden=32",
-        "proj_dim=16",
-        "pred_hidden=32",
-        "batch_size=8",
-        "epochs=2",
-        "warmup_epochs=1",
-        "threads=1",
-        "checkpoint_every=0",
-    ]
-    .iter()
-    .chain(extra)
-    {
-        c.set(kv).unwrap();
-    }
-    c
-}
-
+/// [`support::job`] on `ranks`.
 fn job(cfg: &TrainConfig, data: &Path, out: &Path, ranks: Ranks) -> PretrainJob {
     PretrainJob {
-        config: cfg.clone(),
-        data: data.to_path_buf(),
-        out: out.to_path_buf(),
-        device: Device::Cpu,
-        resume: Resume::No,
-        force: false,
-        stop_after: None,
-        change_schedule: false,
-        stop: None,
-        knn: None,
-        progress: ProgressMode::Off,
         ranks,
+        ..support::job(cfg, data, out)
     }
 }
 

@@ -1,65 +1,23 @@
 //! The pretraining loop on real shards: exact resumption, NaN handling, config errors; and the one
 //! step type that pretraining, bench and parity share.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 use shared::shard::Encoding;
 use shared::synth::{write_packed_train, SynthSpec};
+use support::{job, shards};
 use trainer::config::TrainConfig;
 use trainer::diag::{bench, parity};
 use trainer::error::Error;
 use trainer::train::checkpoint;
-use trainer::train::pretrain::{run, PretrainJob, Ranks, Resume};
-use trainer::train::progress::ProgressMode;
+use trainer::train::pretrain::{run, Resume};
 use trainer::train::step::steps_run_on_this_thread;
 
-fn shards(dir: &Path) -> PathBuf {
-    let spec = SynthSpec {
-        seed: 3,
-        classes: 3,
-        train_per_class: 8,
-        val_per_class: 0,
-        test_per_class: 0,
-        size: 40,
-    };
-    write_packed_train(&spec, dir, Encoding::Raw).unwrap()
-}
-
 fn tiny() -> TrainConfig {
-    let mut c = TrainConfig::preset("maskdeep-r18-small").unwrap();
-    for kv in [
-        "width=0.125",
-        "image_size=32",
-        "proj_hidden=32",
-        "proj_dim=16",
-        "pred_hidden=32",
-        "batch_size=8",
-        "epochs=2",
-        "warmup_epochs=1",
-        "threads=2",
-        "checkpoint_every=0",
-    ] {
-        c.set(kv).unwrap();
-    }
-    c
-}
-
-fn job(cfg: &TrainConfig, data: &Path, out: &Path) -> PretrainJob {
-    PretrainJob {
-        config: cfg.clone(),
-        data: data.to_path_buf(),
-        out: out.to_path_buf(),
-        device: Device::Cpu,
-        resume: Resume::No,
-        force: false,
-        stop_after: None,
-        change_schedule: false,
-        stop: None,
-        knn: None,
-        progress: ProgressMode::Off,
-        ranks: Ranks::One,
-    }
+    support::tiny(&[])
 }
 
 fn read(path: PathBuf) -> Vec<u8> {
