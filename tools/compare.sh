@@ -8,6 +8,8 @@
 #   SEEDS="0 1 2"   the seeds (default 0 1 2)
 #   RECIPE="..."     --set values shared by both methods (default: the recipe below)
 #   EXTRA_MASKDEEP="--set targets=cross"   extra options of the MaskDeep runs only (an ablation)
+#   METHODS="maskdeep"   which of `maskdeep byol` to run (default both)
+#   TRAINER=PATH   a trainer binary to use instead of building target/release/trainer
 set -euo pipefail
 cd "$(dirname "$0")/.."
 shards=$(realpath "$1")
@@ -19,8 +21,8 @@ recipe=${RECIPE:---set width=0.25 --set image_size=32 --set batch_size=128 --set
     --set pred_hidden=1024 --set proj_dim=128 --set optimizer=sgd --set lr=0.1 --set momentum=0.9
     --set weight_decay=1e-5 --set lr_final=1 --set warmup_epochs=0 --set ema_base=0.99
     --set ema_final=1 --set epochs=5}
-cargo build --release --bin trainer
-trainer=target/release/trainer
+trainer=${TRAINER:-target/release/trainer}
+[ -n "${TRAINER:-}" ] || cargo build --release --bin trainer
 mkdir -p "$out"
 knn() { # BACKBONE_ARGS... -- SPLIT: prints top-1
     local args=("$@"); local split=${args[-1]}; unset 'args[-1]'
@@ -28,7 +30,7 @@ knn() { # BACKBONE_ARGS... -- SPLIT: prints top-1
         python3 -c 'import json, sys; print(json.load(sys.stdin)["knn"][0]["top1"])'
 }
 for seed in $seeds; do
-    for method in maskdeep byol; do
+    for method in ${METHODS:-maskdeep byol}; do
         run="$out/$method-seed$seed"
         extra=()
         [ "$method" = maskdeep ] && read -ra extra <<<"${EXTRA_MASKDEEP:-}"
