@@ -209,8 +209,9 @@ struct PretrainArgs {
     /// trainer once per GPU with torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
     /// MASTER_PORT) or srun (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, and MASTER_ADDR set by
     /// the job script) instead: see the README. A run resumes on any number of GPUs that divides
-    /// batch_size; with `--set accumulate=K` each rank runs K micro-batches per step, so fewer
-    /// GPUs hold the same global batch.
+    /// batch_size; with `--set accumulate=K` each rank runs K micro-batches per step and
+    /// averages their gradients, so fewer GPUs hold the same global batch (BatchNorm then sees
+    /// each micro-batch alone, as it would on K times as many GPUs without SyncBN).
     #[arg(long, value_name = "N", conflicts_with = "ranks")]
     gpus: Option<usize>,
     /// Data-parallel over N ranks as threads of this process (any device; for several CPU
