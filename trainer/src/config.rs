@@ -128,7 +128,7 @@ pub struct DataConfig {
     /// `world` ranks runs `accumulate` micro-batches of `batch_size / (world * accumulate)`).
     /// The learning rate scales with it.
     pub batch_size: usize,
-    /// Input-pipeline worker threads (0: all cores).
+    /// Input-pipeline worker threads of each rank (0: this machine's cores shared by its ranks).
     pub threads: usize,
     /// Batches the input pipeline may prepare ahead.
     pub prefetch: usize,

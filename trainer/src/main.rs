@@ -510,7 +510,8 @@ fn join_group(
     #[cfg(feature = "nccl")]
     {
         let group = trainer::dist::nccl::join(env, &gpu)?;
-        Ok((gpu, pretrain::Ranks::Group(group)))
+        let local = env.local_world_size;
+        Ok((gpu, pretrain::Ranks::Group { group, local }))
     }
     #[cfg(not(feature = "nccl"))]
     {

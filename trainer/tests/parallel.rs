@@ -318,7 +318,7 @@ fn two_ranks(
         let handles: Vec<_> = groups
             .into_iter()
             .map(|group| {
-                let mut j = job(cfg, data, out, Ranks::Group(group));
+                let mut j = job(cfg, data, out, Ranks::Group { group, local: 2 });
                 j.stop_after = stop_after;
                 s.spawn(move || run(&j))
             })

@@ -21,6 +21,9 @@ pub struct RankEnv {
     pub world_size: usize,
     /// The rank among the processes of this machine: the GPU it uses.
     pub local_rank: usize,
+    /// Ranks on this machine (torchrun's `LOCAL_WORLD_SIZE`, srun's `SLURM_NTASKS_PER_NODE`;
+    /// 1 when neither says): their input pipelines share its cores.
+    pub local_world_size: usize,
     /// `MASTER_ADDR:MASTER_PORT`, where rank 0 hands out NCCL's id.
     pub master: String,
 }
@@ -71,10 +74,18 @@ impl RankEnv {
             )
         })?;
         let port = number("MASTER_PORT")?.unwrap_or(DEFAULT_PORT as usize);
+        // srun writes `8` or `8(x2)` (8 tasks on each of 2 nodes).
+        let per_node = get("SLURM_NTASKS_PER_NODE").and_then(|v| {
+            v.split('(')
+                .next()
+                .and_then(|n| n.trim().parse::<usize>().ok())
+        });
+        let local_world_size = number("LOCAL_WORLD_SIZE")?.or(per_node).unwrap_or(1);
         Ok(Some(RankEnv {
             rank,
             world_size: world,
             local_rank: local,
+            local_world_size,
             master: format!("{addr}:{port}"),
         }))
     }
@@ -114,6 +125,7 @@ pub fn spawn_local(gpus: usize, stop: &Arc<AtomicBool>) -> Result<()> {
             .env("RANK", rank.to_string())
             .env("LOCAL_RANK", rank.to_string())
             .env("WORLD_SIZE", gpus.to_string())
+            .env("LOCAL_WORLD_SIZE", gpus.to_string())
             .env("MASTER_ADDR", "127.0.0.1")
             .env("MASTER_PORT", port.to_string())
             .spawn();
@@ -202,6 +214,7 @@ mod tests {
             ("RANK", "3"),
             ("WORLD_SIZE", "8"),
             ("LOCAL_RANK", "1"),
+            ("LOCAL_WORLD_SIZE", "4"),
             ("MASTER_ADDR", "node7"),
             ("MASTER_PORT", "1234"),
             ("SLURM_PROCID", "0"),
@@ -213,6 +226,7 @@ mod tests {
                 rank: 3,
                 world_size: 8,
                 local_rank: 1,
+                local_world_size: 4,
                 master: "node7:1234".into()
             })
         );
@@ -220,10 +234,19 @@ mod tests {
             ("SLURM_PROCID", "5"),
             ("SLURM_NTASKS", "16"),
             ("SLURM_LOCALID", "5"),
+            ("SLURM_NTASKS_PER_NODE", "8(x2)"),
             ("MASTER_ADDR", "10.0.0.2"),
         ]);
         let env = RankEnv::from_vars(srun).unwrap().unwrap();
-        assert_eq!((env.rank, env.world_size, env.local_rank), (5, 16, 5));
+        assert_eq!(
+            (
+                env.rank,
+                env.world_size,
+                env.local_rank,
+                env.local_world_size
+            ),
+            (5, 16, 5, 8)
+        );
         assert_eq!(env.master, format!("10.0.0.2:{DEFAULT_PORT}"));
     }
 

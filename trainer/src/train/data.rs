@@ -24,6 +24,8 @@ pub struct Split {
     pub rank: usize,
     pub world: usize,
     pub accumulate: usize,
+    /// Ranks on this machine (their input pipelines share its cores).
+    pub local_ranks: usize,
 }
 
 /// The samples of one micro-batch: rows of the rank's batch, and their positions in the step's
@@ -192,7 +194,8 @@ impl Batches {
         } else {
             let dataset = Arc::new(Dataset::open(dir)?);
             let threads = if cfg.data.threads == 0 {
-                std::thread::available_parallelism().map_or(1, |n| n.get())
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                (cores / split.local_ranks.max(1)).max(1)
             } else {
                 cfg.data.threads
             };

@@ -64,9 +64,9 @@ pub enum Ranks {
     One,
     /// `n` ranks as threads of this process (CPU; `trainer pretrain --ranks N`).
     Threads(usize),
-    /// This process is one rank of a group whose other ranks run elsewhere (NCCL, one process
-    /// per GPU).
-    Group(Group),
+    /// This process is one rank of `group`, whose other ranks run in other processes (NCCL, one
+    /// per GPU), `local` of them (this one included) on this machine.
+    Group { group: Group, local: usize },
 }
 
 /// Whether a job continues the run in its `out` folder.
@@ -233,7 +233,7 @@ pub struct Summary {
 pub fn run(job: &PretrainJob) -> Result<Summary> {
     match &job.ranks {
         Ranks::One => run_rank(job, &dist::solo(), &check(job, 1, true)?),
-        Ranks::Group(group) => check(job, group.world_size(), group.rank() == 0)
+        Ranks::Group { group, .. } => check(job, group.world_size(), group.rank() == 0)
             .and_then(|checked| run_rank(job, group, &checked))
             .inspect_err(|e| {
                 if !agreed(e) {
@@ -468,6 +468,11 @@ fn run_rank(job: &PretrainJob, group: &Group, checked: &Checked) -> Result<Summa
         rank,
         world,
         accumulate,
+        local_ranks: match &job.ranks {
+            Ranks::One => 1,
+            Ranks::Threads(n) => *n,
+            Ranks::Group { local, .. } => *local,
+        },
     };
     let mut batches = Batches::open(&job.data, cfg, start as usize, end as usize, split)?;
     let views_per_sample = cfg.data.global_views + cfg.data.local_views;
