@@ -261,7 +261,18 @@ fn run_threads(job: &PretrainJob, n: usize, checked: &Checked) -> Result<Summary
             .map(|group| {
                 let first_failure = &first_failure;
                 s.spawn(move || {
-                    let result = run_rank(job, group, checked);
+                    // A panic fails the group at once: the other ranks must not wait for it.
+                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        run_rank(job, group, checked)
+                    }))
+                    .unwrap_or_else(|panic| {
+                        let what = panic
+                            .downcast_ref::<String>()
+                            .map(String::as_str)
+                            .or_else(|| panic.downcast_ref::<&str>().copied())
+                            .unwrap_or("unknown");
+                        Err(Error::Run(format!("panicked: {what}")))
+                    });
                     if let Err(e) = &result {
                         if !agreed(e) {
                             let mut first = first_failure.lock().unwrap_or_else(|p| p.into_inner());
@@ -275,13 +286,7 @@ fn run_threads(job: &PretrainJob, n: usize, checked: &Checked) -> Result<Summary
             .collect();
         handles
             .into_iter()
-            .enumerate()
-            .map(|(rank, h)| {
-                h.join().unwrap_or_else(|_| {
-                    groups[rank].abort("panicked");
-                    Err(Error::Run(format!("rank {rank} panicked")))
-                })
-            })
+            .map(|h| h.join().expect("rank panics are caught"))
             .collect()
     });
     let failed = first_failure
