@@ -400,3 +400,42 @@ fn a_batch_that_cannot_be_split_is_refused_with_the_key_named() {
         "{e}"
     );
 }
+
+#[test]
+fn view_shards_split_over_ranks_train_what_one_rank_trains() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = shards(dir.path());
+    let cfg = tiny(&["epochs=1"]);
+    let views = dir.path().join("views");
+    let views_job = shared::viewshards::ViewsJob {
+        source: data,
+        views: cfg.view_specs(),
+        seed: cfg.run.seed,
+        epochs: 1,
+        batch_size: cfg.data.batch_size,
+        threads: 2,
+        shard_size: 1 << 20,
+        out: views.clone(),
+    };
+    shared::viewshards::write_views(&views_job, &mut |_, _| {}).unwrap();
+    let one = run(&job(&cfg, &views, &dir.path().join("one"), Ranks::One)).unwrap();
+    let two = run(&job(
+        &cfg,
+        &views,
+        &dir.path().join("two"),
+        Ranks::Threads(2),
+    ))
+    .unwrap();
+    assert_eq!((one.steps, two.steps), (3, 3));
+    assert_close(
+        &one.checkpoint,
+        &two.checkpoint,
+        None,
+        "view shards, 2 ranks vs 1",
+    );
+    assert_losses_close(
+        &losses(&dir.path().join("one")),
+        &losses(&dir.path().join("two")),
+        "losses",
+    );
+}
