@@ -407,17 +407,7 @@ fn view_shards_split_over_ranks_train_what_one_rank_trains() {
     let data = shards(dir.path());
     let cfg = tiny(&["epochs=1"]);
     let views = dir.path().join("views");
-    let views_job = shared::viewshards::ViewsJob {
-        source: data,
-        views: cfg.view_specs(),
-        seed: cfg.run.seed,
-        epochs: 1,
-        batch_size: cfg.data.batch_size,
-        threads: 2,
-        shard_size: 1 << 20,
-        out: views.clone(),
-    };
-    shared::viewshards::write_views(&views_job, &mut |_, _| {}).unwrap();
+    support::view_shards(&cfg, &data, &views);
     let one = run(&job(&cfg, &views, &dir.path().join("one"), Ranks::One)).unwrap();
     let two = run(&job(
         &cfg,

@@ -233,17 +233,7 @@ fn pretraining_reads_view_shards_and_checks_they_fit_the_config() {
     let data = shards(dir.path());
     let cfg = tiny();
     let views_dir = dir.path().join("views");
-    let views_job = shared::viewshards::ViewsJob {
-        source: data.clone(),
-        views: cfg.view_specs(),
-        seed: cfg.run.seed,
-        epochs: 1,
-        batch_size: cfg.data.batch_size,
-        threads: 2,
-        shard_size: 1 << 20,
-        out: views_dir.clone(),
-    };
-    shared::viewshards::write_views(&views_job, &mut |_, _| {}).unwrap();
+    support::view_shards(&cfg, &data, &views_dir);
 
     // One epoch of views: 3 steps; the config asks for 2 epochs, so it is refused, naming the fix.
     let err = run(&job(&cfg, &views_dir, &dir.path().join("r1")))

@@ -73,12 +73,7 @@ fn check_case(relu: bool, with_residual: bool, device: &Device, dtype: DType) {
     .unwrap();
     assert_eq!(y.dtype(), dtype);
     let probe_d = probe.to_dtype(dtype).unwrap().to_device(device).unwrap();
-    let grads_d = (&y * &probe_d)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
+    let grads_d = common::probed(&y, &probe_d);
     let (y, mean, var) = (
         back(&y),
         back(&stats.narrow(0, 0, c).unwrap()),
@@ -123,12 +118,7 @@ fn check_case(relu: bool, with_residual: bool, device: &Device, dtype: DType) {
             "the ReLU clipped {share} of the outputs"
         );
     }
-    let g_ref = (&y_ref * &probe)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
+    let g_ref = common::probed(&y_ref, &probe);
 
     assert!(max_abs(&y, &y_ref) < 1e-5);
     assert!(max_abs(&mean, &m_ref.flatten_all().unwrap()) < 1e-5);
@@ -178,12 +168,7 @@ fn synced_pass(
     let (y, stats) =
         batch_norm::train(xd.as_tensor(), wd.as_tensor(), bd.as_tensor(), None, true).unwrap();
     let probe = probe.to_dtype(dtype).unwrap().to_device(device).unwrap();
-    let grads = (&y * &probe)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
+    let grads = common::probed(&y, &probe);
     let back = |t: &Tensor| {
         t.to_dtype(DType::F32)
             .unwrap()

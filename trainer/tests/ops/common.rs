@@ -1,6 +1,7 @@
 //! What the op tests share: the (device, dtype) cases each op runs on.
 
-use candle_core::{DType, Device};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor};
 
 /// Every case an op test covers: the CPU kernels (f32), the reference path inside the op on the
 /// CPU (f64, a dtype without a CPU kernel: the route CUDA takes until its kernels land), and f32
@@ -24,4 +25,10 @@ pub fn tolerance(device: &Device) -> f32 {
     } else {
         2e-3
     }
+}
+
+/// The gradients of `sum(y * probe)`: a fixed random weighting of the outputs makes every
+/// gradient non-trivial.
+pub fn probed(y: &Tensor, probe: &Tensor) -> GradStore {
+    (y * probe).unwrap().sum_all().unwrap().backward().unwrap()
 }

@@ -52,12 +52,7 @@ fn run(conv: ConvFn, case: &(Device, DType), g: Geometry, (h, w): (usize, usize)
     let y = conv(x.as_tensor(), wt.as_tensor(), g);
     // A fixed random weighting of the outputs makes the gradients non-trivial.
     let probe = noise(y.dims(), 3, case);
-    let grads = (&y * &probe)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
+    let grads = common::probed(&y, &probe);
     let grad = |v: &Var| grads.get(v.as_tensor()).unwrap().clone();
     [y.clone(), grad(&x), grad(&wt)].map(|t| {
         t.to_dtype(DType::F32)

@@ -22,6 +22,21 @@ pub fn shards(dir: &Path) -> PathBuf {
     write_packed_train(&spec, dir, Encoding::Raw).unwrap()
 }
 
+/// One epoch of `cfg`'s views of the packed shards `data`, written as view shards to `out`.
+pub fn view_shards(cfg: &TrainConfig, data: &Path, out: &Path) {
+    let job = shared::viewshards::ViewsJob {
+        source: data.to_path_buf(),
+        views: cfg.view_specs(),
+        seed: cfg.run.seed,
+        epochs: 1,
+        batch_size: cfg.data.batch_size,
+        threads: 2,
+        shard_size: 1 << 20,
+        out: out.to_path_buf(),
+    };
+    shared::viewshards::write_views(&job, &mut |_, _| {}).unwrap();
+}
+
 /// A tiny MaskDeep run on [`shards`]: global batch 8, 2 epochs = 6 steps; then `extra` values.
 pub fn tiny(extra: &[&str]) -> TrainConfig {
     let mut c = TrainConfig::preset("maskdeep-r18-small").unwrap();
