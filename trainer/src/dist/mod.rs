@@ -4,7 +4,8 @@
 //! `nccl` feature, [`nccl`] (one process per GPU, NVIDIA's collective library). [`launch`] reads
 //! the rank a launcher gave this process (torchrun, SLURM, `--gpus`); [`rendezvous`] hands NCCL's
 //! unique id from rank 0 to the others; [`gradients`] averages the gradients after each backward;
-//! [`sync_bn`] makes BatchNorm's statistics those of the global batch.
+//! [`sync_bn`] makes BatchNorm's statistics those of the global batch; [`watchdog`] ends a rank
+//! that stopped making progress.
 
 pub mod gradients;
 pub mod launch;
@@ -13,6 +14,7 @@ pub mod nccl;
 pub mod rendezvous;
 pub mod sync_bn;
 pub mod threads;
+pub mod watchdog;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -232,9 +232,13 @@ pub struct Summary {
 /// Runs (or resumes) a pretraining job, on one rank or on several (`job.ranks`).
 pub fn run(job: &PretrainJob) -> Result<Summary> {
     match &job.ranks {
-        Ranks::One => run_rank(job, &dist::solo(), &check(job, 1, true)?),
+        Ranks::One => run_rank(job, &dist::solo(), &check(job, 1, true)?, None),
         Ranks::Group { group, .. } => check(job, group.world_size(), group.rank() == 0)
-            .and_then(|checked| run_rank(job, group, &checked))
+            .and_then(|checked| {
+                // NCCL's waits happen on the GPU, out of reach of a timeout of ours.
+                let dog = dist::watchdog::exit_when_stuck(group.rank(), dist::DEFAULT_TIMEOUT);
+                run_rank(job, group, &checked, Some(&dog))
+            })
             .inspect_err(|e| {
                 if !agreed(e) {
                     group.abort(&e.to_string());
@@ -263,7 +267,7 @@ fn run_threads(job: &PretrainJob, n: usize, checked: &Checked) -> Result<Summary
                 s.spawn(move || {
                     // A panic fails the group at once: the other ranks must not wait for it.
                     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        run_rank(job, group, checked)
+                        run_rank(job, group, checked, None)
                     }))
                     .unwrap_or_else(|panic| {
                         let what = panic
@@ -405,8 +409,14 @@ fn broadcast_parameters(model: &MaskDeep, group: &Group) -> Result<()> {
 
 /// One rank's share of a pretraining job: the whole job when `group` has one rank. Every rank
 /// trains on its part of each step's global batch and applies the same averaged update; only
-/// rank 0 writes the run folder (config, metrics, checkpoints) and shows progress.
-fn run_rank(job: &PretrainJob, group: &Group, checked: &Checked) -> Result<Summary> {
+/// rank 0 writes the run folder (config, metrics, checkpoints) and shows progress. Each step
+/// beats `watchdog`, when given.
+fn run_rank(
+    job: &PretrainJob,
+    group: &Group,
+    checked: &Checked,
+    watchdog: Option<&dist::watchdog::Watchdog>,
+) -> Result<Summary> {
     let cfg = &job.config;
     let (rank, world) = (group.rank(), group.world_size());
     let lead = rank == 0;
@@ -527,6 +537,9 @@ fn run_rank(job: &PretrainJob, group: &Group, checked: &Checked) -> Result<Summa
         terms.push(if stop_here { 1.0 } else { 0.0 });
         group.all_reduce_host(&mut terms)?;
         let stop_requested = terms.pop().is_some_and(|s| s > 0.0);
+        if let Some(dog) = watchdog {
+            dog.beat();
+        }
         let value = terms[0] / world as f64;
         let per_level: Vec<f64> = terms[1..].iter().map(|t| t / world as f64).collect();
         if !value.is_finite() {
