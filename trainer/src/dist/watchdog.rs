@@ -94,13 +94,17 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicBool, Ordering};
 
-    #[test]
-    fn silence_expires_and_beats_keep_it_quiet() {
+    /// A watchdog of `timeout` whose expiry sets the returned flag.
+    fn flagged(timeout: Duration) -> (Watchdog, Arc<AtomicBool>) {
         let fired = Arc::new(AtomicBool::new(false));
         let flag = fired.clone();
-        let dog = Watchdog::start(Duration::from_millis(300), move |_| {
-            flag.store(true, Ordering::SeqCst)
-        });
+        let dog = Watchdog::start(timeout, move |_| flag.store(true, Ordering::SeqCst));
+        (dog, fired)
+    }
+
+    #[test]
+    fn silence_expires_and_beats_keep_it_quiet() {
+        let (dog, fired) = flagged(Duration::from_millis(300));
         for _ in 0..8 {
             std::thread::sleep(Duration::from_millis(100));
             dog.beat();
@@ -116,11 +120,7 @@ mod tests {
 
     #[test]
     fn a_finished_loop_stops_its_watchdog() {
-        let fired = Arc::new(AtomicBool::new(false));
-        let flag = fired.clone();
-        let dog = Watchdog::start(Duration::from_millis(200), move |_| {
-            flag.store(true, Ordering::SeqCst)
-        });
+        let (dog, fired) = flagged(Duration::from_millis(200));
         drop(dog);
         std::thread::sleep(Duration::from_millis(400));
         assert!(!fired.load(Ordering::SeqCst));
