@@ -6,11 +6,11 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use candle_core::cuda_backend::cudarc::driver::CudaSlice;
-use candle_core::cuda_backend::cudarc::nccl::{Comm, Id, ReduceOp};
-use candle_core::cuda_backend::CudaDevice;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr};
+use candle_core::cuda_backend::cudarc::nccl::{Comm, Id, NcclType, ReduceOp};
+use candle_core::cuda_backend::{CudaDType, CudaDevice};
 use candle_core::op::BackpropOp;
-use candle_core::{CudaStorage, DType, Device, Result, Storage, Tensor};
+use candle_core::{CudaStorage, DType, Device, Result, Storage, Tensor, WithDType};
 
 use super::launch::RankEnv;
 use super::{rendezvous, Collective, Group};
@@ -70,25 +70,37 @@ pub fn join(env: &RankEnv, device: &Device) -> crate::error::Result<Group> {
     }))
 }
 
-/// What one call does with the f32 values.
+/// What one call does with the values.
 enum Call {
     Sum,
     Broadcast(usize),
 }
 
 impl NcclRank {
-    /// Runs `call` on `t`'s values as f32 and returns the result shaped and typed like `t`.
+    /// Runs `call` on `t`'s values, in f64 when `t` is f64 (BatchNorm's sums of squares, whose
+    /// variance would cancel in f32), else in f32, and returns the result shaped and typed like `t`.
     fn run(&self, t: &Tensor, call: Call) -> Result<Tensor> {
-        let flat = t.flatten_all()?.to_dtype(DType::F32)?.contiguous()?;
+        match t.dtype() {
+            DType::F64 => self.run_as::<f64>(t, call),
+            dtype => self.run_as::<f32>(t, call)?.to_dtype(dtype),
+        }
+    }
+
+    fn run_as<T: NcclType + CudaDType + WithDType + DeviceRepr>(
+        &self,
+        t: &Tensor,
+        call: Call,
+    ) -> Result<Tensor> {
+        let flat = t.flatten_all()?.to_dtype(T::DTYPE)?.contiguous()?;
         let n = flat.elem_count();
         let (storage, layout) = flat.storage_and_layout();
         let Storage::Cuda(cuda) = &*storage else {
             candle_core::bail!("NCCL: the tensor is not on the GPU");
         };
         let start = layout.start_offset();
-        let src = cuda.as_cuda_slice::<f32>()?.slice(start..start + n);
+        let src = cuda.as_cuda_slice::<T>()?.slice(start..start + n);
         // SAFETY: NCCL writes every element of `out` before it is read.
-        let mut out: CudaSlice<f32> = unsafe { self.device.alloc::<f32>(n)? };
+        let mut out: CudaSlice<T> = unsafe { self.device.alloc::<T>(n)? };
         let comm = self
             .comm
             .lock()
@@ -105,8 +117,12 @@ impl NcclRank {
         drop(comm);
         drop(storage);
         let storage = CudaStorage::wrap_cuda_slice(out, self.device.clone());
-        Tensor::from_storage(Storage::Cuda(storage), t.shape(), BackpropOp::none(), false)
-            .to_dtype(t.dtype())
+        Ok(Tensor::from_storage(
+            Storage::Cuda(storage),
+            t.shape(),
+            BackpropOp::none(),
+            false,
+        ))
     }
 }
 
@@ -124,10 +140,7 @@ impl Collective for NcclRank {
     fn all_reduce_host(&self, values: &mut [f64]) -> Result<()> {
         let device = Device::Cuda(self.device.clone());
         let t = Tensor::from_slice(values, values.len(), &device)?;
-        let sum = self
-            .run(&t, Call::Sum)?
-            .to_dtype(DType::F64)?
-            .to_vec1::<f64>()?;
+        let sum = self.run(&t, Call::Sum)?.to_vec1::<f64>()?;
         values.copy_from_slice(&sum);
         Ok(())
     }

@@ -142,6 +142,85 @@ fn check_case(relu: bool, with_residual: bool, device: &Device, dtype: DType) {
     }
 }
 
+/// Output, statistics and every gradient of BatchNorm + residual + ReLU on `device` in `dtype`,
+/// for `x`, `residual` and the probe (rounded to `dtype`), as f32 on the CPU.
+fn fused_pass(
+    x: &Tensor,
+    residual: &Tensor,
+    probe: &Tensor,
+    device: &Device,
+    dtype: DType,
+) -> Vec<Tensor> {
+    let c = x.dim(1).unwrap();
+    let on = |t: &Tensor, dtype| {
+        Var::from_tensor(&t.to_dtype(dtype).unwrap().to_device(device).unwrap()).unwrap()
+    };
+    let weight = Tensor::arange(0u32, c as u32, &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let (xd, rd) = (on(x, dtype), on(residual, dtype));
+    let wd = on(&((&weight * 0.25).unwrap() + 0.5).unwrap(), DType::F32);
+    let bd = on(&((&weight * -0.1).unwrap() + 0.2).unwrap(), DType::F32);
+    let (y, stats) = batch_norm::train(
+        xd.as_tensor(),
+        wd.as_tensor(),
+        bd.as_tensor(),
+        Some(rd.as_tensor()),
+        true,
+    )
+    .unwrap();
+    assert_eq!(y.dtype(), dtype);
+    let probe = probe.to_dtype(dtype).unwrap().to_device(device).unwrap();
+    let grads = common::probed(&y, &probe);
+    let back = |t: &Tensor| {
+        t.to_dtype(DType::F32)
+            .unwrap()
+            .to_device(&Device::Cpu)
+            .unwrap()
+    };
+    let mut out = vec![back(&y), back(&stats)];
+    out.extend([&xd, &wd, &bd, &rd].map(|v| back(grads.get(v.as_tensor()).unwrap())));
+    out
+}
+
+/// Every kernel at a size whose per-channel sums span several blocks (and, on the CPU, the
+/// reference path in f64), against the CPU's f32 kernels on the same inputs rounded to the case's
+/// dtype: within `1e-4` (f32, f64) or `2e-2` (bf16) of each result's largest magnitude.
+#[test]
+fn batchnorm_kernels_match_the_cpu_kernels_at_scale() {
+    let dev = Device::Cpu;
+    let (n, c, l) = (16, 5, 1500);
+    let x = (Tensor::randn(0f32, 2.0, (n, c, l), &dev).unwrap() + 1.5).unwrap();
+    let residual = Tensor::randn(0f32, 1.0, (n, c, l), &dev).unwrap();
+    let probe = Tensor::randn(0f32, 1.0, (n, c, l), &dev).unwrap();
+    let what = ["output", "statistics", "x", "weight", "bias", "residual"];
+    let mut cases = common::cases();
+    cases.retain(|(device, dtype)| !(device.is_cpu() && *dtype == DType::F32));
+    cases.extend(common::half_cases());
+    for (device, dtype) in cases {
+        let rounded = |t: &Tensor| t.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
+        let reference = fused_pass(
+            &rounded(&x),
+            &rounded(&residual),
+            &rounded(&probe),
+            &dev,
+            DType::F32,
+        );
+        let got = fused_pass(&x, &residual, &probe, &device, dtype);
+        let tol = if dtype == DType::BF16 { 2e-2 } else { 1e-4 };
+        for ((got, want), what) in got.iter().zip(&reference).zip(what) {
+            let scale = want.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+            let scale = scale.to_scalar::<f32>().unwrap().max(1.0);
+            let d = max_abs(got, want);
+            assert!(
+                d <= tol * scale,
+                "{what} on {device:?} {dtype:?}: off by {d} (largest magnitude {scale})"
+            );
+        }
+    }
+}
+
 /// One rank's share of a SyncBN check: the output, the statistics and the gradients of `x`,
 /// `weight`, `bias` for the probe objective `sum(y * probe)`, as f32 on the CPU.
 fn synced_pass(

@@ -17,6 +17,16 @@ pub fn cases() -> Vec<(Device, DType)> {
     out
 }
 
+/// The half-precision cases of an op with CUDA kernels for them: bf16 on CUDA, when the build has
+/// the feature and a GPU is present (none otherwise).
+pub fn half_cases() -> Vec<(Device, DType)> {
+    trainer::device::available()
+        .into_iter()
+        .filter(|d| !d.is_cpu())
+        .map(|d| (d, DType::BF16))
+        .collect()
+}
+
 /// The tolerance of a comparison with an f32 CPU reference on `device`: CUDA's convolutions may
 /// round through TF32.
 pub fn tolerance(device: &Device) -> f32 {

@@ -5,11 +5,14 @@
 //! backward accounts for them) and the normalisation, which takes the weight, bias and statistics
 //! packed in one `[4c]` tensor. The statistics stay on the device as a tensor, for the running
 //! averages; nothing is read back to the host. Each node picks its kernel from the storage it gets:
-//! the fused kernels of [`cpu`] on the CPU in f32, otherwise the tensor ops of [`reference`] run
-//! inside the node (see [`crate::ops::portable`]). Inside a [`sync_bn::Scope`] both nodes sum
+//! the fused kernels of [`cpu`] on the CPU in f32, those of `cuda` (feature `cuda`) on a GPU in
+//! f32, bf16 or f16, otherwise the tensor ops of [`reference`] run inside the node (see
+//! [`crate::ops::portable`]). Inside a [`sync_bn::Scope`] both nodes sum
 //! their per-channel statistics over the ranks (SyncBN).
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod reference;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
@@ -92,7 +95,10 @@ impl CustomOp1 for BatchStats {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.portable(s, l)
+        match cuda::stats(s, l, sync_bn::current().as_deref())? {
+            Some(out) => Ok(out),
+            None => self.portable(s, l),
+        }
     }
 }
 
@@ -126,6 +132,19 @@ impl BatchNormTrain {
             cpu::forward(Isa::active(), x, params, residual, self.relu)
         } else {
             self.portable(x, params, residual)
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda(
+        &self,
+        x: (&candle_core::CudaStorage, &Layout),
+        params: (&candle_core::CudaStorage, &Layout),
+        residual: Option<(&candle_core::CudaStorage, &Layout)>,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        match cuda::forward(x, params, residual, self.relu)? {
+            Some(out) => Ok(out),
+            None => self.portable(x, params, residual),
         }
     }
 
@@ -179,7 +198,7 @@ impl CustomOp2 for BatchNormTrain {
         ps: &candle_core::CudaStorage,
         pl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.portable((xs, xl), (ps, pl), None)
+        self.cuda((xs, xl), (ps, pl), None)
     }
 
     fn bwd(
@@ -221,7 +240,7 @@ impl CustomOp3 for BatchNormTrain {
         rs: &candle_core::CudaStorage,
         rl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.portable((xs, xl), (ps, pl), Some((rs, rl)))
+        self.cuda((xs, xl), (ps, pl), Some((rs, rl)))
     }
 
     fn bwd(
@@ -304,6 +323,20 @@ impl CustomOp3 for BatchNormBackward {
         ys: &candle_core::CudaStorage,
         yl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.portable([(xs, xl), (gs, gl), (ys, yl)])
+        let kernel = portable::with_storage(&self.params, |ps: &candle_core::CudaStorage, pl| {
+            cuda::backward(
+                (xs, xl),
+                (gs, gl),
+                (ys, yl),
+                (ps, pl),
+                self.relu,
+                self.residual,
+                sync_bn::current().as_deref(),
+            )
+        })?;
+        match kernel {
+            Some(out) => Ok(out),
+            None => self.portable([(xs, xl), (gs, gl), (ys, yl)]),
+        }
     }
 }
