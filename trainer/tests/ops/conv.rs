@@ -108,6 +108,20 @@ fn convolution_op_matches_candle_forward_and_backward_on_every_device() {
 }
 
 #[test]
+fn convolution_op_in_half_precision_matches_candle_in_f32() {
+    // bf16 inputs, f32 accumulation, bf16 outputs: within a few bf16 roundings of the largest value.
+    let cpu = (Device::Cpu, DType::F32);
+    for case in common::half_cases() {
+        for (k, stride, padding, h, w) in SQUARE {
+            let g = Geometry { k, stride, padding };
+            let reference = run(candle_conv, &cpu, g, (h, w));
+            let ours = run(op_conv, &case, g, (h, w));
+            assert_same(&ours, &reference, 3e-2, format!("{case:?} {g:?} {h}x{w}"));
+        }
+    }
+}
+
+#[test]
 fn convolution_op_agrees_across_devices_on_non_square_inputs() {
     // Candle's own backward mis-sizes non-square input gradients: compare with the CPU kernel.
     let cpu = (Device::Cpu, DType::F32);

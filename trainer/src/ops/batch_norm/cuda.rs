@@ -8,52 +8,20 @@
 //! a strided input, more than 2^32 elements); the op then runs its reference.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
-};
-use candle_core::cuda_backend::{CudaDType, CudaDevice};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::CudaDevice;
 use candle_core::op::BackpropOp;
 use candle_core::{CudaStorage, Layout, Result, Shape, Storage, Tensor};
 
 use super::ncl;
 use crate::dist::Collective;
+use crate::ops::cuda_storage::{by_dtype, elementwise, launch, view, Elem, THREADS};
 use crate::ops::portable;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/batch_norm.ptx"));
 const MODULE: &str = "maskdeep-batch-norm";
-/// Threads per block (a multiple of 32, as the block reduction needs).
-const THREADS: u32 = 256;
 /// Elements each thread of a per-channel reduction sums, at least (sets the blocks per channel).
 const PER_THREAD: usize = 16;
-
-/// A data type the kernels are instantiated for, and its kernel-name suffix.
-trait Elem: CudaDType + DeviceRepr {
-    const SUFFIX: &'static str;
-}
-
-impl Elem for f32 {
-    const SUFFIX: &'static str = "f32";
-}
-
-impl Elem for half::bf16 {
-    const SUFFIX: &'static str = "bf16";
-}
-
-impl Elem for half::f16 {
-    const SUFFIX: &'static str = "f16";
-}
-
-/// Runs `$f::<T>($args)` for the element type `T` of `$dtype`; `Ok(None)` for other dtypes.
-macro_rules! by_dtype {
-    ($dtype:expr, $f:ident($($arg:expr),* $(,)?)) => {
-        match $dtype {
-            candle_core::DType::F32 => $f::<f32>($($arg),*).map(Some),
-            candle_core::DType::BF16 => $f::<half::bf16>($($arg),*).map(Some),
-            candle_core::DType::F16 => $f::<half::f16>($($arg),*).map(Some),
-            _ => Ok(None),
-        }
-    };
-}
 
 /// Whether the kernels take these arguments: one dtype, contiguous, `(n, c, l)` indexable in
 /// 32 bits (with the packed gradient's two planes and `4c` parameters).
@@ -62,14 +30,6 @@ fn applicable(args: &[(&CudaStorage, &Layout)], (n, c, l): (usize, usize, usize)
     args.iter()
         .all(|(s, l)| s.dtype() == dtype && l.is_contiguous())
         && 2 * n * c * l + 4 * c < u32::MAX as usize
-}
-
-/// The contiguous elements of `s` that `l` covers.
-fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
-    let (start, end) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::msg("batch norm (cuda): a strided argument"))?;
-    Ok(s.as_cuda_slice::<T>()?.slice(start..end))
 }
 
 /// `(n, c, l)` as the kernels' 32-bit arguments.
@@ -89,15 +49,6 @@ fn per_channel((n, c, l): (usize, usize, usize)) -> LaunchConfig {
     }
 }
 
-/// A grid-stride launch over `len` elements.
-fn elementwise(len: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (len.div_ceil(THREADS as usize).clamp(1, 65_536) as u32, 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
 /// Scratch of a per-channel reduction launched with `cfg`: partial sums and zeroed counters.
 fn reduction_scratch(
     dev: &CudaDevice,
@@ -107,18 +58,6 @@ fn reduction_scratch(
     // SAFETY: each block writes its two partial sums before the last block reads them.
     let partial = unsafe { dev.alloc::<f64>(2 * c * splits)? };
     Ok((partial, dev.alloc_zeros::<u32>(c)?))
-}
-
-/// Launches kernel `$name` with `$cfg` and the arguments, in its signature's order.
-macro_rules! launch {
-    ($dev:expr, $name:expr, $cfg:expr, [$($arg:expr),* $(,)?]) => {{
-        let func = $dev.get_or_load_custom_func(&$name, MODULE, PTX)?;
-        let mut builder = func.builder();
-        $(builder.arg($arg);)*
-        // SAFETY: the arguments match the kernel's signature in order and type, and the buffers
-        // are sized for the dimensions passed with them.
-        unsafe { builder.launch($cfg) }.map_err(candle_core::Error::wrap)?;
-    }};
 }
 
 /// `sums` summed over the ranks of `group`, as an f64 tensor on the device.
@@ -169,7 +108,7 @@ fn stats_as<T: Elem>(
     let (mut sums, mut out) =
         unsafe { (dev.alloc::<f64>(2 * dims.1)?, dev.alloc::<f32>(2 * dims.1)?) };
     launch!(
-        dev,
+        (dev, MODULE, PTX),
         format!("bn_stats_{}", T::SUFFIX),
         cfg,
         [
@@ -188,7 +127,7 @@ fn stats_as<T: Elem>(
         let global = all_reduced(dev, sums, group)?;
         with_f64(&global, |global| {
             launch!(
-                dev,
+                (dev, MODULE, PTX),
                 "bn_stats_finish",
                 elementwise(dims.1),
                 [&global, &c, &count, &mut out]
@@ -245,7 +184,7 @@ fn forward_as<T: Elem>(
     let mut y = unsafe { dev.alloc::<T>(len)? };
     let (has_residual, relu) = (has_residual as i32, relu as i32);
     launch!(
-        dev,
+        (dev, MODULE, PTX),
         format!("bn_forward_{}", T::SUFFIX),
         elementwise(len),
         [&x, &params, &r, &mut y, &n, &c, &l, &has_residual, &relu]
@@ -299,7 +238,7 @@ fn backward_as<T: Elem>(
     // SAFETY: the channels' last blocks write every element.
     let mut local = unsafe { dev.alloc::<f64>(2 * dims.1)? };
     launch!(
-        dev,
+        (dev, MODULE, PTX),
         format!("bn_grad_sums_{}", T::SUFFIX),
         cfg,
         [
@@ -326,7 +265,7 @@ fn backward_as<T: Elem>(
     let residual_flag = residual as i32;
     let mut input_grad = |global: CudaView<'_, f64>| -> Result<()> {
         launch!(
-            dev,
+            (dev, MODULE, PTX),
             format!("bn_input_grad_{}", T::SUFFIX),
             elementwise(len),
             [

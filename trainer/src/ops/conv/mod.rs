@@ -3,11 +3,13 @@
 //! The node's forward and backward each pick their kernel from the storage they get: on the CPU
 //! in f32 the im2col + gemm kernels of [`cpu`] (Candle's own convolution sends the input gradient
 //! through a plain `conv_transpose2d` loop, and building it from Candle ops costs a zero-fill and
-//! an add per op and per gradient in Candle's backward); otherwise (CUDA, bf16) the tensor ops of
-//! [`reference`], run inside the node (see [`crate::ops::portable`]). The input image needs no
-//! gradient and gets none.
+//! an add per op and per gradient in Candle's backward); on CUDA with the `cudnn` feature cuDNN's
+//! forward and backward calls (`cuda`); otherwise the tensor ops of [`reference`], run inside the
+//! node (see [`crate::ops::portable`]). The input image needs no gradient and gets none.
 
 pub mod cpu;
+#[cfg(feature = "cudnn")]
+pub mod cuda;
 pub mod reference;
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
@@ -77,6 +79,10 @@ impl CustomOp2 for Conv2d {
         ws: &candle_core::CudaStorage,
         wl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
+        #[cfg(feature = "cudnn")]
+        if let Some(out) = cuda::forward((xs, xl), (ws, wl), self.g)? {
+            return Ok(out);
+        }
         self.portable(xs, xl, ws, wl)
     }
 
@@ -154,6 +160,10 @@ impl CustomOp3 for Conv2dBackward {
         gs: &candle_core::CudaStorage,
         gl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
+        #[cfg(feature = "cudnn")]
+        if let Some(out) = cuda::backward((xs, xl), (ws, wl), (gs, gl), self.g, self.need_dx)? {
+            return Ok(out);
+        }
         self.portable([(xs, xl), (ws, wl), (gs, gl)])
     }
 }

@@ -1,8 +1,11 @@
 //! torchvision's stem max-pool: kernel 3, stride 2, padding 1, over `[n, c, h, w]`, as one
-//! autograd node on every device: the kernels of [`cpu`] on the CPU in f32, otherwise the tensor
-//! ops of [`reference`] run inside the node (see [`crate::ops::portable`]).
+//! autograd node on every device: the kernels of [`cpu`] on the CPU in f32, those of `cuda`
+//! (feature `cuda`) on a GPU in f32, bf16 or f16, otherwise the tensor ops of [`reference`] run
+//! inside the node (see [`crate::ops::portable`]).
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod reference;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
@@ -46,7 +49,10 @@ impl CustomOp1 for MaxPool {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.portable(s, l)
+        match cuda::forward(s, l)? {
+            Some(out) => Ok(out),
+            None => self.portable(s, l),
+        }
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
@@ -94,6 +100,9 @@ impl CustomOp2 for MaxPoolBackward {
         gs: &candle_core::CudaStorage,
         gl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.portable((xs, xl), (gs, gl))
+        match cuda::backward((xs, xl), (gs, gl))? {
+            Some(out) => Ok(out),
+            None => self.portable((xs, xl), (gs, gl)),
+        }
     }
 }
