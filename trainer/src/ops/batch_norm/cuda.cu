@@ -5,75 +5,16 @@
 // Per-channel sums are deterministic: each block of a channel writes its partial sums, and the
 // block that finishes last adds them in a fixed order (no floating-point atomics).
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <stdint.h>
+#include "../cuda_common.cuh"
 
 #define EPS 1e-5
 
-__device__ __forceinline__ float load(const float *p, uint32_t i) { return p[i]; }
-__device__ __forceinline__ float load(const __nv_bfloat16 *p, uint32_t i) {
-    return __bfloat162float(p[i]);
-}
-__device__ __forceinline__ float load(const __half *p, uint32_t i) { return __half2float(p[i]); }
-
-__device__ __forceinline__ void store(float *p, uint32_t i, float v) { p[i] = v; }
-__device__ __forceinline__ void store(__nv_bfloat16 *p, uint32_t i, float v) {
-    p[i] = __float2bfloat16(v);
-}
-__device__ __forceinline__ void store(__half *p, uint32_t i, float v) { p[i] = __float2half(v); }
-
-// Sums (a, b) over the block (blockDim.x a multiple of 32); the result is valid in thread 0.
-__device__ void block_sum(double &a, double &b) {
-    __shared__ double sa[32], sb[32];
-    for (int o = 16; o > 0; o >>= 1) {
-        a += __shfl_down_sync(0xffffffffu, a, o);
-        b += __shfl_down_sync(0xffffffffu, b, o);
-    }
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (lane == 0) {
-        sa[warp] = a;
-        sb[warp] = b;
-    }
-    __syncthreads();
-    if (warp == 0) {
-        const int warps = blockDim.x >> 5;
-        a = lane < warps ? sa[lane] : 0.0;
-        b = lane < warps ? sb[lane] : 0.0;
-        for (int o = 16; o > 0; o >>= 1) {
-            a += __shfl_down_sync(0xffffffffu, a, o);
-            b += __shfl_down_sync(0xffffffffu, b, o);
-        }
-    }
-}
-
-// Block (channel blockIdx.x, split blockIdx.y) contributes (a, b). The channel's last block
-// writes the sums over its splits, in split order, to sums[2 ch], sums[2 ch + 1] and returns
-// true in its thread 0. `partial` holds 2 * c * gridDim.y doubles; `done` c zeroed counters.
+// Block (channel blockIdx.x, split blockIdx.y) contributes (a, b) to channel ch's sums, which
+// the channel's last block writes to sums[2 ch], sums[2 ch + 1] (returning true in its thread 0).
+// `partial` holds 2 * c * gridDim.y doubles; `done` c zeroed counters.
 __device__ bool channel_sum(double a, double b, double *partial, unsigned *done, double *sums) {
-    __shared__ bool last;
     const uint32_t ch = blockIdx.x, splits = gridDim.y;
-    block_sum(a, b);
-    if (threadIdx.x == 0) {
-        partial[2 * (ch * splits + blockIdx.y)] = a;
-        partial[2 * (ch * splits + blockIdx.y) + 1] = b;
-        __threadfence();
-        last = atomicAdd(&done[ch], 1u) == splits - 1;
-    }
-    __syncthreads();
-    if (!last || threadIdx.x != 0) {
-        return false;
-    }
-    __threadfence();
-    const volatile double *p = partial;
-    double sa = 0.0, sb = 0.0;
-    for (uint32_t s = 0; s < splits; ++s) {
-        sa += p[2 * (ch * splits + s)];
-        sb += p[2 * (ch * splits + s) + 1];
-    }
-    sums[2 * ch] = sa;
-    sums[2 * ch + 1] = sb;
-    return true;
+    return group_sum(a, b, blockIdx.y, splits, partial + 2 * ch * splits, done + ch, sums + 2 * ch);
 }
 
 // mean and biased variance from the sums of x and x^2 over `count` values.

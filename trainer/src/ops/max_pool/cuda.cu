@@ -4,21 +4,7 @@
 // output order, the gradients of the (at most four) windows whose first maximum it is, as the
 // CPU kernel does, so the result is deterministic and needs no atomics.
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <stdint.h>
-
-__device__ __forceinline__ float load(const float *p, uint32_t i) { return p[i]; }
-__device__ __forceinline__ float load(const __nv_bfloat16 *p, uint32_t i) {
-    return __bfloat162float(p[i]);
-}
-__device__ __forceinline__ float load(const __half *p, uint32_t i) { return __half2float(p[i]); }
-
-__device__ __forceinline__ void store(float *p, uint32_t i, float v) { p[i] = v; }
-__device__ __forceinline__ void store(__nv_bfloat16 *p, uint32_t i, float v) {
-    p[i] = __float2bfloat16(v);
-}
-__device__ __forceinline__ void store(__half *p, uint32_t i, float v) { p[i] = __float2half(v); }
+#include "../cuda_common.cuh"
 
 // Output size of a dimension of n.
 __device__ __forceinline__ uint32_t out(uint32_t n) { return (n - 1) / 2 + 1; }
