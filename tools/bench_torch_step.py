@@ -82,6 +82,8 @@ def main():
         return loss
 
     times = []
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
     for i in range(a.steps + 1):
         if dev.type == "cuda":
             torch.cuda.synchronize()
@@ -95,7 +97,8 @@ def main():
     med = times[len(times) // 2]
     print(json.dumps({"arch": a.arch, "size": a.size, "batch": a.batch, "device": a.device,
                       "bf16": a.bf16, "threads": a.threads, "step_ms": med * 1e3,
-                      "views_per_second": 2 * a.batch / med}))
+                      "views_per_second": 2 * a.batch / med,
+                      "peak_memory_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None}))
 
 
 if __name__ == "__main__":

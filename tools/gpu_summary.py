@@ -19,6 +19,10 @@ def last_json(text):
     raise ValueError("no JSON line")
 
 
+def memory(peak):
+    return "peak GPU memory ?" if peak is None else f"peak GPU memory {peak / 2**30:.1f} GiB"
+
+
 def main():
     kind = sys.argv[1]
     if kind == "pretrain":
@@ -41,11 +45,13 @@ def main():
         rows = sorted(d["groups"] + [d["step"]], key=lambda x: x["groups"])
         enc = " / ".join(f"G{x['groups']} {x['online_encoder_ms']:.0f}" for x in rows)
         s = d["step"]
-        print(f"{d['views_per_second']:.0f} views/s; step {s['step_ms']:.0f} ms = encoder {s['online_encoder_ms']:.0f}"
-              f" + heads {s['heads_ms']:.0f} + target {s['target_ms']:.0f} + backward {s['backward_ms']:.0f}"
-              f" + optim {s['optimizer_ms']:.0f}; encoder ms by groups: {enc}")
+        ops = s["ops"]
+        print(f"{d['views_per_second']:.0f} views/s; {memory(s.get('peak_memory_bytes'))}; step {s['step_ms']:.0f} ms"
+              f" = encoder {s['online_encoder_ms']:.0f} + heads {s['heads_ms']:.0f} + target {s['target_ms']:.0f}"
+              f" + backward {s['backward_ms']:.0f} + optim {s['optimizer_ms']:.0f}; encoder ms by groups: {enc};"
+              f" ops forward {ops['forward']} backward {ops['backward']} update {ops['update']}")
     elif kind == "torch":
-        print(f"{d['views_per_second']:.0f} views/s (step {d['step_ms']:.0f} ms)")
+        print(f"{d['views_per_second']:.0f} views/s (step {d['step_ms']:.0f} ms); {memory(d.get('peak_memory_bytes'))}")
     elif kind == "loader":
         print(f"{d['samples_per_second']:.0f} samples/s = {d['views_per_second']:.0f} views/s")
 

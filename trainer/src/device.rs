@@ -30,34 +30,93 @@ pub fn parse(name: &str) -> Result<Device> {
     Ok(device)
 }
 
-/// Makes the GPU's stream-ordered memory pool, from which Candle allocates, keep freed memory
-/// for reuse (as PyTorch's caching allocator does) instead of handing it back to the driver at
-/// every synchronisation, which its default release threshold of 0 does.
+/// The default memory pool of `device`'s GPU: the stream-ordered pool Candle allocates from.
 #[cfg(feature = "cuda")]
-fn keep_freed_memory(device: &Device) -> Result<()> {
-    use candle_core::cuda_backend::cudarc::driver::sys;
-    let driver = |e: candle_core::cuda_backend::cudarc::driver::DriverError| {
-        Error::Device(format!("CUDA memory pool: {e:?}"))
-    };
+fn memory_pool(
+    device: &Device,
+) -> Result<candle_core::cuda_backend::cudarc::driver::sys::CUmemoryPool> {
     let context = device.as_cuda_device()?.cuda_stream().context().clone();
-    context.bind_to_thread().map_err(driver)?;
-    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-    let mut threshold = u64::MAX;
-    // SAFETY: the pool pointer is written by the driver before it is used, and the attribute's
-    // value is the u64 the driver expects for the release threshold.
+    context.bind_to_thread().map_err(pool_error)?;
+    let mut pool = std::ptr::null_mut();
+    // SAFETY: the driver writes the pool handle before it is used.
     unsafe {
-        sys::cuDeviceGetDefaultMemPool(&mut pool, context.cu_device())
-            .result()
-            .map_err(driver)?;
-        sys::cuMemPoolSetAttribute(
-            pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-            (&mut threshold as *mut u64).cast(),
+        candle_core::cuda_backend::cudarc::driver::sys::cuDeviceGetDefaultMemPool(
+            &mut pool,
+            context.cu_device(),
         )
         .result()
-        .map_err(driver)?;
+        .map_err(pool_error)?;
     }
+    Ok(pool)
+}
+
+#[cfg(feature = "cuda")]
+fn pool_error(e: candle_core::cuda_backend::cudarc::driver::DriverError) -> Error {
+    Error::Device(format!("CUDA memory pool: {e:?}"))
+}
+
+/// Sets the u64 attribute `attr` of `device`'s memory pool to `value`.
+#[cfg(feature = "cuda")]
+fn set_pool_attribute(
+    device: &Device,
+    attr: candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute,
+    mut value: u64,
+) -> Result<()> {
+    let pool = memory_pool(device)?;
+    // SAFETY: the pool's release threshold and used-memory high watermark are u64 attributes.
+    unsafe {
+        candle_core::cuda_backend::cudarc::driver::sys::cuMemPoolSetAttribute(
+            pool,
+            attr,
+            (&mut value as *mut u64).cast(),
+        )
+        .result()
+        .map_err(pool_error)
+    }
+}
+
+/// Makes the GPU's memory pool keep freed memory for reuse (as PyTorch's caching allocator does)
+/// instead of handing it back to the driver at every synchronisation, which its default release
+/// threshold of 0 does.
+#[cfg(feature = "cuda")]
+fn keep_freed_memory(device: &Device) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute as A;
+    set_pool_attribute(device, A::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, u64::MAX)
+}
+
+/// Starts measuring the peak of device memory in use (see [`peak_memory`]); nothing on the CPU.
+pub fn reset_peak_memory(device: &Device) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute as A;
+        return set_pool_attribute(device, A::CU_MEMPOOL_ATTR_USED_MEM_HIGH, 0);
+    }
+    let _ = device;
     Ok(())
+}
+
+/// The most GPU memory in use at once since [`reset_peak_memory`], in bytes (PyTorch's
+/// `torch.cuda.max_memory_allocated`); `None` on the CPU.
+pub fn peak_memory(device: &Device) -> Result<Option<u64>> {
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        let pool = memory_pool(device)?;
+        let mut value = 0u64;
+        // SAFETY: the used-memory high watermark is a u64 attribute.
+        unsafe {
+            sys::cuMemPoolGetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                (&mut value as *mut u64).cast(),
+            )
+            .result()
+            .map_err(pool_error)?;
+        }
+        return Ok(Some(value));
+    }
+    let _ = device;
+    Ok(None)
 }
 
 /// The devices the tests run each op on: always the CPU, and the first GPU when the binary was

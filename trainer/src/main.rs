@@ -870,6 +870,12 @@ fn run(cli: Cli) -> Result<()> {
                     "ops per step: forward {} (graph nodes, target branch included), backward {}, update {}",
                     main.ops.forward, main.ops.backward, main.ops.update
                 );
+                if let Some(bytes) = main.peak_memory_bytes {
+                    println!(
+                        "peak GPU memory over the steps: {:.2} GiB",
+                        bytes as f64 / (1u64 << 30) as f64
+                    );
+                }
                 println!("groups  views/s  step ms  encoder ms  heads ms  target ms  backward ms  optim ms");
                 for t in std::iter::once(&main).chain(&sweep) {
                     println!(

@@ -22,6 +22,8 @@ pub struct StepTimes {
     pub backward_ms: f64,
     pub optimizer_ms: f64,
     pub ops: OpCounts,
+    /// The most GPU memory in use at once over the timed steps (bytes); `None` on the CPU.
+    pub peak_memory_bytes: Option<u64>,
 }
 
 /// The ops one step runs, counted from its autograd graphs and its updates.
@@ -65,6 +67,7 @@ pub fn time_steps(cfg: &TrainConfig, device: &Device, steps: usize) -> Result<St
         tau: 0.99,
     };
     let mut samples: Vec<StepProfile> = Vec::new();
+    crate::device::reset_peak_memory(device)?;
     for step in 0..=steps {
         let mut profile = StepProfile::default();
         trainer.run(
@@ -97,5 +100,6 @@ pub fn time_steps(cfg: &TrainConfig, device: &Device, steps: usize) -> Result<St
             backward: last.graph_ops,
             update: last.update_ops,
         },
+        peak_memory_bytes: crate::device::peak_memory(device)?,
     })
 }
