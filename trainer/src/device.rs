@@ -84,6 +84,21 @@ fn keep_freed_memory(device: &Device) -> Result<()> {
     set_pool_attribute(device, A::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, u64::MAX)
 }
 
+/// Declares that only the calling thread will use `device` from now on, so that its GPU work
+/// all goes to one stream (Candle gives each thread its own): cudarc then stops recording and
+/// waiting on an event for every allocation and every use, which orders work across streams
+/// and costs host time on each op. Tensors made before the call keep their events. Not for
+/// `--ranks` on a GPU, whose threads share the device. Nothing on the CPU.
+pub fn drive_from_this_thread_only(device: &Device) {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device {
+        // SAFETY: the caller promises that one thread, hence one stream, uses the device, so no
+        // work needs ordering across streams.
+        unsafe { cuda.disable_event_tracking() };
+    }
+    let _ = device;
+}
+
 /// Starts measuring the peak of device memory in use (see [`peak_memory`]); nothing on the CPU.
 pub fn reset_peak_memory(device: &Device) -> Result<()> {
     #[cfg(feature = "cuda")]

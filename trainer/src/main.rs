@@ -723,6 +723,10 @@ fn run(cli: Cli) -> Result<()> {
                     pretrain::Ranks::One,
                 ),
             };
+            // One process per GPU, one thread driving it (not so for in-process ranks).
+            if !matches!(ranks, pretrain::Ranks::Threads(_)) {
+                trainer::device::drive_from_this_thread_only(&device);
+            }
             let lead = launched.as_ref().is_none_or(|env| env.rank == 0);
             let job = PretrainJob {
                 config: args.config.resolve()?,
@@ -832,6 +836,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             cfg.validate()?;
             let device = trainer::device::parse(&args.config.device)?;
+            trainer::device::drive_from_this_thread_only(&device);
             let main = bench::time_steps(&cfg, &device, args.steps)?;
             let mut sweep = Vec::new();
             for &g in &args.groups {
