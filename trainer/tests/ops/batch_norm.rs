@@ -53,16 +53,14 @@ fn check_case(relu: bool, with_residual: bool, device: &Device, dtype: DType) {
 
     let r = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, c, l), &dev).unwrap()).unwrap();
     // The op's inputs on the case's device and dtype; the parameters stay f32 (master weights).
-    let on = |t: &Tensor, dtype| {
-        Var::from_tensor(&t.to_dtype(dtype).unwrap().to_device(device).unwrap()).unwrap()
-    };
+    let on = |t: &Tensor, dtype| common::var_on(t, device, dtype);
     let (xd, wd, bd, rd) = (
         on(&x, dtype),
         on(&w, DType::F32),
         on(&b, DType::F32),
         on(&r, dtype),
     );
-    let back = |t: &Tensor| t.to_dtype(DType::F32).unwrap().to_device(&dev).unwrap();
+    let back = common::back;
     let (y, stats) = batch_norm::train(
         xd.as_tensor(),
         wd.as_tensor(),
@@ -152,9 +150,7 @@ fn fused_pass(
     dtype: DType,
 ) -> Vec<Tensor> {
     let c = x.dim(1).unwrap();
-    let on = |t: &Tensor, dtype| {
-        Var::from_tensor(&t.to_dtype(dtype).unwrap().to_device(device).unwrap()).unwrap()
-    };
+    let on = |t: &Tensor, dtype| common::var_on(t, device, dtype);
     let weight = Tensor::arange(0u32, c as u32, &Device::Cpu)
         .unwrap()
         .to_dtype(DType::F32)
@@ -173,12 +169,7 @@ fn fused_pass(
     assert_eq!(y.dtype(), dtype);
     let probe = probe.to_dtype(dtype).unwrap().to_device(device).unwrap();
     let grads = common::probed(&y, &probe);
-    let back = |t: &Tensor| {
-        t.to_dtype(DType::F32)
-            .unwrap()
-            .to_device(&Device::Cpu)
-            .unwrap()
-    };
+    let back = common::back;
     let mut out = vec![back(&y), back(&stats)];
     out.extend([&xd, &wd, &bd, &rd].map(|v| back(grads.get(v.as_tensor()).unwrap())));
     out
@@ -231,9 +222,7 @@ fn synced_pass(
     dtype: DType,
 ) -> Vec<Tensor> {
     let c = x.dim(1).unwrap();
-    let on = |t: &Tensor, dtype| {
-        Var::from_tensor(&t.to_dtype(dtype).unwrap().to_device(device).unwrap()).unwrap()
-    };
+    let on = |t: &Tensor, dtype| common::var_on(t, device, dtype);
     let xd = on(x, dtype);
     let wd = on(
         &Tensor::new(&[0.5f32, 1.0, 2.0], &Device::Cpu).unwrap(),
@@ -248,12 +237,7 @@ fn synced_pass(
         batch_norm::train(xd.as_tensor(), wd.as_tensor(), bd.as_tensor(), None, true).unwrap();
     let probe = probe.to_dtype(dtype).unwrap().to_device(device).unwrap();
     let grads = common::probed(&y, &probe);
-    let back = |t: &Tensor| {
-        t.to_dtype(DType::F32)
-            .unwrap()
-            .to_device(&Device::Cpu)
-            .unwrap()
-    };
+    let back = common::back;
     assert_eq!(stats.elem_count(), 2 * c);
     let mut out = vec![back(&y), back(&stats)];
     out.extend([&xd, &wd, &bd].map(|v| back(grads.get(v.as_tensor()).unwrap())));

@@ -1,7 +1,7 @@
 //! What the op tests share: the (device, dtype) cases each op runs on.
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 
 /// Every case an op test covers: the CPU kernels (f32), the reference path inside the op on the
 /// CPU (f64, a dtype without a CPU kernel: the route CUDA takes until its kernels land), and f32
@@ -41,4 +41,17 @@ pub fn tolerance(device: &Device) -> f32 {
 /// gradient non-trivial.
 pub fn probed(y: &Tensor, probe: &Tensor) -> GradStore {
     (y * probe).unwrap().sum_all().unwrap().backward().unwrap()
+}
+
+/// A variable holding `t` on `device` in `dtype`.
+pub fn var_on(t: &Tensor, device: &Device, dtype: DType) -> Var {
+    Var::from_tensor(&t.to_dtype(dtype).unwrap().to_device(device).unwrap()).unwrap()
+}
+
+/// `t` as f32 on the CPU, for comparisons.
+pub fn back(t: &Tensor) -> Tensor {
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .to_device(&Device::Cpu)
+        .unwrap()
 }
