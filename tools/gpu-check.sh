@@ -123,7 +123,7 @@ torch_step "pytorch r50 224 b64 bf16 channels_last" --arch resnet50 --size 224 -
 bench "maskdeep r50 224 b64 fp32" --preset maskdeep-r50-imagenet --batch 64 --groups 1
 bench "maskdeep r50 224 b128 bf16" --preset maskdeep-r50-imagenet --batch 128 --set bf16=true --groups 1
 torch_step "pytorch r50 224 b128 bf16 channels_last" --arch resnet50 --size 224 --batch 128 --bf16 --channels-last
-bench "maskdeep r50 224 b256 bf16 (the preset's batch)" --preset maskdeep-r50-imagenet --batch 256 --set bf16=true --groups 1
+bench "maskdeep r50 224 b256 bf16 (the preset's batch)" --preset maskdeep-r50-imagenet --batch 256 --set bf16=true
 bench "maskdeep r18 224 b128 bf16" --preset maskdeep-r18-imagenet --batch 128 --set bf16=true --groups 1
 torch_step "pytorch r18 224 b128 bf16 channels_last" --arch resnet18 --size 224 --batch 128 --bf16 --channels-last
 v=$("$bin/loader" bench "$work/shards" --preset byol --threads 16 --samples 2048 --repeats 1 --json 2>>"$log" | python3 tools/gpu_summary.py loader)
