@@ -10,7 +10,7 @@ use candle_core::{Result, Tensor, Var};
 
 use crate::config::OptimizerKind;
 use crate::nn::params;
-use crate::ops::update::{AdamStep, Blend, Momentum};
+use crate::ops::update::{self, AdamStep, Blend, Momentum, Param};
 
 /// Which update rule.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -92,89 +92,68 @@ impl Optimizer {
         })
     }
 
-    /// Applies one update with learning rate `lr` and returns the number of update ops it ran. A
-    /// parameter without a gradient is left alone.
+    /// Applies one update with learning rate `lr` and returns the number of update ops (GPU
+    /// launches) it ran. A parameter without a gradient is left alone.
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<usize> {
         self.steps += 1;
-        let mut ops = 0;
-        for slot in &self.slots {
-            let Some(g) = grads.get(slot.var.as_tensor()) else {
-                continue;
-            };
-            let decay = if slot.exempt { 0.0 } else { self.weight_decay };
-            ops += self.update(slot, g, lr, decay)?;
-        }
-        Ok(ops)
-    }
-
-    /// [`Self::step`] for one parameter; the number of ops it ran.
-    fn update(&self, slot: &Slot, g: &Tensor, lr: f64, decay: f64) -> Result<usize> {
-        let w = slot.var.as_tensor();
+        let params: Vec<Param> = self
+            .slots
+            .iter()
+            .filter_map(|slot| {
+                let g = grads.get(slot.var.as_tensor())?;
+                Some(Param {
+                    w: slot.var.as_tensor(),
+                    first: &slot.first,
+                    second: slot.second.as_ref(),
+                    g,
+                    decay: if slot.exempt { 0.0 } else { self.weight_decay },
+                    lars: !slot.exempt,
+                })
+            })
+            .collect();
         match self.rule {
-            Rule::Sgd | Rule::Lars { .. } => {
-                let trust = match self.rule {
-                    Rule::Lars { trust } if !slot.exempt => Some(trust),
-                    _ => None,
-                };
-                let momentum = Momentum {
-                    momentum: self.momentum,
-                    decay,
-                    trust,
-                };
-                momentum.apply(&slot.first, w, g)?;
-                let step = Blend {
-                    keep: 1.0,
-                    take: -lr,
-                    square: false,
-                };
-                step.apply(w, &slot.first)?;
-                Ok(2)
-            }
-            Rule::Nesterov => {
-                Momentum {
-                    momentum: self.momentum,
-                    decay,
-                    trust: None,
-                }
-                .apply(&slot.first, w, g)?;
-                // w(1 - lr wd) - lr g is w - lr d; then the look-ahead - lr m v.
-                let gradient = Blend {
-                    keep: 1.0 - lr * decay,
-                    take: -lr,
-                    square: false,
-                };
-                gradient.apply(w, g)?;
-                let look_ahead = Blend {
-                    keep: 1.0,
-                    take: -lr * self.momentum,
-                    square: false,
-                };
-                look_ahead.apply(w, &slot.first)?;
-                Ok(3)
-            }
+            Rule::Lars { trust } => update::momentum_steps(&params, self.momentum, Some(trust), lr),
+            Rule::Sgd => update::momentum_steps(&params, self.momentum, None, lr),
             Rule::AdamW => {
-                let second = slot
-                    .second
-                    .as_ref()
-                    .expect("AdamW slots have a second moment");
-                let moment = |keep: f64, square| Blend {
-                    keep,
-                    take: 1.0 - keep,
-                    square,
-                };
-                moment(BETA1, false).apply(&slot.first, g)?;
-                moment(BETA2, true).apply(second, g)?;
                 let t = self.steps as i32;
                 let step = AdamStep {
                     lr,
-                    decay,
+                    decay: 0.0,
                     corrections: (1.0 - BETA1.powi(t), 1.0 - BETA2.powi(t)),
                     eps: ADAM_EPS,
                 };
-                step.apply(w, &slot.first, second)?;
-                Ok(3)
+                update::adam_steps(&params, (BETA1, BETA2), &step)
+            }
+            Rule::Nesterov => {
+                for p in &params {
+                    self.nesterov(p, lr)?;
+                }
+                Ok(3 * params.len())
             }
         }
+    }
+
+    /// The Nesterov step of one parameter (the linear protocol's few parameters: per tensor).
+    fn nesterov(&self, p: &Param, lr: f64) -> Result<()> {
+        Momentum {
+            momentum: self.momentum,
+            decay: p.decay,
+            trust: None,
+        }
+        .apply(p.first, p.w, p.g)?;
+        // w(1 - lr wd) - lr g is w - lr d; then the look-ahead - lr m v.
+        let gradient = Blend {
+            keep: 1.0 - lr * p.decay,
+            take: -lr,
+            square: false,
+        };
+        gradient.apply(p.w, p.g)?;
+        let look_ahead = Blend {
+            keep: 1.0,
+            take: -lr * self.momentum,
+            square: false,
+        };
+        look_ahead.apply(p.w, p.first)
     }
 
     /// The state as named tensors (`<param>.first`, `<param>.second`, `steps`), for checkpoints.

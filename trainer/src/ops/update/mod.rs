@@ -2,7 +2,9 @@
 //! [`cpu`] on contiguous f32 CPU tensors, those of `cuda` (feature `cuda`) on contiguous f32 GPU
 //! tensors, otherwise the tensor ops of [`reference`] whose result is written into the buffer
 //! (see [`crate::ops::portable`]). As tensor ops, LARS costs about ten passes and as many fresh
-//! buffers per parameter, 15% of a ResNet-18 step at 32 px on the CPU.
+//! buffers per parameter, 15% of a ResNet-18 step at 32 px on the CPU. The optimiser and the EMA
+//! call the multi-tensor entries ([`momentum_steps`], [`adam_steps`], [`blends`]): on a GPU they
+//! launch one kernel per group of up to 32 parameters (LARS: two), elsewhere the per-tensor ops.
 
 pub mod cpu;
 #[cfg(feature = "cuda")]
@@ -61,6 +63,122 @@ impl AdamStep {
     pub fn apply(&self, w: &Tensor, m: &Tensor, v: &Tensor) -> Result<()> {
         w.inplace_op3(&m.contiguous()?, &v.contiguous()?, self)
     }
+}
+
+/// One parameter of a multi-tensor update: the weight `w`, its state buffers (`first`: momentum
+/// or Adam's first moment; `second`: Adam's second moment), its gradient `g`, its weight decay, and
+/// whether LARS adapts its step.
+pub struct Param<'a> {
+    pub w: &'a Tensor,
+    pub first: &'a Tensor,
+    pub second: Option<&'a Tensor>,
+    pub g: &'a Tensor,
+    pub decay: f64,
+    pub lars: bool,
+}
+
+/// Momentum SGD over every parameter: [`Momentum`] (LARS's ratio with coefficient `trust` for
+/// the parameters marked `lars`), then `w -= lr m`. On a GPU a few launches for all parameters
+/// (`cuda`'s multi-tensor kernels), elsewhere two ops per parameter. Returns the ops (launches) run.
+pub fn momentum_steps(
+    params: &[Param],
+    momentum: f64,
+    trust: Option<f64>,
+    lr: f64,
+) -> Result<usize> {
+    #[cfg(feature = "cuda")]
+    {
+        let rows: Vec<cuda::Row> = params
+            .iter()
+            .map(|p| cuda::Row {
+                buffers: [Some(p.w), Some(p.first), Some(p.g), None],
+                decay: p.decay,
+                trust_on: p.lars && trust.is_some(),
+            })
+            .collect();
+        if let Some(launches) = cuda::momentum_steps(&rows, momentum, trust, lr)? {
+            return Ok(launches);
+        }
+    }
+    let step = Blend {
+        keep: 1.0,
+        take: -lr,
+        square: false,
+    };
+    for p in params {
+        let trust = trust.filter(|_| p.lars);
+        Momentum {
+            momentum,
+            decay: p.decay,
+            trust,
+        }
+        .apply(p.first, p.w, p.g)?;
+        step.apply(p.w, p.first)?;
+    }
+    Ok(2 * params.len())
+}
+
+/// AdamW over every parameter (each with its `second` moment): both moments with `betas`, then
+/// [`AdamStep`] `op` with each parameter's own decay (`op.decay` is not used). On a GPU one launch
+/// per group of parameters (`cuda`), elsewhere three ops per parameter.
+pub fn adam_steps(params: &[Param], betas: (f64, f64), op: &AdamStep) -> Result<usize> {
+    #[cfg(feature = "cuda")]
+    {
+        let rows: Vec<cuda::Row> = params
+            .iter()
+            .map(|p| cuda::Row {
+                buffers: [Some(p.w), Some(p.first), Some(p.g), p.second],
+                decay: p.decay,
+                trust_on: false,
+            })
+            .collect();
+        if params.iter().all(|p| p.second.is_some()) {
+            if let Some(launches) = cuda::adam_steps(&rows, betas, op)? {
+                return Ok(launches);
+            }
+        }
+    }
+    let moment = |keep: f64, square| Blend {
+        keep,
+        take: 1.0 - keep,
+        square,
+    };
+    for p in params {
+        let Some(second) = p.second else {
+            candle_core::bail!("AdamW needs a second moment for every parameter");
+        };
+        moment(betas.0, false).apply(p.first, p.g)?;
+        moment(betas.1, true).apply(second, p.g)?;
+        AdamStep {
+            decay: p.decay,
+            ..*op
+        }
+        .apply(p.w, p.first, second)?;
+    }
+    Ok(3 * params.len())
+}
+
+/// [`Blend`] of every `(dst, src)` pair (the EMA target update): on a GPU one launch per group of
+/// pairs, elsewhere one op per pair.
+pub fn blends(pairs: &[(&Tensor, &Tensor)], op: &Blend) -> Result<usize> {
+    #[cfg(feature = "cuda")]
+    {
+        let rows: Vec<cuda::Row> = pairs
+            .iter()
+            .map(|&(dst, src)| cuda::Row {
+                buffers: [Some(dst), Some(src), None, None],
+                decay: 0.0,
+                trust_on: false,
+            })
+            .collect();
+        if let Some(launches) = cuda::blends(&rows, op)? {
+            return Ok(launches);
+        }
+    }
+    for (dst, src) in pairs {
+        op.apply(dst, src)?;
+    }
+    Ok(pairs.len())
 }
 
 /// The in-place op's portable side: `dst = f(dst, args)` with tensor ops.
