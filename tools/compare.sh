@@ -8,8 +8,13 @@
 #   SEEDS="0 1 2"   the seeds (default 0 1 2)
 #   RECIPE="..."     --set values shared by both methods (default: the recipe below)
 #   EXTRA_MASKDEEP="--set targets=cross"   extra options of the MaskDeep runs only (an ablation)
-#   METHODS="maskdeep"   which of `maskdeep byol` to run (default both)
+#   METHODS="maskdeep"   which of `maskdeep byol torch-byol` to run (default `maskdeep byol`)
 #   TRAINER=PATH   a trainer binary to use instead of building target/release/trainer
+# torch-byol: tools/byol_torch_reference.py, an independent PyTorch BYOL, on the image folders the
+# shards were packed from, with the same recipe written as its flags:
+#   IMAGES=DIR   train/, val/ (and test/) class folders of image files (e.g. tools/fetch-real-data.sh)
+#   PYTHON=PATH  a Python with torch and torchvision (default python3)
+#   TORCH_RECIPE="..."   its flags (default: the recipe below); give it whenever RECIPE changes
 set -euo pipefail
 cd "$(dirname "$0")/.."
 shards=$(realpath "$1")
@@ -21,6 +26,8 @@ recipe=${RECIPE:---set width=0.25 --set image_size=32 --set batch_size=128 --set
     --set pred_hidden=1024 --set proj_dim=128 --set optimizer=sgd --set lr=0.1 --set momentum=0.9
     --set weight_decay=1e-5 --set lr_final=1 --set warmup_epochs=0 --set ema_base=0.99
     --set ema_final=1 --set epochs=5}
+torch_recipe=${TORCH_RECIPE:---width 16 --size 32 --batch 128 --hidden 1024 --dim 128 --optimizer sgd
+    --lr 0.1 --momentum 0.9 --weight-decay 1e-5 --schedule constant --ema 0.99 --epochs 5}
 trainer=${TRAINER:-target/release/trainer}
 [ -n "${TRAINER:-}" ] || cargo build --release --bin trainer
 mkdir -p "$out"
@@ -32,6 +39,23 @@ knn() { # BACKBONE_ARGS... -- SPLIT: prints top-1
 for seed in $seeds; do
     for method in ${METHODS:-maskdeep byol}; do
         run="$out/$method-seed$seed"
+        if [ "$method" = torch-byol ]; then
+            [ -n "${IMAGES:-}" ] || { echo "torch-byol needs IMAGES=DIR (the class folders)" >&2; exit 2; }
+            test_flag=()
+            [ "${REPORT:-val}" = test ] && test_flag=(--test)
+            # shellcheck disable=SC2086
+            "${PYTHON:-python3}" tools/byol_torch_reference.py "$IMAGES" $torch_recipe --seed "$seed" \
+                "${test_flag[@]}" >"$run.log" 2>&1 || { tail -5 "$run.log"; exit 1; }
+            line=$(tail -n 1 "$run.log" | python3 -c '
+import json, sys
+d = json.load(sys.stdin)
+line = "random %s, per epoch %s" % (d["random_val"], " ".join("%.2f" % v for v in d["per_epoch"]))
+if "final_test" in d:
+    line += "; test: random %s, final %s" % (d["random_test"], d["final_test"])
+print(line)')
+            echo "$method seed $seed: $line" | tee -a "$out/results.txt"
+            continue
+        fi
         extra=()
         [ "$method" = maskdeep ] && read -ra extra <<<"${EXTRA_MASKDEEP:-}"
         rm -rf "$run"
