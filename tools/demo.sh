@@ -34,9 +34,11 @@ trainer=target/release/trainer
 # a constant learning rate (lr_final=1: a short run that decays its rate learns little), every
 # view turned by a random angle (rotation=180: the shapes come at any angle, and without it both
 # views of an image share the shape's orientation, which a short run learns instead of the shape).
+# targets=all (each view also predicts its own target, the paper's reading): on the shapes it
+# learns more than the small-image default of cross-view targets (BENCHMARKS.md, issue 22).
 run=(--set width=0.25 --set image_size=32 --set batch_size=64 --set proj_hidden=512
     --set pred_hidden=512 --set proj_dim=128 --set epochs="${DEMO_EPOCHS:-16}" --set warmup_epochs=0.5
-    --set rotation=180
+    --set rotation=180 --set targets=all
     --set optimizer=adamw --set lr=0.008 --set lr_final=1 --set weight_decay=1e-4
     --set checkpoint_every=0 --set knn_every=4 --set seed="${DEMO_SEED:-0}")
 for method in maskdeep byol; do

@@ -315,7 +315,14 @@ impl TrainConfig {
                     visible_ratio: 0.25,
                     levels: vec![Level::C4, Level::C5],
                     level_weights: vec![1.0, 1.0],
-                    targets: Targets::All,
+                    // The paper's reading (each view also predicts its own unmasked target) on
+                    // ImageNet; cross-view targets on small images, where the own target is a
+                    // shortcut (issue 22: MNIST, Tux Paint and the shapes, BENCHMARKS.md).
+                    targets: if imagenet {
+                        Targets::All
+                    } else {
+                        Targets::Cross
+                    },
                 }
             },
             optim: OptimConfig {

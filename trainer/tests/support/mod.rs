@@ -38,6 +38,9 @@ pub fn view_shards(cfg: &TrainConfig, data: &Path, out: &Path) {
 }
 
 /// A tiny MaskDeep run on [`shards`]: global batch 8, 2 epochs = 6 steps; then `extra` values.
+/// Targets are the paper's (`all`), with which the data-parallel tolerances were measured: with
+/// cross-view targets this tiny net agrees across rank counts to 3e-8 for four steps, then the
+/// runs part (2e-5 by step 6; rounding amplified, not examined further).
 pub fn tiny(extra: &[&str]) -> TrainConfig {
     let mut c = TrainConfig::preset("maskdeep-r18-small").unwrap();
     for kv in [
@@ -51,6 +54,7 @@ pub fn tiny(extra: &[&str]) -> TrainConfig {
         "warmup_epochs=1",
         "threads=2",
         "checkpoint_every=0",
+        "targets=all",
     ]
     .iter()
     .chain(extra)
