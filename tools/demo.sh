@@ -35,8 +35,8 @@ trainer=target/release/trainer
 # view turned by a random angle (rotation=180: the shapes come at any angle, and without it both
 # views of an image share the shape's orientation, which a short run learns instead of the shape).
 # targets=all (each view also predicts its own target, the paper's reading): the setting of the
-# README's seeds table. The small-image default is now cross-view targets, level with it on the
-# shapes over seeds 0-2 and well ahead on MNIST (BENCHMARKS.md, issue 22).
+# README's seeds table, and ahead of the small-image default (cross-view targets) on the shapes,
+# though far behind it on MNIST (BENCHMARKS.md, issue 22).
 run=(--set width=0.25 --set image_size=32 --set batch_size=64 --set proj_hidden=512
     --set pred_hidden=512 --set proj_dim=128 --set epochs="${DEMO_EPOCHS:-16}" --set warmup_epochs=0.5
     --set rotation=180 --set targets=all
