@@ -1,10 +1,10 @@
 //! The optimiser and EMA updates as in-place ops on a parameter or state buffer: the kernels of
-//! [`cpu`] on contiguous f32 CPU tensors, those of `cuda` (feature `cuda`) on contiguous f32 GPU
-//! tensors, otherwise the tensor ops of [`reference`] whose result is written into the buffer
-//! (see [`crate::ops::portable`]). As tensor ops, LARS costs about ten passes and as many fresh
-//! buffers per parameter, 15% of a ResNet-18 step at 32 px on the CPU. The optimiser and the EMA
-//! call the multi-tensor entries ([`momentum_steps`], [`adam_steps`], [`blends`]): on a GPU they
-//! launch one kernel per group of up to 32 parameters (LARS: two), elsewhere the per-tensor ops.
+//! [`cpu`] on contiguous f32 CPU tensors, otherwise the tensor ops of [`reference`] whose result
+//! is written into the buffer (see [`crate::ops::portable`]). As tensor ops, LARS costs about ten
+//! passes and as many fresh buffers per parameter, 15% of a ResNet-18 step at 32 px on the CPU.
+//! The optimiser and the EMA call the multi-tensor entries ([`momentum_steps`], [`adam_steps`],
+//! [`blends`]): on a GPU they launch one kernel per group of up to 32 parameters (LARS: two), the
+//! CUDA side's only kernels; elsewhere the per-tensor ops.
 
 pub mod cpu;
 #[cfg(feature = "cuda")]
@@ -231,9 +231,6 @@ impl InplaceOp2 for Blend {
         ss: &candle_core::CudaStorage,
         sl: &Layout,
     ) -> Result<()> {
-        if cuda::blend(self, (ds, dl), (ss, sl))? {
-            return Ok(());
-        }
         portable_update(ds, dl, [(ss, sl)], |d, [s]| reference::blend(self, d, &s))
     }
 }
@@ -279,9 +276,6 @@ impl InplaceOp3 for Momentum {
         gs: &candle_core::CudaStorage,
         gl: &Layout,
     ) -> Result<()> {
-        if cuda::momentum(self, (ms, ml), (ws, wl), (gs, gl))? {
-            return Ok(());
-        }
         portable_update(ms, ml, [(ws, wl), (gs, gl)], |m, [w, g]| {
             reference::momentum(self, m, &w, &g)
         })
@@ -329,9 +323,6 @@ impl InplaceOp3 for AdamStep {
         vs: &candle_core::CudaStorage,
         vl: &Layout,
     ) -> Result<()> {
-        if cuda::adam_step(self, (ws, wl), (ms, ml), (vs, vl))? {
-            return Ok(());
-        }
         portable_update(ws, wl, [(ms, ml), (vs, vl)], |w, [m, v]| {
             reference::adam_step(self, w, &m, &v)
         })
