@@ -61,15 +61,17 @@ pub fn write(cfg: &TrainConfig, seed: u64, path: &Path) -> Result<CaseSummary> {
         ("online", &model.online_vars),
         ("target", &model.target_vars),
     ] {
-        for (name, var) in params::sorted(vars) {
-            tensors.insert(format!("{prefix}.{name}"), var.as_tensor().copy()?);
+        for (name, t) in params::external(vars)? {
+            tensors.insert(format!("{prefix}.{name}"), t);
         }
     }
+    let mut grad_of = HashMap::new();
     for (name, var) in params::trainable(&model.online_vars) {
         if let Some(g) = grads.get(var.as_tensor()) {
-            tensors.insert(format!("grad.{name}"), g.copy()?);
+            grad_of.insert(format!("grad.{name}"), g.copy()?);
         }
     }
+    tensors.extend(params::to_external(grad_of)?);
     tensors.insert("views".into(), x.clone());
     let mask = &masks[0];
     let cells = mask.grid.0 * mask.grid.1;

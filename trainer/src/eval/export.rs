@@ -14,11 +14,11 @@ use crate::nn::params;
 /// `torchvision.models.resnetNN().load_state_dict(..., strict=False)` misses only `fc.*`.
 pub fn torchvision_state_dict(model: &MaskDeep, steps: u64) -> Result<HashMap<String, Tensor>> {
     let mut out = HashMap::new();
-    for (name, var) in params::sorted(&model.online_vars) {
+    for (name, t) in params::external(&model.online_vars)? {
         let Some(key) = name.strip_prefix("backbone.") else {
             continue;
         };
-        out.insert(key.to_string(), var.as_tensor().to_device(&Device::Cpu)?);
+        out.insert(key.to_string(), t.to_device(&Device::Cpu)?);
         if let Some(bn) = key.strip_suffix(".running_mean") {
             let count = Tensor::new(steps as i64, &Device::Cpu)?;
             out.insert(format!("{bn}.num_batches_tracked"), count);

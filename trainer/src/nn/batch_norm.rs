@@ -11,11 +11,11 @@ use crate::ops::batch_norm::{self, EPS};
 /// PyTorch's default momentum of the running statistics.
 const MOMENTUM: f64 = 0.1;
 
-/// BatchNorm with affine parameters `weight`, `bias` and buffers `running_mean`, `running_var`
-/// (torchvision's names).
+/// BatchNorm with the affine parameters packed as `affine` (`[weight | bias]`; files hold
+/// torchvision's `weight` and `bias`, see [`crate::nn::params`]) and buffers `running_mean`,
+/// `running_var`.
 pub struct BatchNorm {
-    weight: Tensor,
-    bias: Tensor,
+    affine: Tensor,
     running_mean: Var,
     running_var: Var,
 }
@@ -27,8 +27,7 @@ impl BatchNorm {
             Var::from_tensor(&vb.get_with_hints(channels, name, Init::Const(value))?)
         };
         Ok(BatchNorm {
-            weight: vb.get_with_hints(channels, "weight", Init::Const(1.0))?,
-            bias: vb.get_with_hints(channels, "bias", Init::Const(0.0))?,
+            affine: vb.get_with_hints(2 * channels, "affine", Init::Const(0.0))?,
             running_mean: buffer("running_mean", 0.0)?,
             running_var: buffer("running_var", 1.0)?,
         })
@@ -45,7 +44,7 @@ impl BatchNorm {
         residual: Option<&Tensor>,
     ) -> Result<Tensor> {
         if train {
-            let (y, stats) = batch_norm::train(x, &self.weight, &self.bias, residual, relu)?;
+            let (y, stats) = batch_norm::train(x, &self.affine, residual, relu)?;
             // Under SyncBN the statistics are over every rank's values.
             let ranks = sync_bn::current().map_or(1, |g| g.world_size());
             self.update_running(&stats, ranks * x.elem_count() / x.dim(1)?)?;
@@ -57,11 +56,12 @@ impl BatchNorm {
         let per_channel = |t: Tensor| t.reshape((1, c, 1));
         let mean = per_channel(self.running_mean.as_tensor().detach())?;
         let var = per_channel(self.running_var.as_tensor().detach())?;
-        let scale = per_channel(self.weight.clone())?.broadcast_div(&(var + EPS)?.sqrt()?)?;
+        let (weight, bias) = (self.affine.narrow(0, 0, c)?, self.affine.narrow(0, c, c)?);
+        let scale = per_channel(weight)?.broadcast_div(&(var + EPS)?.sqrt()?)?;
         let y = x32
             .broadcast_sub(&mean)?
             .broadcast_mul(&scale)?
-            .broadcast_add(&per_channel(self.bias.clone())?)?;
+            .broadcast_add(&per_channel(bias)?)?;
         let y = match residual {
             Some(r) => (y + r.to_dtype(DType::F32)?.reshape((n, c, ()))?)?,
             None => y,

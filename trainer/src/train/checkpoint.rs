@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use shared::fsutil::{read_json, write_json_atomic};
 
 use crate::method::maskdeep::MaskDeep;
+use crate::nn::params;
 use crate::train::optim::Optimizer;
 
 /// Where a run stands, saved beside the weights.
@@ -143,11 +144,12 @@ pub fn save(
         result.map_err(|e| Error::Data(format!("cannot write {}: {e}", file.display())))?;
         sync(&file)
     };
-    written(ONLINE, model.online_vars.save(tmp.join(ONLINE)))?;
-    written(TARGET, model.target_vars.save(tmp.join(TARGET)))?;
+    written(ONLINE, params::save(&model.online_vars, &tmp.join(ONLINE)))?;
+    written(TARGET, params::save(&model.target_vars, &tmp.join(TARGET)))?;
+    let optimizer_state = params::to_external(optimizer.state()?)?;
     written(
         OPTIMIZER,
-        candle_core::safetensors::save(&optimizer.state()?, tmp.join(OPTIMIZER)),
+        candle_core::safetensors::save(&optimizer_state, tmp.join(OPTIMIZER)),
     )?;
     let mut state = state.clone();
     for name in [ONLINE, TARGET, OPTIMIZER] {
@@ -190,16 +192,13 @@ pub fn load(
             source: Box::new(source),
         }
     };
-    model
-        .online_vars
-        .load(checkpoint.join(ONLINE))
+    params::load(&model.online_vars, &checkpoint.join(ONLINE))
         .map_err(mismatch("online weights"))?;
-    model
-        .target_vars
-        .load(checkpoint.join(TARGET))
+    params::load(&model.target_vars, &checkpoint.join(TARGET))
         .map_err(mismatch("target weights"))?;
     if let Some(opt) = optimizer {
         let tensors = candle_core::safetensors::load(checkpoint.join(OPTIMIZER), model.device())
+            .and_then(params::to_internal)
             .map_err(mismatch("optimiser state"))?;
         opt.load_state(&tensors)
             .map_err(mismatch("optimiser state"))?;

@@ -54,17 +54,12 @@ fn check_case(relu: bool, with_residual: bool, device: &Device, dtype: DType) {
     let r = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, c, l), &dev).unwrap()).unwrap();
     // The op's inputs on the case's device and dtype; the parameters stay f32 (master weights).
     let on = |t: &Tensor, dtype| common::var_on(t, device, dtype);
-    let (xd, wd, bd, rd) = (
-        on(&x, dtype),
-        on(&w, DType::F32),
-        on(&b, DType::F32),
-        on(&r, dtype),
-    );
+    let affine = Tensor::cat(&[w.as_tensor(), b.as_tensor()], 0).unwrap();
+    let (xd, ad, rd) = (on(&x, dtype), on(&affine, DType::F32), on(&r, dtype));
     let back = common::back;
     let (y, stats) = batch_norm::train(
         xd.as_tensor(),
-        wd.as_tensor(),
-        bd.as_tensor(),
+        ad.as_tensor(),
         with_residual.then_some(rd.as_tensor()),
         relu,
     )
@@ -77,10 +72,14 @@ fn check_case(relu: bool, with_residual: bool, device: &Device, dtype: DType) {
         back(&stats.narrow(0, 0, c).unwrap()),
         back(&stats.narrow(0, c, c).unwrap()),
     );
-    let grads: Vec<Option<Tensor>> = [&xd, &wd, &bd, &rd]
-        .iter()
-        .map(|v| grads_d.get(v.as_tensor()).map(back))
-        .collect();
+    let grad = |v: &Var| grads_d.get(v.as_tensor()).map(back);
+    let daffine = grad(&ad).unwrap();
+    let grads = [
+        grad(&xd),
+        Some(daffine.narrow(0, 0, c).unwrap()),
+        Some(daffine.narrow(0, c, c).unwrap()),
+        grad(&rd),
+    ];
 
     let xt = x.as_tensor();
     let m_ref = xt.mean_keepdim(2).unwrap().mean_keepdim(0).unwrap();
@@ -156,22 +155,23 @@ fn fused_pass(
         .to_dtype(DType::F32)
         .unwrap();
     let (xd, rd) = (on(x, dtype), on(residual, dtype));
-    let wd = on(&((&weight * 0.25).unwrap() + 0.5).unwrap(), DType::F32);
-    let bd = on(&((&weight * -0.1).unwrap() + 0.2).unwrap(), DType::F32);
-    let (y, stats) = batch_norm::train(
-        xd.as_tensor(),
-        wd.as_tensor(),
-        bd.as_tensor(),
-        Some(rd.as_tensor()),
-        true,
+    let affine = Tensor::cat(
+        &[
+            ((&weight * 0.25).unwrap() + 0.5).unwrap(),
+            ((&weight * -0.1).unwrap() + 0.2).unwrap(),
+        ],
+        0,
     )
     .unwrap();
+    let ad = on(&affine, DType::F32);
+    let (y, stats) =
+        batch_norm::train(xd.as_tensor(), ad.as_tensor(), Some(rd.as_tensor()), true).unwrap();
     assert_eq!(y.dtype(), dtype);
     let probe = probe.to_dtype(dtype).unwrap().to_device(device).unwrap();
     let grads = common::probed(&y, &probe);
     let back = common::back;
     let mut out = vec![back(&y), back(&stats)];
-    out.extend([&xd, &wd, &bd, &rd].map(|v| back(grads.get(v.as_tensor()).unwrap())));
+    out.extend([&xd, &ad, &rd].map(|v| back(grads.get(v.as_tensor()).unwrap())));
     out
 }
 
@@ -185,7 +185,7 @@ fn batchnorm_kernels_match_the_cpu_kernels_at_scale() {
     let x = (Tensor::randn(0f32, 2.0, (n, c, l), &dev).unwrap() + 1.5).unwrap();
     let residual = Tensor::randn(0f32, 1.0, (n, c, l), &dev).unwrap();
     let probe = Tensor::randn(0f32, 1.0, (n, c, l), &dev).unwrap();
-    let what = ["output", "statistics", "x", "weight", "bias", "residual"];
+    let what = ["output", "statistics", "x", "affine", "residual"];
     let mut cases = common::cases();
     cases.retain(|(device, dtype)| !(device.is_cpu() && *dtype == DType::F32));
     cases.extend(common::half_cases());
@@ -224,23 +224,16 @@ fn synced_pass(
     let c = x.dim(1).unwrap();
     let on = |t: &Tensor, dtype| common::var_on(t, device, dtype);
     let xd = on(x, dtype);
-    let wd = on(
-        &Tensor::new(&[0.5f32, 1.0, 2.0], &Device::Cpu).unwrap(),
-        DType::F32,
-    );
-    let bd = on(
-        &Tensor::new(&[0.1f32, -0.2, 0.3], &Device::Cpu).unwrap(),
-        DType::F32,
-    );
+    let affine = Tensor::new(&[0.5f32, 1.0, 2.0, 0.1, -0.2, 0.3], &Device::Cpu).unwrap();
+    let ad = on(&affine, DType::F32);
     let _scope = group.map(trainer::dist::sync_bn::Scope::enter);
-    let (y, stats) =
-        batch_norm::train(xd.as_tensor(), wd.as_tensor(), bd.as_tensor(), None, true).unwrap();
+    let (y, stats) = batch_norm::train(xd.as_tensor(), ad.as_tensor(), None, true).unwrap();
     let probe = probe.to_dtype(dtype).unwrap().to_device(device).unwrap();
     let grads = common::probed(&y, &probe);
     let back = common::back;
     assert_eq!(stats.elem_count(), 2 * c);
     let mut out = vec![back(&y), back(&stats)];
-    out.extend([&xd, &wd, &bd].map(|v| back(grads.get(v.as_tensor()).unwrap())));
+    out.extend([&xd, &ad].map(|v| back(grads.get(v.as_tensor()).unwrap())));
     out
 }
 
@@ -280,8 +273,10 @@ fn synced_batchnorm_on_two_ranks_equals_batchnorm_on_the_whole_batch() {
         }
         close(&joined(2), &whole[2], "input gradient");
         // The parameters' gradients are each rank's own sums, which the gradient all-reduce adds.
-        for (i, what) in [(3, "weight gradient"), (4, "bias gradient")] {
-            close(&(&halves[0][i] + &halves[1][i]).unwrap(), &whole[i], what);
-        }
+        close(
+            &(&halves[0][3] + &halves[1][3]).unwrap(),
+            &whole[3],
+            "affine gradient",
+        );
     }
 }

@@ -1,9 +1,10 @@
 //! Train-mode batch normalisation over `[batch, channels, ...]`, optionally followed by a
 //! residual add and a ReLU, in f32 whatever the input dtype (so that it serves mixed precision).
 //!
-//! Two nodes on every device: the batch statistics (no gradient of their own: the normalisation's
-//! backward accounts for them) and the normalisation, which takes the weight, bias and statistics
-//! packed in one `[4c]` tensor. The statistics stay on the device as a tensor, for the running
+//! One autograd node on every device: the normalisation, whose arguments are the input, the affine
+//! parameters `[weight | bias]` (and the residual). The batch statistics come from an op without a
+//! gradient of its own (the normalisation's backward accounts for them) and travel inside the node
+//! with the parameters, packed as `[weight | bias | mean | var]`. The statistics stay on the device as a tensor, for the running
 //! averages; nothing is read back to the host. Each node picks its kernel from the storage it gets:
 //! the fused kernels of [`cpu`] on the CPU in f32, those of `cuda` (feature `cuda`) on a GPU in
 //! f32, bf16 or f16, otherwise the tensor ops of [`reference`] run inside the node (see
@@ -34,30 +35,37 @@ fn ncl(shape: &Shape) -> Result<(usize, usize, usize)> {
     Ok((dims[0], dims[1], shape.elem_count() / (dims[0] * dims[1])))
 }
 
-/// Normalises `x [n, c, ...]` with its batch statistics and the affine `weight`, `bias` (`[c]`,
-/// f32), adds `residual` (shaped like `x`) when given and applies a ReLU when `relu`. Returns the
-/// output (`x`'s dtype and shape) and the batch statistics `[2c]` (mean, then biased variance;
-/// f32, without gradient).
+/// Normalises `x [n, c, ...]` with its batch statistics and the affine parameters `affine`
+/// (`[weight | bias]`, `[2c]`, f32), adds `residual` (shaped like `x`) when given and applies a
+/// ReLU when `relu`. Returns the output (`x`'s dtype and shape) and the batch statistics `[2c]`
+/// (mean, then biased variance; f32, without gradient).
 pub fn train(
     x: &Tensor,
-    weight: &Tensor,
-    bias: &Tensor,
+    affine: &Tensor,
     residual: Option<&Tensor>,
     relu: bool,
 ) -> Result<(Tensor, Tensor)> {
     let x = x.contiguous()?;
-    ncl(x.shape())?;
+    let (_, c, _) = ncl(x.shape())?;
+    if affine.dims() != [2 * c] {
+        candle_core::bail!(
+            "batch norm: affine parameters {:?} for {c} channels (want [{}])",
+            affine.dims(),
+            2 * c
+        );
+    }
     if let Some(r) = residual {
         if r.shape() != x.shape() {
             candle_core::bail!("batch norm: the residual's shape differs from the input's");
         }
     }
     let stats = x.apply_op1_no_bwd(&BatchStats)?;
-    let params = Tensor::cat(&[weight, bias, &stats], 0)?;
-    let op = BatchNormTrain { relu };
+    // Outside the graph: the node's gradient for `affine` is the first half of the packed one.
+    let params = Tensor::cat(&[&affine.detach(), &stats], 0)?;
+    let op = BatchNormTrain { relu, params };
     let y = match residual {
-        Some(r) => x.apply_op3(&params, &r.contiguous()?, op)?,
-        None => x.apply_op2(&params, op)?,
+        Some(r) => x.apply_op3(affine, &r.contiguous()?, op)?,
+        None => x.apply_op2(affine, op)?,
     };
     Ok((y, stats))
 }
@@ -102,20 +110,21 @@ impl CustomOp1 for BatchStats {
     }
 }
 
-/// `(x, [weight, bias, mean, var])` or `(x, params, residual)` -> the output.
+/// `(x, affine)` or `(x, affine, residual)` -> the output, with `params` (`[weight | bias | mean |
+/// var]`, `[4c]`; Candle's ops take at most three arguments) held by the op.
 struct BatchNormTrain {
     relu: bool,
+    params: Tensor,
 }
 
 impl BatchNormTrain {
     fn portable<S: Backend>(
         &self,
         (xs, xl): (&S, &Layout),
-        (ps, pl): (&S, &Layout),
         residual: Option<(&S, &Layout)>,
     ) -> Result<(S, Shape)> {
         let x = portable::tensor(xs, xl)?;
-        let params = portable::tensor(ps, pl)?;
+        let params = portable::with_storage(&self.params, |s: &S, l| portable::tensor(s, l))?;
         let r = residual.map(|(s, l)| portable::tensor(s, l)).transpose()?;
         portable::output(&reference::forward(&x, &params, r.as_ref(), self.relu)?)
     }
@@ -123,36 +132,38 @@ impl BatchNormTrain {
     fn cpu(
         &self,
         x: (&CpuStorage, &Layout),
-        params: (&CpuStorage, &Layout),
         residual: Option<(&CpuStorage, &Layout)>,
     ) -> Result<(CpuStorage, Shape)> {
-        let mut storages = vec![x.0, params.0];
-        storages.extend(residual.map(|r| r.0));
-        if all_f32(&storages) {
-            cpu::forward(Isa::active(), x, params, residual, self.relu)
-        } else {
-            self.portable(x, params, residual)
-        }
+        portable::with_storage(&self.params, |ps: &CpuStorage, pl| {
+            let mut storages = vec![x.0, ps];
+            storages.extend(residual.map(|r| r.0));
+            if all_f32(&storages) {
+                cpu::forward(Isa::active(), x, (ps, pl), residual, self.relu)
+            } else {
+                self.portable(x, residual)
+            }
+        })
     }
 
     #[cfg(feature = "cuda")]
     fn cuda(
         &self,
         x: (&candle_core::CudaStorage, &Layout),
-        params: (&candle_core::CudaStorage, &Layout),
         residual: Option<(&candle_core::CudaStorage, &Layout)>,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        match cuda::forward(x, params, residual, self.relu)? {
+        let kernel = portable::with_storage(&self.params, |ps: &candle_core::CudaStorage, pl| {
+            cuda::forward(x, (ps, pl), residual, self.relu)
+        })?;
+        match kernel {
             Some(out) => Ok(out),
-            None => self.portable(x, params, residual),
+            None => self.portable(x, residual),
         }
     }
 
-    /// The gradients of `x`, of the packed parameters and (when `residual`) of the residual.
+    /// The gradients of `x`, of the affine parameters and (when `residual`) of the residual.
     fn grads(
         &self,
         x: &Tensor,
-        params: &Tensor,
         y: &Tensor,
         dy: &Tensor,
         residual: bool,
@@ -160,7 +171,7 @@ impl BatchNormTrain {
         let back = BatchNormBackward {
             relu: self.relu,
             residual,
-            params: params.clone(),
+            params: self.params.clone(),
         };
         let out = x.apply_op3_no_bwd(&dy.contiguous()?, y, &back)?;
         let len = x.elem_count();
@@ -170,8 +181,9 @@ impl BatchNormTrain {
                 .to_dtype(x.dtype())
         };
         let planes = if residual { 2 } else { 1 };
-        let dparams = out.narrow(0, planes * len, params.elem_count())?;
-        Ok((plane(0)?, dparams, residual.then(|| plane(1)).transpose()?))
+        // The packed gradient's second half (the statistics') is zero.
+        let daffine = out.narrow(0, planes * len, self.params.elem_count() / 2)?;
+        Ok((plane(0)?, daffine, residual.then(|| plane(1)).transpose()?))
     }
 }
 
@@ -184,10 +196,10 @@ impl CustomOp2 for BatchNormTrain {
         &self,
         xs: &CpuStorage,
         xl: &Layout,
-        ps: &CpuStorage,
-        pl: &Layout,
+        _affine: &CpuStorage,
+        _affine_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        self.cpu((xs, xl), (ps, pl), None)
+        self.cpu((xs, xl), None)
     }
 
     #[cfg(feature = "cuda")]
@@ -195,21 +207,21 @@ impl CustomOp2 for BatchNormTrain {
         &self,
         xs: &candle_core::CudaStorage,
         xl: &Layout,
-        ps: &candle_core::CudaStorage,
-        pl: &Layout,
+        _affine: &candle_core::CudaStorage,
+        _affine_layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.cuda((xs, xl), (ps, pl), None)
+        self.cuda((xs, xl), None)
     }
 
     fn bwd(
         &self,
         x: &Tensor,
-        params: &Tensor,
+        _affine: &Tensor,
         y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dp, _) = self.grads(x, params, y, dy, false)?;
-        Ok((Some(dx), Some(dp)))
+        let (dx, daffine, _) = self.grads(x, y, dy, false)?;
+        Ok((Some(dx), Some(daffine)))
     }
 }
 
@@ -222,12 +234,12 @@ impl CustomOp3 for BatchNormTrain {
         &self,
         xs: &CpuStorage,
         xl: &Layout,
-        ps: &CpuStorage,
-        pl: &Layout,
+        _affine: &CpuStorage,
+        _affine_layout: &Layout,
         rs: &CpuStorage,
         rl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        self.cpu((xs, xl), (ps, pl), Some((rs, rl)))
+        self.cpu((xs, xl), Some((rs, rl)))
     }
 
     #[cfg(feature = "cuda")]
@@ -235,24 +247,24 @@ impl CustomOp3 for BatchNormTrain {
         &self,
         xs: &candle_core::CudaStorage,
         xl: &Layout,
-        ps: &candle_core::CudaStorage,
-        pl: &Layout,
+        _affine: &candle_core::CudaStorage,
+        _affine_layout: &Layout,
         rs: &candle_core::CudaStorage,
         rl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.cuda((xs, xl), (ps, pl), Some((rs, rl)))
+        self.cuda((xs, xl), Some((rs, rl)))
     }
 
     fn bwd(
         &self,
         x: &Tensor,
-        params: &Tensor,
+        _affine: &Tensor,
         _residual: &Tensor,
         y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dp, dres) = self.grads(x, params, y, dy, true)?;
-        Ok((Some(dx), Some(dp), dres))
+        let (dx, daffine, dres) = self.grads(x, y, dy, true)?;
+        Ok((Some(dx), Some(daffine), dres))
     }
 }
 
