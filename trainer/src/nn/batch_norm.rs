@@ -6,6 +6,7 @@ use candle_core::{DType, Result, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 
 use crate::dist::sync_bn;
+use crate::nn::conv::Conv;
 use crate::ops::batch_norm::{self, EPS};
 
 /// PyTorch's default momentum of the running statistics.
@@ -45,9 +46,7 @@ impl BatchNorm {
     ) -> Result<Tensor> {
         if train {
             let (y, stats) = batch_norm::train(x, &self.affine, residual, relu)?;
-            // Under SyncBN the statistics are over every rank's values.
-            let ranks = sync_bn::current().map_or(1, |g| g.world_size());
-            self.update_running(&stats, ranks * x.elem_count() / x.dim(1)?)?;
+            self.record(&stats, &y)?;
             return Ok(y);
         }
         let dims = x.dims().to_vec();
@@ -68,6 +67,25 @@ impl BatchNorm {
         };
         let y = if relu { y.relu()? } else { y };
         y.to_dtype(x.dtype())?.reshape(dims)
+    }
+
+    /// `conv` of `x`, then this BatchNorm and a ReLU when `relu`: in training one autograd node
+    /// (see [`batch_norm::conv_train`]).
+    pub fn forward_conv(&self, conv: &Conv, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+        if !train {
+            return self.forward(&conv.forward(x)?, false, relu, None);
+        }
+        let weight = conv.weight_as(x.dtype())?;
+        let (y, stats) = batch_norm::conv_train(x, &weight, conv.geometry(), &self.affine, relu)?;
+        self.record(&stats, &y)?;
+        Ok(y)
+    }
+
+    /// Blends the batch statistics `stats` of the training output `y` into the running ones;
+    /// under SyncBN they are over every rank's values.
+    fn record(&self, stats: &Tensor, y: &Tensor) -> Result<()> {
+        let ranks = sync_bn::current().map_or(1, |g| g.world_size());
+        self.update_running(stats, ranks * y.elem_count() / y.dim(1)?)
     }
 
     /// Blends the batch statistics `[mean, biased variance]` of `count` values per channel into

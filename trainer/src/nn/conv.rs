@@ -1,6 +1,6 @@
 //! The convolution layer: a bias-free weight and its geometry, over [`crate::ops::conv`].
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use crate::ops::conv::{conv2d, Geometry};
@@ -31,6 +31,16 @@ impl Conv {
 
     /// Convolves `[batch, c_in, H, W]` input.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        conv2d(x, &self.weight.to_dtype(x.dtype())?, self.geometry)
+        conv2d(x, &self.weight_as(x.dtype())?, self.geometry)
+    }
+
+    /// The weight in `dtype` (the master copy itself in f32).
+    pub fn weight_as(&self, dtype: DType) -> Result<Tensor> {
+        self.weight.to_dtype(dtype)
+    }
+
+    /// Kernel size, stride and padding.
+    pub fn geometry(&self) -> Geometry {
+        self.geometry
     }
 }

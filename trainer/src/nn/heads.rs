@@ -1,10 +1,11 @@
 //! The projector and predictor MLPs: Linear -> BatchNorm -> ReLU -> Linear, named like PyTorch's
 //! `Sequential` (`0`, `1`, `3`).
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
 use crate::nn::batch_norm::BatchNorm;
+use crate::ops::linear::linear;
 
 /// A two-layer MLP head.
 pub struct Mlp {
@@ -25,7 +26,15 @@ impl Mlp {
 
     /// Maps `[n, input]` to `[n, output]`.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let h = self.bn.forward(&self.fc1.forward(x)?, train, true, None)?;
-        self.fc2.forward(&h)
+        let h = self.bn.forward(&apply(&self.fc1, x)?, train, true, None)?;
+        apply(&self.fc2, &h)
     }
+}
+
+/// `layer` on `x` as one autograd node.
+fn apply(layer: &Linear, x: &Tensor) -> Result<Tensor> {
+    let Some(bias) = layer.bias() else {
+        candle_core::bail!("a head's layer without a bias");
+    };
+    linear(x, layer.weight(), bias)
 }

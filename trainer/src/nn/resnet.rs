@@ -123,8 +123,12 @@ impl ConvBn {
         relu: bool,
         residual: Option<&Tensor>,
     ) -> Result<Tensor> {
-        self.bn
-            .forward(&self.conv.forward(x)?, train, relu, residual)
+        match residual {
+            None => self.bn.forward_conv(&self.conv, x, train, relu),
+            Some(_) => self
+                .bn
+                .forward(&self.conv.forward(x)?, train, relu, residual),
+        }
     }
 }
 

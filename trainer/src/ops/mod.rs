@@ -11,6 +11,7 @@ pub mod cpu_storage;
 #[cfg(feature = "cuda")]
 pub mod cuda_storage;
 pub mod lanes;
+pub mod linear;
 pub mod max_pool;
 pub mod portable;
 pub mod update;

@@ -11,10 +11,13 @@
 //! [`crate::ops::portable`]). Inside a [`sync_bn::Scope`] both nodes sum
 //! their per-channel statistics over the ranks (SyncBN).
 
+mod after_conv;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod reference;
+
+pub use after_conv::conv_train;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use shared::cpu::Isa;
@@ -46,23 +49,12 @@ pub fn train(
     relu: bool,
 ) -> Result<(Tensor, Tensor)> {
     let x = x.contiguous()?;
-    let (_, c, _) = ncl(x.shape())?;
-    if affine.dims() != [2 * c] {
-        candle_core::bail!(
-            "batch norm: affine parameters {:?} for {c} channels (want [{}])",
-            affine.dims(),
-            2 * c
-        );
-    }
     if let Some(r) = residual {
         if r.shape() != x.shape() {
             candle_core::bail!("batch norm: the residual's shape differs from the input's");
         }
     }
-    let stats = x.apply_op1_no_bwd(&BatchStats)?;
-    // Outside the graph: the node's gradient for `affine` is the first half of the packed one.
-    let params = Tensor::cat(&[&affine.detach(), &stats], 0)?;
-    let op = BatchNormTrain { relu, params };
+    let (stats, op) = BatchNormTrain::prepare(&x, affine, relu)?;
     let y = match residual {
         Some(r) => x.apply_op3(affine, &r.contiguous()?, op)?,
         None => x.apply_op2(affine, op)?,
@@ -118,6 +110,23 @@ struct BatchNormTrain {
 }
 
 impl BatchNormTrain {
+    /// The batch statistics of the contiguous `x` and the node that normalises it with them and
+    /// `affine` (both computed outside the graph: the node's gradient for `affine` is the first
+    /// half of the packed one).
+    fn prepare(x: &Tensor, affine: &Tensor, relu: bool) -> Result<(Tensor, Self)> {
+        let (_, c, _) = ncl(x.shape())?;
+        if affine.dims() != [2 * c] {
+            candle_core::bail!(
+                "batch norm: affine parameters {:?} for {c} channels (want [{}])",
+                affine.dims(),
+                2 * c
+            );
+        }
+        let stats = x.apply_op1_no_bwd(&BatchStats)?;
+        let params = Tensor::cat(&[&affine.detach(), &stats], 0)?;
+        Ok((stats, BatchNormTrain { relu, params }))
+    }
+
     fn portable<S: Backend>(
         &self,
         (xs, xl): (&S, &Layout),

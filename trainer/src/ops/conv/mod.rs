@@ -40,6 +40,35 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, g: Geometry) -> Result<Tensor> {
         .apply_op2(&weight.contiguous()?, Conv2d { g })
 }
 
+/// The convolution of [`conv2d`] without a graph node, for a fused node that holds it.
+pub(crate) fn conv2d_detached(x: &Tensor, weight: &Tensor, g: Geometry) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op2_no_bwd(&weight.contiguous()?, &Conv2d { g })
+}
+
+/// The gradients of `x` (when it takes part in the graph) and of `weight` for the output
+/// gradient `dy`.
+pub(crate) fn gradients(
+    x: &Tensor,
+    weight: &Tensor,
+    dy: &Tensor,
+    g: Geometry,
+) -> Result<(Option<Tensor>, Tensor)> {
+    let need_dx = x.track_op();
+    let back = Conv2dBackward { g, need_dx };
+    let out = x.apply_op3_no_bwd(weight, &dy.contiguous()?, &back)?;
+    let dx_len = if need_dx { x.elem_count() } else { 0 };
+    let dx = if need_dx {
+        Some(out.narrow(0, 0, dx_len)?.reshape(x.shape())?)
+    } else {
+        None
+    };
+    let dw = out
+        .narrow(0, dx_len, weight.elem_count())?
+        .reshape(weight.shape())?;
+    Ok((dx, dw))
+}
+
 /// The node: `(x, weight) -> y`.
 struct Conv2d {
     g: Geometry,
@@ -93,18 +122,7 @@ impl CustomOp2 for Conv2d {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let need_dx = x.track_op();
-        let back = Conv2dBackward { g: self.g, need_dx };
-        let out = x.apply_op3_no_bwd(weight, &dy.contiguous()?, &back)?;
-        let dx_len = if need_dx { x.elem_count() } else { 0 };
-        let dx = if need_dx {
-            Some(out.narrow(0, 0, dx_len)?.reshape(x.shape())?)
-        } else {
-            None
-        };
-        let dw = out
-            .narrow(0, dx_len, weight.elem_count())?
-            .reshape(weight.shape())?;
+        let (dx, dw) = gradients(x, weight, dy, self.g)?;
         Ok((dx, Some(dw)))
     }
 }
