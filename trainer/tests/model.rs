@@ -39,9 +39,11 @@ fn backbone_keys(depth: Depth) -> BTreeMap<String, Vec<usize>> {
         width: 1.0,
     };
     ResNet::new(cfg, vb).unwrap();
-    params::sorted(&map)
+    // The names files hold (a BatchNorm's packed `affine` split into `weight` and `bias`).
+    params::external(&map)
+        .unwrap()
         .into_iter()
-        .map(|(n, v)| (n, v.dims().to_vec()))
+        .map(|(n, t)| (n, t.dims().to_vec()))
         .collect()
 }
 
@@ -54,6 +56,85 @@ fn parameter_names_and_shapes_match_torchvision() {
     ] {
         assert_eq!(backbone_keys(depth), torchvision_keys(arch), "{arch}");
     }
+}
+
+#[test]
+fn files_name_batchnorm_parameters_like_torchvision_and_load_back() {
+    let map = VarMap::new();
+    let cfg = ResNetConfig {
+        depth: Depth::R18,
+        small_stem: true,
+        width: 0.125,
+    };
+    ResNet::new(cfg, VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu)).unwrap();
+    params::init(&map, 3).unwrap();
+    let affine = params::sorted(&map)
+        .into_iter()
+        .find(|(n, _)| n == "bn1.affine")
+        .unwrap()
+        .1;
+    affine
+        .set(
+            &Tensor::new(
+                &[
+                    1f32, 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15., 16.,
+                ],
+                &Device::Cpu,
+            )
+            .unwrap(),
+        )
+        .unwrap();
+    let files = params::external(&map).unwrap();
+    assert!(files.keys().all(|k| !k.contains("affine")));
+    let values = |name: &str| files[name].to_vec1::<f32>().unwrap();
+    assert_eq!(values("bn1.weight"), [1., 2., 3., 4., 5., 6., 7., 8.]);
+    assert_eq!(values("bn1.bias"), [9., 10., 11., 12., 13., 14., 15., 16.]);
+    // Initialised like torchvision's: scale 1, shift 0.
+    assert!(values("layer1.0.bn2.weight").iter().all(|&v| v == 1.0));
+    assert!(values("layer1.0.bn2.bias").iter().all(|&v| v == 0.0));
+
+    // Through a file into a fresh map: every entry equal.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("weights.safetensors");
+    params::save(&map, &path).unwrap();
+    let fresh = VarMap::new();
+    ResNet::new(
+        cfg,
+        VarBuilder::from_varmap(&fresh, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    params::load(&fresh, &path).unwrap();
+    for ((name, a), (_, b)) in params::sorted(&map)
+        .iter()
+        .zip(params::sorted(&fresh).iter())
+    {
+        let d = (a.as_tensor() - b.as_tensor()).unwrap().abs().unwrap();
+        let d = d
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(d, 0.0, "{name}");
+    }
+
+    // Optimiser buffers are named after their parameter: `X.affine.first` splits the same way.
+    let state = std::collections::HashMap::from([(
+        "bn1.affine.first".to_string(),
+        affine.as_tensor().clone(),
+    )]);
+    let split = params::to_external(state).unwrap();
+    assert_eq!(split["bn1.weight.first"].dims(), [8]);
+    let joined = params::to_internal(split).unwrap();
+    assert_eq!(joined["bn1.affine.first"].to_vec1::<f32>().unwrap()[8], 9.0);
+
+    // A file that lacks a tensor is refused, naming it.
+    let mut partial = params::external(&map).unwrap();
+    partial.remove("bn1.bias");
+    candle_core::safetensors::save(&partial, &path).unwrap();
+    let err = params::load(&fresh, &path).unwrap_err().to_string();
+    assert!(err.contains("bn1.affine"), "{err}");
 }
 
 fn tiny(preset: &str) -> TrainConfig {
@@ -351,13 +432,16 @@ fn a_step_case_holds_the_weights_views_cells_losses_and_gradients() {
         .to_vec1()
         .unwrap();
     assert!(per_row.iter().all(|&c| c == k), "{per_row:?}");
-    // Both branches' weights and a gradient for every trainable online parameter.
+    // Both branches' weights and a gradient for every trainable online parameter, under the
+    // names files use (PyTorch's).
     let model = MaskDeep::new(&cfg, &Device::Cpu).unwrap();
-    for (name, _) in params::trainable(&model.online_vars) {
+    for (name, _) in params::external(&model.online_vars).unwrap() {
         assert!(t.contains_key(&format!("online.{name}")), "{name}");
-        assert!(t.contains_key(&format!("grad.{name}")), "{name}");
+        if !params::is_buffer(&name) {
+            assert!(t.contains_key(&format!("grad.{name}")), "{name}");
+        }
     }
-    for (name, _) in params::sorted(&model.target_vars) {
+    for (name, _) in params::external(&model.target_vars).unwrap() {
         assert!(t.contains_key(&format!("target.{name}")), "{name}");
     }
 }

@@ -6,6 +6,7 @@
 mod batch_norm;
 mod common;
 mod conv;
+mod fused;
 mod isa;
 mod max_pool;
 mod update;
