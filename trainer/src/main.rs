@@ -872,8 +872,8 @@ fn run(cli: Cli) -> Result<()> {
                     main.step_ms
                 );
                 println!(
-                    "ops per step: forward {} (graph nodes, target branch included), backward {}, update {}",
-                    main.ops.forward, main.ops.backward, main.ops.update
+                    "ops per step: forward {} (graph nodes, target branch included), backward {}, update {} (on a GPU {} multi-tensor launches)",
+                    main.ops.forward, main.ops.backward, main.ops.update, main.ops.update_gpu
                 );
                 if let Some(bytes) = main.peak_memory_bytes {
                     println!(

@@ -277,6 +277,8 @@ fn pretraining_bench_and_parity_run_the_step_type() {
     );
     assert!(times.ops.backward > 0 && times.ops.forward > times.ops.backward);
     assert!(times.ops.update > 0);
+    // On the CPU two ops per parameter; a GPU launches one or two per group of 32.
+    assert!(times.ops.update_gpu > 0 && times.ops.update_gpu < times.ops.update);
 
     let before = steps_run_on_this_thread();
     let report = parity::check(&Device::Cpu, "cpu", false).unwrap();

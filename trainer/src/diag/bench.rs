@@ -33,14 +33,18 @@ pub struct OpCounts {
     pub forward: usize,
     /// Graph nodes whose backward runs (the online branch and the loss).
     pub backward: usize,
-    /// Optimiser and EMA ops.
+    /// Optimiser and EMA ops this device ran.
     pub update: usize,
+    /// Optimiser and EMA launches on a GPU (its multi-tensor kernels), on any device.
+    pub update_gpu: usize,
 }
 
 /// Times `steps` steps (after one warm-up step) of `cfg`.
 pub fn time_steps(cfg: &TrainConfig, device: &Device, steps: usize) -> Result<StepTimes> {
     let model = MaskDeep::new(cfg, device)?;
     let optimizer = model.optimizer()?;
+    let update_gpu =
+        optimizer.gpu_launches() + crate::method::ema::gpu_launches(&model.target_vars);
     let mut trainer = TrainStep::new(model, optimizer);
     let b = cfg.data.batch_size;
     let s = cfg.data.image_size as usize;
@@ -99,6 +103,7 @@ pub fn time_steps(cfg: &TrainConfig, device: &Device, steps: usize) -> Result<St
             forward: last.graph_ops + last.forward.target_ops,
             backward: last.graph_ops,
             update: last.update_ops,
+            update_gpu,
         },
         peak_memory_bytes: crate::device::peak_memory(device)?,
     })

@@ -30,3 +30,9 @@ pub fn update(online: &VarMap, target: &VarMap, tau: f64) -> Result<usize> {
         .collect();
     update::blends(&pairs, &blend)
 }
+
+/// The launches [`update`] makes on a GPU for `target`'s parameters (the multi-tensor kernel),
+/// whatever device they are on.
+pub fn gpu_launches(target: &VarMap) -> usize {
+    update::single_pass_launches(params::trainable(target).len())
+}

@@ -92,6 +92,18 @@ impl Optimizer {
         })
     }
 
+    /// The update launches a GPU makes per step for these parameters (the multi-tensor kernels),
+    /// whatever device this optimiser runs on.
+    pub fn gpu_launches(&self) -> usize {
+        let lars: Vec<bool> = self.slots.iter().map(|s| !s.exempt).collect();
+        match self.rule {
+            Rule::Lars { trust } => update::momentum_launches(&lars, Some(trust)),
+            Rule::Sgd => update::momentum_launches(&lars, None),
+            Rule::AdamW => update::single_pass_launches(lars.len()),
+            Rule::Nesterov => 3 * lars.len(),
+        }
+    }
+
     /// Applies one update with learning rate `lr` and returns the number of update ops (GPU
     /// launches) it ran. A parameter without a gradient is left alone.
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<usize> {

@@ -11,14 +11,12 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::CudaDevice;
 use candle_core::{DType, Device, Result, Storage, Tensor};
 
+use super::CHUNK;
 use super::{AdamStep, Blend};
 use crate::ops::cuda_storage::{launch, view, THREADS};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/update.ptx"));
 const MODULE: &str = "maskdeep-update";
-
-/// Tensors per multi-tensor launch; as `CHUNK` in `cuda.cu`.
-const CHUNK: usize = 32;
 
 /// One launch's tensors, passed by value as the kernel's first argument (as `Chunk` in
 /// `cuda.cu`): up to four buffers per tensor, its length, weight decay and whether LARS adapts it.

@@ -18,6 +18,23 @@ use shared::cpu::Isa;
 use crate::ops::cpu_storage::{all_f32, f32_slice, f32_slice_mut};
 use crate::ops::portable::{self, Backend};
 
+/// Tensors per multi-tensor launch on a GPU; as `CHUNK` in `cuda.cu`.
+pub const CHUNK: usize = 32;
+
+/// The launches [`momentum_steps`] makes on a GPU for parameters whose [`Param::lars`] flags are
+/// `lars`: per group of [`CHUNK`], two when LARS adapts one of them (the norms, then the step),
+/// else one.
+pub fn momentum_launches(lars: &[bool], trust: Option<f64>) -> usize {
+    lars.chunks(CHUNK)
+        .map(|part| 1 + usize::from(trust.is_some() && part.contains(&true)))
+        .sum()
+}
+
+/// The launches [`adam_steps`] or [`blends`] make on a GPU for `count` tensors: one per group.
+pub fn single_pass_launches(count: usize) -> usize {
+    count.div_ceil(CHUNK)
+}
+
 /// `dst = keep * dst + take * src` (or `src²` when `square`): the EMA target update and Adam's
 /// moments (`take = 1 - keep`), and momentum SGD's step `w -= lr * m` (`keep = 1, take = -lr`).
 pub struct Blend {
