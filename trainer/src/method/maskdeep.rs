@@ -61,6 +61,8 @@ pub struct MaskDeep {
     pub online: Branch,
     pub predictors: Vec<Mlp>,
     pub target: Branch,
+    /// [`MaskDeep::target_weights`], made once (not uploaded every step).
+    target_weights: Tensor,
     device: Device,
 }
 
@@ -79,6 +81,16 @@ impl Loss {
             total: self.total.detach(),
             per_level: self.per_level.iter().map(Tensor::detach).collect(),
         })
+    }
+
+    /// `[total, per level...]` on the host, read in one copy (one device synchronisation).
+    pub fn values(&self) -> Result<Vec<f64>> {
+        let mut terms = vec![&self.total];
+        terms.extend(&self.per_level);
+        let values = Tensor::stack(&terms, 0)?
+            .to_dtype(DType::F64)?
+            .to_vec1::<f64>()?;
+        Ok(values)
     }
 
     /// The mean of `losses` (one when there is one), term by term.
@@ -151,6 +163,7 @@ impl MaskDeep {
         params::init(&online_vars, cfg.run.seed)?;
         params::copy_all(&target_vars_view(&online_vars, &target_vars), &target_vars)?;
         Ok(MaskDeep {
+            target_weights: target_weights(cfg, device)?,
             cfg: cfg.clone(),
             levels: cfg.level_indices(),
             online_vars,
@@ -291,11 +304,11 @@ impl MaskDeep {
             t.counting = counting;
         }
 
-        let weights = self.target_weights()?;
+        let weights = &self.target_weights;
         let mut per_level = Vec::with_capacity(self.levels.len());
         let mut total: Option<Tensor> = None;
         for (li, (p, z)) in preds.iter().zip(&targets).enumerate() {
-            let l = multi_target_loss(p, z, &weights, views.batch(), self.cfg.method.groups)?;
+            let l = multi_target_loss(p, z, weights, views.batch(), self.cfg.method.groups)?;
             let weighted = (&l * self.cfg.method.level_weights[li])?;
             total = Some(match total {
                 None => weighted,
@@ -308,29 +321,29 @@ impl MaskDeep {
             per_level,
         })
     }
+}
 
-    /// `[online views * groups, global views]`: the weight of each (online view, group, target)
-    /// cosine, summing to 1 over included pairs.
-    fn target_weights(&self) -> Result<Tensor> {
-        let n_global = self.cfg.data.global_views;
-        let n_views = n_global + self.cfg.data.local_views;
-        let groups = self.cfg.method.groups;
-        let include = |i: usize, j: usize| self.cfg.method.targets == Targets::All || i != j;
-        let pairs = (0..n_views)
-            .flat_map(|i| (0..n_global).map(move |j| (i, j)))
-            .filter(|&(i, j)| include(i, j))
-            .count();
-        let mut w = Vec::with_capacity(n_views * groups * n_global);
-        for i in 0..n_views {
-            for _ in 0..groups {
-                for j in 0..n_global {
-                    let on = include(i, j) as u8 as f32;
-                    w.push(on / (pairs * groups) as f32);
-                }
+/// `[online views * groups, global views]`: the weight of each (online view, group, target)
+/// cosine, summing to 1 over included pairs.
+fn target_weights(cfg: &TrainConfig, device: &Device) -> Result<Tensor> {
+    let n_global = cfg.data.global_views;
+    let n_views = n_global + cfg.data.local_views;
+    let groups = cfg.method.groups;
+    let include = |i: usize, j: usize| cfg.method.targets == Targets::All || i != j;
+    let pairs = (0..n_views)
+        .flat_map(|i| (0..n_global).map(move |j| (i, j)))
+        .filter(|&(i, j)| include(i, j))
+        .count();
+    let mut w = Vec::with_capacity(n_views * groups * n_global);
+    for i in 0..n_views {
+        for _ in 0..groups {
+            for j in 0..n_global {
+                let on = include(i, j) as u8 as f32;
+                w.push(on / (pairs * groups) as f32);
             }
         }
-        Tensor::from_vec(w, (n_views * groups, n_global), &self.device)
     }
+    Tensor::from_vec(w, (n_views * groups, n_global), device)
 }
 
 /// The random stream of the masks of one (step, sample position, view): a function of these only,

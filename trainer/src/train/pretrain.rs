@@ -530,10 +530,7 @@ fn run_rank(
         // One reduction per step: the loss terms, averaged over the ranks, and whether any rank
         // was asked to stop, so that every rank logs, checks and stops alike.
         let stop_here = job.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst));
-        let mut terms = vec![loss.total.to_scalar::<f32>()? as f64];
-        for l in &loss.per_level {
-            terms.push(l.to_scalar::<f32>()? as f64);
-        }
+        let mut terms = loss.values()?;
         terms.push(if stop_here { 1.0 } else { 0.0 });
         group.all_reduce_host(&mut terms)?;
         let stop_requested = terms.pop().is_some_and(|s| s > 0.0);
