@@ -57,12 +57,14 @@ t=cuda
 grep -q "f32: .*PASS" "$work/parity-cudnn" && t=cudnn
 note "benchmarks use trainer-$t"
 
-# 2. Short pretrain on shards packed from real photos, stopped and resumed.
+# 2. Short pretrain on shards packed from real photos, stopped and resumed; every step logged (the
+# ImageNet presets log every 20) for the table's per-step figures.
 note "pack photos"
 "$bin/loader" pack carry/photos --unlabelled --out "$work/shards" --short-side 256 --threads 16 2>&1 | tail -n 1 | tee -a "$log"
 note "pretrain (trainer-$t): 40 steps, stopped at 25 and resumed"
 common=(--preset maskdeep-r18-imagenet --data "$work/shards" --out "$work/run" --device cuda
-    --set batch_size=64 --set max_steps=40 --set warmup_epochs=0.5 --set threads=16 --set checkpoint_every=0 --json)
+    --set batch_size=64 --set max_steps=40 --set warmup_epochs=0.5 --set threads=16 --set checkpoint_every=0
+    --set log_every=1 --json)
 timeout 200 "$bin/trainer-$t" pretrain "${common[@]}" --stop-after 25 2>&1 | tail -n 2 | tee -a "$log"
 timeout 150 "$bin/trainer-$t" pretrain "${common[@]}" --resume 2>&1 | tail -n 2 | tee -a "$log"
 if [ -f "$work/run/metrics.jsonl" ]; then
@@ -78,7 +80,7 @@ fi
 # GPU, each against the plain run's losses.
 note "data-parallel (trainer-$t)"
 dp=(--preset maskdeep-r18-imagenet --data "$work/shards" --device cuda --set batch_size=64
-    --set max_steps=8 --set warmup_epochs=0.5 --set threads=8 --set checkpoint_every=0 --json)
+    --set max_steps=8 --set warmup_epochs=0.5 --set threads=8 --set checkpoint_every=0 --set log_every=1 --json)
 ranks() { # world, out: starts `world` ranks on GPU 0 and waits for them
     local world=$1 dir=$2 pids=() r
     for r in $(seq 0 $((world - 1))); do

@@ -165,6 +165,11 @@ pub struct RunConfig {
     /// grow with the dataset; the evaluation at the end uses every image (0: every image always).
     #[serde(default = "knn_per_class_default")]
     pub knn_per_class: usize,
+    /// Read the loss from the device and log it (metrics line, progress) every this many steps,
+    /// and at every checkpoint, kNN evaluation and the last step; in between nothing waits for
+    /// the device, so a GPU's queue stays full. Views/s are averaged since the last logged step.
+    #[serde(default = "one_u64")]
+    pub log_every: u64,
 }
 
 /// A named starting point (see [`PRESETS`]).
@@ -360,6 +365,8 @@ impl TrainConfig {
                 keep_checkpoints: 3,
                 knn_every: 1,
                 knn_per_class: knn_per_class_default(),
+                // A step on a GPU is short beside its synchronisation; on small data every step.
+                log_every: if imagenet { 20 } else { 1 },
             },
         })
     }
@@ -387,8 +394,8 @@ impl TrainConfig {
     }
 
     /// Reads a JSON config file (as written to a run's `config.json`: every key required except
-    /// `lr_final`, `ema_final`, `rotation`, `knn_per_class`, `accumulate` and `sync_bn`, which configs
-    /// written before they existed lack).
+    /// `lr_final`, `ema_final`, `rotation`, `knn_per_class`, `log_every`, `accumulate` and `sync_bn`,
+    /// which configs written before they existed lack).
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).io("read config", path)?;
         let c = serde_json::from_str(&text)
@@ -582,7 +589,8 @@ impl TrainConfig {
             "keep_checkpoints",
             r.keep_checkpoints,
             ">= 1",
-        )
+        )?;
+        check(r.log_every >= 1, "log_every", r.log_every, ">= 1")
     }
 
     /// Refuses masking that cannot mask: when the coarsest masked level's grid at `image_size` is
@@ -694,6 +702,11 @@ impl TrainConfig {
 /// Serde default of `ema_final` for configs written before it existed.
 fn one() -> f64 {
     1.0
+}
+
+/// Serde default of `log_every` for configs written before it existed.
+fn one_u64() -> u64 {
+    1
 }
 
 /// Serde default of `accumulate` for configs written before it existed.

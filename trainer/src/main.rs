@@ -185,7 +185,8 @@ struct PretrainArgs {
     #[arg(long, requires = "resume")]
     force: bool,
     /// With --resume: accept new values of the schedule keys (lr, lr_final, warmup_epochs,
-    /// weight_decay, ema_base, ema_final, checkpoint_every, keep_checkpoints, knn_every), e.g. a
+    /// weight_decay, ema_base, ema_final, checkpoint_every, keep_checkpoints, knn_every,
+    /// knn_per_class, log_every), e.g. a
     /// lower lr after the loss went bad; they are saved to the run's config.json. Every other
     /// key must match the run's.
     #[arg(long, requires = "resume")]

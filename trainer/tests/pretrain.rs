@@ -162,6 +162,48 @@ fn a_diverging_loss_stops_the_run_and_keeps_the_last_checkpoint() {
     assert!(state.loss.is_finite());
 }
 
+#[test]
+fn logging_every_few_steps_reads_the_loss_then_and_at_checkpoints_and_trains_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = shards(dir.path());
+    let steps_logged = |cfg: &TrainConfig, name: &str| -> Vec<u64> {
+        let out = dir.path().join(name);
+        run(&job(cfg, &data, &out)).unwrap();
+        std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter_map(|v| v["loss"].as_f64().map(|_| v["step"].as_u64().unwrap()))
+            .collect()
+    };
+    // 6 steps, 3 per epoch: every step with 1; with 4 step 4, the epoch ends (3, 6), the last.
+    assert_eq!(steps_logged(&tiny(), "every"), [1, 2, 3, 4, 5, 6]);
+    let mut sparse = tiny();
+    sparse.set("log_every=4").unwrap();
+    assert_eq!(steps_logged(&sparse, "sparse"), [3, 4, 6]);
+    assert_same_weights(
+        &dir.path().join("every/checkpoints/step-00000006"),
+        &dir.path().join("sparse/checkpoints/step-00000006"),
+        "logging does not change training",
+    );
+
+    // A diverging loss is still caught before a checkpoint is written from it.
+    for kv in [
+        "optimizer=\"sgd\"",
+        "lr=1e30",
+        "warmup_epochs=0",
+        "log_every=100",
+    ] {
+        sparse.set(kv).unwrap();
+    }
+    let out = dir.path().join("diverging");
+    let err = run(&job(&sparse, &data, &out)).unwrap_err();
+    assert!(matches!(err, Error::NonFiniteLoss { .. }), "{err}");
+    for kept in checkpoint::list(&out).unwrap() {
+        assert!(checkpoint::read_state(&kept).unwrap().loss.is_finite());
+    }
+}
+
 /// The key a config error names.
 fn key_of(err: Error) -> String {
     match err {
@@ -206,6 +248,7 @@ fn bad_config_values_are_refused_with_the_key_named() {
         "image_size=4096",
         "image_size=8",
         "weight_decay=-1e-4",
+        "log_every=0",
     ] {
         let mut c = tiny();
         c.set(bad).unwrap();

@@ -169,7 +169,29 @@ pub const SCHEDULE_KEYS: &[&str] = &[
     "keep_checkpoints",
     "knn_every",
     "knn_per_class",
+    "log_every",
 ];
+
+/// What the steps since the last logged one did: how many, from when, the data wait accumulated
+/// before them and the records they skipped.
+struct SinceLog {
+    steps: u64,
+    start: Instant,
+    wait: Duration,
+    skipped: usize,
+}
+
+impl SinceLog {
+    /// Nothing yet, from now, after `wait` of data wait in all.
+    fn new(wait: Duration) -> Self {
+        SinceLog {
+            steps: 0,
+            start: Instant::now(),
+            wait,
+            skipped: 0,
+        }
+    }
+}
 
 /// The keys whose values differ between two configs, with both values.
 fn differences(saved: &TrainConfig, asked: &TrainConfig) -> Result<Vec<(String, String, String)>> {
@@ -494,6 +516,7 @@ fn run_rank(
     let (mut wait, mut busy) = (Duration::ZERO, Duration::ZERO);
     let mut last_loss = f64::NAN;
     let mut step = start;
+    let mut since_log = SinceLog::new(wait);
     loop {
         let t0 = Instant::now();
         let Some(batch) = batches.next_batch()? else {
@@ -527,60 +550,70 @@ fn run_rank(
         let loss = trainer.run(&micro, step, Rates { lr, tau }, None)?;
         drop(micro);
         drop(inputs);
-        // One reduction per step: the loss terms, averaged over the ranks, and whether any rank
-        // was asked to stop, so that every rank logs, checks and stops alike.
+        wait += t1 - t0;
+        step += 1;
+        since_log.steps += 1;
+        since_log.skipped += skipped;
+        // One host reduction per step: whether any rank was asked to stop, so that every rank
+        // reads, logs, checks and stops alike.
         let stop_here = job.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst));
-        let mut terms = loss.values()?;
-        terms.push(if stop_here { 1.0 } else { 0.0 });
-        group.all_reduce_host(&mut terms)?;
-        let stop_requested = terms.pop().is_some_and(|s| s > 0.0);
+        let mut flag = [if stop_here { 1.0 } else { 0.0 }];
+        group.all_reduce_host(&mut flag)?;
+        let stop_requested = flag[0] > 0.0;
         if let Some(dog) = watchdog {
             dog.beat();
         }
-        let value = terms[0] / world as f64;
-        let per_level: Vec<f64> = terms[1..].iter().map(|t| t / world as f64).collect();
-        if !value.is_finite() {
-            return Err(Error::NonFiniteLoss {
-                step: step + 1,
-                value,
-                last_checkpoint,
-            });
-        }
-        let t2 = Instant::now();
-        wait += t1 - t0;
-        busy += t2 - t1;
-        step += 1;
-        last_loss = value;
-        let step_time = (t2 - t0).as_secs_f64();
-        let views_per_second = (cfg.data.batch_size * views_per_sample) as f64 / step_time;
-        if let Some(metrics) = &mut metrics {
-            let line = Metrics {
-                step,
-                epoch,
-                loss: value,
-                loss_per_level: per_level,
-                lr,
-                ema_momentum: tau,
-                views_per_second,
-                data_wait: (t1 - t0).as_secs_f64() / step_time,
-                skipped,
-            };
-            serde_json::to_writer(&mut *metrics, &line)?;
-            writeln!(metrics).io("write", &metrics_path)?;
-        }
-        reporter.step(&StepFigures {
-            step,
-            epoch,
-            loss: value,
-            lr,
-            views_per_second,
-        });
         let epoch_end = step.is_multiple_of(plan.steps_per_epoch as u64);
         let periodic =
             cfg.run.checkpoint_every > 0 && step.is_multiple_of(cfg.run.checkpoint_every);
         let epochs_done = step / plan.steps_per_epoch as u64;
         let knn_due =
             epoch_end && cfg.run.knn_every > 0 && epochs_done.is_multiple_of(cfg.run.knn_every);
+        let checkpoint_due = epoch_end || periodic || step == end || stop_requested;
+        let read =
+            step.is_multiple_of(cfg.run.log_every) || checkpoint_due || knn_due || step == total;
+        if read {
+            // Waits for the device: the loss terms averaged over the ranks, and never a
+            // checkpoint of weights that a non-finite loss has reached.
+            let mut terms = loss.values()?;
+            group.all_reduce_host(&mut terms)?;
+            let value = terms[0] / world as f64;
+            let per_level: Vec<f64> = terms[1..].iter().map(|t| t / world as f64).collect();
+            if !value.is_finite() {
+                return Err(Error::NonFiniteLoss {
+                    step,
+                    value,
+                    last_checkpoint,
+                });
+            }
+            last_loss = value;
+            let elapsed = since_log.start.elapsed().as_secs_f64().max(1e-9);
+            let views = since_log.steps as usize * cfg.data.batch_size * views_per_sample;
+            let views_per_second = views as f64 / elapsed;
+            if let Some(metrics) = &mut metrics {
+                let line = Metrics {
+                    step,
+                    epoch,
+                    loss: value,
+                    loss_per_level: per_level,
+                    lr,
+                    ema_momentum: tau,
+                    views_per_second,
+                    data_wait: (wait - since_log.wait).as_secs_f64() / elapsed,
+                    skipped: since_log.skipped,
+                };
+                serde_json::to_writer(&mut *metrics, &line)?;
+                writeln!(metrics).io("write", &metrics_path)?;
+            }
+            reporter.step(&StepFigures {
+                step,
+                epoch,
+                loss: value,
+                lr,
+                views_per_second,
+            });
+        }
+        busy += t1.elapsed();
         if let (Some(monitor), Some(metrics)) = (&knn_sets, &mut metrics) {
             if knn_due || step == total {
                 let line =
@@ -593,14 +626,14 @@ fn run_rank(
                 ));
             }
         }
-        if epoch_end || periodic || step == end || stop_requested {
+        if checkpoint_due {
             last_checkpoint = Some(match &mut metrics {
                 Some(metrics) => {
                     let state = TrainState {
                         step,
                         epoch,
                         total_steps: total,
-                        loss: value,
+                        loss: last_loss,
                         files: Default::default(),
                         data: Some(plan.identity),
                     };
@@ -615,6 +648,9 @@ fn run_rank(
                 }
                 None => checkpoint::path(&job.out, step),
             });
+        }
+        if read {
+            since_log = SinceLog::new(wait);
         }
         if stop_requested && step < end {
             reporter.finish();

@@ -61,7 +61,7 @@ impl Reporter {
         }
     }
 
-    /// Records a finished step.
+    /// Records a logged step (every `log_every` steps: the bar jumps to it).
     pub fn step(&mut self, f: &StepFigures) {
         match self.mode {
             ProgressMode::Bar => {
@@ -69,7 +69,7 @@ impl Reporter {
                     "loss {:.4}  {:.0} views/s  epoch {}",
                     f.loss, f.views_per_second, f.epoch
                 ));
-                self.bar.inc(1);
+                self.bar.set_position(f.step);
             }
             ProgressMode::Lines { every } => {
                 let due = self.last_line.is_none_or(|t| t.elapsed() >= every);
