@@ -25,6 +25,7 @@ fn a_run_config_written_before_the_sections_loads_and_round_trips() {
     let mut want = flat(&std::fs::read_to_string(BEFORE_SECTIONS).unwrap());
     for (key, default) in [
         ("knn_per_class", serde_json::json!(100)),
+        ("log_every", serde_json::json!(1)),
         ("accumulate", serde_json::json!(1)),
         ("sync_bn", serde_json::json!(true)),
     ] {
@@ -47,9 +48,10 @@ fn keys_added_later_take_their_defaults_when_missing() {
             cfg.schedule.lr_final,
             cfg.schedule.ema_final,
             cfg.data.rotation,
-            cfg.run.knn_per_class
+            cfg.run.knn_per_class,
+            cfg.run.log_every
         ),
-        (0.0, 1.0, 0.0, 100)
+        (0.0, 1.0, 0.0, 100, 1)
     );
     assert_eq!((cfg.parallel.accumulate, cfg.parallel.sync_bn), (1, true));
 }
