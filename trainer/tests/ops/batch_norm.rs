@@ -1,23 +1,10 @@
 //! The BatchNorm op against the textbook formula written with plain tensor ops (differentiated by
 //! autograd), on every device and path.
 
-use super::common;
+use super::common::{self, max_abs};
 
 use candle_core::{DType, Device, Tensor, Var};
 use trainer::ops::batch_norm;
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
 
 #[test]
 fn fused_batchnorm_matches_the_formula_forward_and_backward() {

@@ -55,3 +55,17 @@ pub fn back(t: &Tensor) -> Tensor {
         .to_device(&Device::Cpu)
         .unwrap()
 }
+
+/// The largest absolute difference between `a` and `b` (f32 tensors of one shape).
+pub fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}

@@ -2,25 +2,12 @@
 //! its BatchNorm (one node) against the convolution node then the BatchNorm node, and the linear
 //! node against Candle's matmul and broadcast add. Outputs, statistics and every gradient.
 
-use super::common;
+use super::common::{self, max_abs};
 
 use candle_core::{DType, Device, Tensor, Var};
 use trainer::ops::batch_norm;
 use trainer::ops::conv::{conv2d, Geometry};
 use trainer::ops::linear::{linear, reference};
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
 
 /// Output, statistics and the gradients of x, weight and affine of `sum(y * probe)`, as f32 on
 /// the CPU; `fused` picks the one-node path.
