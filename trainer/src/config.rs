@@ -167,7 +167,8 @@ pub struct RunConfig {
     pub knn_per_class: usize,
     /// Read the loss from the device and log it (metrics line, progress) every this many steps,
     /// and at every checkpoint, kNN evaluation and the last step; in between nothing waits for
-    /// the device, so a GPU's queue stays full. Views/s are averaged since the last logged step.
+    /// the device, so a GPU's queue stays full. Views/s are averaged since the last logged step;
+    /// a non-finite loss is caught at the next read (before any checkpoint) and reported there.
     #[serde(default = "one_u64")]
     pub log_every: u64,
 }

@@ -127,19 +127,20 @@ fn a_resume_may_change_the_schedule_when_asked() {
     );
 }
 
+/// `cfg` with a learning rate that makes the loss non-finite within a few steps.
+fn diverging(mut cfg: TrainConfig) -> TrainConfig {
+    for kv in ["optimizer=\"sgd\"", "lr=1e30", "warmup_epochs=0"] {
+        cfg.set(kv).unwrap();
+    }
+    cfg
+}
+
 #[test]
 fn a_diverging_loss_stops_the_run_and_keeps_the_last_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let data = shards(dir.path());
-    let mut cfg = tiny();
-    for kv in [
-        "optimizer=\"sgd\"",
-        "lr=1e30",
-        "warmup_epochs=0",
-        "checkpoint_every=1",
-    ] {
-        cfg.set(kv).unwrap();
-    }
+    let mut cfg = diverging(tiny());
+    cfg.set("checkpoint_every=1").unwrap();
     let out = dir.path().join("run");
     let err = run(&job(&cfg, &data, &out)).unwrap_err();
     let Error::NonFiniteLoss {
@@ -188,14 +189,8 @@ fn logging_every_few_steps_reads_the_loss_then_and_at_checkpoints_and_trains_the
     );
 
     // A diverging loss is still caught before a checkpoint is written from it.
-    for kv in [
-        "optimizer=\"sgd\"",
-        "lr=1e30",
-        "warmup_epochs=0",
-        "log_every=100",
-    ] {
-        sparse.set(kv).unwrap();
-    }
+    let mut sparse = diverging(sparse);
+    sparse.set("log_every=100").unwrap();
     let out = dir.path().join("diverging");
     let err = run(&job(&sparse, &data, &out)).unwrap_err();
     assert!(matches!(err, Error::NonFiniteLoss { .. }), "{err}");

@@ -4,12 +4,13 @@
 //! One autograd node on every device: the normalisation, whose arguments are the input, the affine
 //! parameters `[weight | bias]` (and the residual). The batch statistics come from an op without a
 //! gradient of its own (the normalisation's backward accounts for them) and travel inside the node
-//! with the parameters, packed as `[weight | bias | mean | var]`. The statistics stay on the device as a tensor, for the running
-//! averages; nothing is read back to the host. Each node picks its kernel from the storage it gets:
-//! the fused kernels of [`cpu`] on the CPU in f32, those of `cuda` (feature `cuda`) on a GPU in
-//! f32, bf16 or f16, otherwise the tensor ops of [`reference`] run inside the node (see
-//! [`crate::ops::portable`]). Inside a [`sync_bn::Scope`] both nodes sum
-//! their per-channel statistics over the ranks (SyncBN).
+//! with the parameters, packed as `[weight | bias | mean | var]`. The statistics stay on the device
+//! as a tensor, for the running averages; nothing is read back to the host. Each op picks its
+//! kernel from the storage it gets: the fused kernels of [`cpu`] on the CPU in f32, those of `cuda`
+//! (feature `cuda`) on a GPU in f32, bf16 or f16, otherwise the tensor ops of [`reference`] run
+//! inside the op (see [`crate::ops::portable`]). Inside a [`sync_bn::Scope`] the statistics and
+//! the backward sum their per-channel sums over the ranks (SyncBN). [`conv_train`] makes one node
+//! of a convolution and its BatchNorm.
 
 mod after_conv;
 pub mod cpu;
@@ -143,15 +144,17 @@ impl BatchNormTrain {
         x: (&CpuStorage, &Layout),
         residual: Option<(&CpuStorage, &Layout)>,
     ) -> Result<(CpuStorage, Shape)> {
-        portable::with_storage(&self.params, |ps: &CpuStorage, pl| {
+        let kernel = portable::with_storage(&self.params, |ps: &CpuStorage, pl| {
             let mut storages = vec![x.0, ps];
             storages.extend(residual.map(|r| r.0));
-            if all_f32(&storages) {
-                cpu::forward(Isa::active(), x, (ps, pl), residual, self.relu)
-            } else {
-                self.portable(x, residual)
-            }
-        })
+            all_f32(&storages)
+                .then(|| cpu::forward(Isa::active(), x, (ps, pl), residual, self.relu))
+                .transpose()
+        })?;
+        match kernel {
+            Some(out) => Ok(out),
+            None => self.portable(x, residual),
+        }
     }
 
     #[cfg(feature = "cuda")]
