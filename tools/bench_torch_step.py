@@ -7,6 +7,7 @@ Prints one JSON object with `views_per_second` (median over the timed steps).
 
     python3 tools/bench_torch_step.py --arch resnet18 --size 32 --batch 32 --threads 2
     python3 tools/bench_torch_step.py --arch resnet50 --size 224 --batch 128 --device cuda --bf16
+    python3 tools/bench_torch_step.py --small-stem --width 0.25 --size 32 --batch 64 --hidden 512 --dim 128  # the demo's
 """
 import argparse
 import copy
@@ -17,11 +18,33 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+import torchvision.models.resnet as R
 
 
 def mlp(c_in, hidden, out):
     return nn.Sequential(nn.Linear(c_in, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
                          nn.Linear(hidden, out))
+
+
+def scaled_resnet(arch, width):
+    """torchvision's ResNet with every stage's width multiplied by `width` (rounded, as the trainer
+    does); torchvision itself only scales the bottleneck's inner width."""
+    if width == 1.0:
+        return getattr(torchvision.models, arch)()
+    block, layers = {"resnet18": (R.BasicBlock, [2, 2, 2, 2]),
+                     "resnet50": (R.Bottleneck, [3, 4, 6, 3])}[arch]
+    widths = [max(1, round(c * width)) for c in (64, 128, 256, 512)]
+    net = R.ResNet(block, layers)
+    net.inplanes = widths[0]
+    net.conv1 = nn.Conv2d(3, widths[0], 7, 2, 3, bias=False)
+    net.bn1 = nn.BatchNorm2d(widths[0])
+    for i, (c, n) in enumerate(zip(widths, layers)):
+        setattr(net, f"layer{i + 1}", net._make_layer(block, c, n, stride=1 if i == 0 else 2))
+    net.fc = nn.Linear(widths[3] * block.expansion, 1000)
+    for m in net.modules():  # torchvision's initialisation
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    return net
 
 
 def main():
@@ -35,20 +58,22 @@ def main():
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--dim", type=int, default=256, help="projection (and prediction) size")
     ap.add_argument("--small-stem", action="store_true")
+    ap.add_argument("--width", type=float, default=1.0, help="stage width multiplier")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     dev = torch.device(a.device)
 
-    backbone = getattr(torchvision.models, a.arch)()
+    backbone = scaled_resnet(a.arch, a.width)
     if a.small_stem:
-        backbone.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        backbone.conv1 = nn.Conv2d(3, backbone.conv1.out_channels, 3, 1, 1, bias=False)
         backbone.maxpool = nn.Identity()
     feat = backbone.fc.in_features
     backbone.fc = nn.Identity()
-    online = nn.Sequential(backbone, mlp(feat, a.hidden, 256)).to(dev)
-    predictor = mlp(256, a.hidden, 256).to(dev)
+    online = nn.Sequential(backbone, mlp(feat, a.hidden, a.dim)).to(dev)
+    predictor = mlp(a.dim, a.hidden, a.dim).to(dev)
     target = copy.deepcopy(online)
     for p in target.parameters():
         p.requires_grad_(False)
@@ -95,7 +120,7 @@ def main():
             times.append(time.perf_counter() - t)
     times.sort()
     med = times[len(times) // 2]
-    print(json.dumps({"arch": a.arch, "size": a.size, "batch": a.batch, "device": a.device,
+    print(json.dumps({"arch": a.arch, "width": a.width, "size": a.size, "batch": a.batch, "device": a.device,
                       "bf16": a.bf16, "threads": a.threads, "step_ms": med * 1e3,
                       "views_per_second": 2 * a.batch / med,
                       "peak_memory_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None}))

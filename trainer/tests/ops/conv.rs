@@ -45,8 +45,19 @@ fn noise(dims: &[usize], seed: u64, (device, dtype): &(Device, DType)) -> Tensor
 
 /// Output, input gradient and weight gradient of `conv` for `[7, 4, h, w]` input and 5 output
 /// channels, from a fixed seed (the same data for every case), as f32 on the CPU.
-fn run(conv: ConvFn, case: &(Device, DType), g: Geometry, (h, w): (usize, usize)) -> [Tensor; 3] {
-    let (n, c_in, c_out) = (7, 4, 5); // 7 images: groups of several, the last one smaller
+fn run(conv: ConvFn, case: &(Device, DType), g: Geometry, size: (usize, usize)) -> [Tensor; 3] {
+    // 7 images: groups of several, the last one smaller.
+    run_sized(conv, case, g, size, (7, 4, 5))
+}
+
+/// [`run`] for `n` images of `c_in` channels and `c_out` output channels.
+fn run_sized(
+    conv: ConvFn,
+    case: &(Device, DType),
+    g: Geometry,
+    (h, w): (usize, usize),
+    (n, c_in, c_out): (usize, usize, usize),
+) -> [Tensor; 3] {
     let x = Var::from_tensor(&noise(&[n, c_in, h, w], 1, case)).unwrap();
     let wt = Var::from_tensor(&noise(&[c_out, c_in, g.k, g.k], 2, case)).unwrap();
     let y = conv(x.as_tensor(), wt.as_tensor(), g);
@@ -104,6 +115,23 @@ fn convolution_op_matches_candle_forward_and_backward_on_every_device() {
                 format!("{case:?} {g:?} {h}x{w}"),
             );
         }
+    }
+}
+
+#[test]
+fn wide_layers_match_candle_forward_and_backward_on_every_device() {
+    // Enough output channels that the CPU's weight gradient reads the patches untransposed.
+    let cpu = (Device::Cpu, DType::F32);
+    let g = Geometry {
+        k: 3,
+        stride: 1,
+        padding: 1,
+    };
+    for case in common::cases() {
+        let reference = run_sized(candle_conv, &cpu, g, (5, 5), (3, 4, 512));
+        let ours = run_sized(op_conv, &case, g, (5, 5), (3, 4, 512));
+        let what = format!("{case:?} 512 outputs");
+        assert_same(&ours, &reference, common::tolerance(&case.0), what);
     }
 }
 

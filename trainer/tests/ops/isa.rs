@@ -49,24 +49,26 @@ fn same_on_every_isa(what: &str, kernel: impl Fn(Isa) -> Vec<f32>) {
 
 #[test]
 fn convolution_kernels_give_the_same_bits_on_every_isa() {
-    // (input side, kernel, stride, padding): narrow outputs (tap tables), same-size planes,
-    // strided wide planes, pointwise, and the stem's 7x7.
-    for (side, k, stride, padding) in [
-        (8, 3, 1, 1),
-        (7, 3, 2, 1),
-        (20, 3, 1, 1),
-        (34, 3, 2, 1),
-        (9, 1, 1, 0),
-        (10, 1, 2, 0),
-        (40, 7, 2, 3),
+    // (input side, kernel, stride, padding, output channels): narrow outputs (tap tables),
+    // same-size planes, strided wide planes, pointwise, the stem's 7x7, and a layer with enough
+    // output channels that the weight gradient reads the patches untransposed.
+    for (side, k, stride, padding, c_out) in [
+        (8, 3, 1, 1, 5),
+        (7, 3, 2, 1, 5),
+        (20, 3, 1, 1, 5),
+        (34, 3, 2, 1, 5),
+        (9, 1, 1, 0, 5),
+        (10, 1, 2, 0, 5),
+        (40, 7, 2, 3, 5),
+        (4, 3, 1, 1, 512),
     ] {
         let g = Geometry { k, stride, padding };
-        let (n, c_in, c_out) = (7, 3, 5);
+        let (n, c_in) = (7, 3);
         let (ho, wo) = (g.out(side), g.out(side));
         let x = tensor(&[n, c_in, side, side], 1);
         let w = tensor(&[c_out, c_in, k, k], 2);
         let dy = tensor(&[n, c_out, ho, wo], 3);
-        let what = format!("conv {side} px, {k}x{k} stride {stride}");
+        let what = format!("conv {side} px, {k}x{k} stride {stride}, {c_out} outputs");
         same_on_every_isa(&format!("{what} forward"), |isa| {
             values(conv::cpu::forward(isa, &x.0, &x.1, &w.0, &w.1, g))
         });

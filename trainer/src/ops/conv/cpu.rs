@@ -2,7 +2,9 @@
 //! are gathered into a per-thread buffer laid out `[c_in*k*k, ho*wo]` (im2col), and one gemm gives
 //! the output planes in NCHW order. The backward gathers the patches again and runs two gemms per
 //! image: `dW += dY @ patches^T` and `dPatches = W^T @ dY`, the latter scattered back onto the
-//! input (col2im). Outputs narrower than 16 pixels gather and scatter through a tap table on a
+//! input (col2im). For the weight gradient of layers with few output channels the patches are
+//! first transposed to `[ho*wo, c_in*k*k]`, the layout in which gemm reads them in place: its
+//! own packing of the other layout costs more than the product itself when `c_out` is small. Outputs narrower than 16 pixels gather and scatter through a tap table on a
 //! zero-padded copy of the image, and small images are batched into groups so that each gemm
 //! stays wide. The gathers and scatters are compiled for every [`Isa`]; the buffers they fill are
 //! kept per thread from call to call.
@@ -123,6 +125,7 @@ pub fn backward(
                     staged,
                     dcols,
                     padded,
+                    transposed,
                 } = scratch;
                 let mut dw = vec![0f32; c_out * kk];
                 for (i, dx_group) in tasks {
@@ -143,26 +146,52 @@ pub fn backward(
                         }
                         staged
                     };
-                    // dW [c_out, kk] += dY [c_out, ld] @ patches^T [ld, kk].
-                    matmul(
-                        (c_out, kk, ld),
-                        View {
-                            data: &mut dw[..],
-                            rs: kk,
-                            cs: 1,
-                        },
-                        View {
-                            data: dy_mat,
-                            rs: ld,
-                            cs: 1,
-                        },
-                        View {
-                            data: patches,
-                            rs: 1,
-                            cs: ld,
-                        },
-                        true,
-                    );
+                    if c_out < TRANSPOSE_BELOW {
+                        // dW^T [kk, c_out] += patches [kk, ld] @ dY^T [ld, c_out], the patches
+                        // transposed so that gemm reads them in place.
+                        let rows = grown(transposed, kk * ld);
+                        transpose(isa, patches, kk, ld, rows);
+                        matmul(
+                            (kk, c_out, ld),
+                            View {
+                                data: &mut dw[..],
+                                rs: 1,
+                                cs: kk,
+                            },
+                            View {
+                                data: rows,
+                                rs: 1,
+                                cs: kk,
+                            },
+                            View {
+                                data: dy_mat,
+                                rs: 1,
+                                cs: ld,
+                            },
+                            true,
+                        );
+                    } else {
+                        // dW [c_out, kk] += dY [c_out, ld] @ patches^T [ld, kk].
+                        matmul(
+                            (c_out, kk, ld),
+                            View {
+                                data: &mut dw[..],
+                                rs: kk,
+                                cs: 1,
+                            },
+                            View {
+                                data: dy_mat,
+                                rs: ld,
+                                cs: 1,
+                            },
+                            View {
+                                data: patches,
+                                rs: 1,
+                                cs: ld,
+                            },
+                            true,
+                        );
+                    }
                     let Some(dx_group) = dx_group else {
                         continue;
                     };
@@ -212,6 +241,11 @@ pub fn backward(
     let len = dx.len();
     Ok((CpuStorage::F32(dx), Shape::from(len)))
 }
+
+/// Output channels from which the weight gradient reads the patches as they are gathered: with
+/// this many, gemm's packing is cheap beside the product (measured on AVX-512 and AVX2 gemm
+/// kernels; `BENCHMARKS.md`, issue 23).
+const TRANSPOSE_BELOW: usize = 512;
 
 /// Sizes of one convolution.
 #[derive(Clone, Copy)]
@@ -401,6 +435,8 @@ struct Scratch {
     dcols: Vec<f32>,
     /// One image with padded planes (narrow outputs).
     padded: Vec<f32>,
+    /// The patch matrix transposed, `[ld, kk]` (weight gradient).
+    transposed: Vec<f32>,
 }
 
 thread_local! {
@@ -540,6 +576,102 @@ shared::multiversion! {
                         *d += v;
                     }
                 }
+            }
+        }
+    }
+}
+
+/// `dst [cols, rows] = src [rows, cols]^T`, both row-major: in 8x8 blocks held in registers
+/// where the set has AVX2, element by element otherwise (the same values either way: nothing is
+/// computed).
+fn transpose(isa: Isa, src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    assert!(src.len() >= rows * cols && dst.len() >= rows * cols);
+    #[cfg(target_arch = "x86_64")]
+    if isa.is_avx2() || isa.is_avx512() {
+        let (full_rows, full_cols) = (rows / 8 * 8, cols / 8 * 8);
+        // SAFETY: the CPU has AVX2 (an `Isa` names only sets it has), and both matrices hold
+        // `rows * cols` elements (asserted above).
+        unsafe { transpose_blocks(src, (full_rows, full_cols), rows, cols, dst) };
+        transpose_scalar(src, (0..full_rows, full_cols..cols), rows, cols, dst);
+        transpose_scalar(src, (full_rows..rows, 0..cols), rows, cols, dst);
+        return;
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = isa;
+    transpose_scalar(src, (0..rows, 0..cols), rows, cols, dst);
+}
+
+/// The block `rows x cols` of [`transpose`], element by element.
+fn transpose_scalar(
+    src: &[f32],
+    (rows, cols): (std::ops::Range<usize>, std::ops::Range<usize>),
+    n_rows: usize,
+    n_cols: usize,
+    dst: &mut [f32],
+) {
+    for r in rows {
+        for c in cols.clone() {
+            dst[c * n_rows + r] = src[r * n_cols + c];
+        }
+    }
+}
+
+/// The `full_rows x full_cols` top-left part of [`transpose`] (multiples of 8), in 8x8 blocks
+/// held in registers.
+///
+/// # Safety
+/// The CPU must have AVX2, and both matrices must hold `rows * cols` elements.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn transpose_blocks(
+    src: &[f32],
+    (full_rows, full_cols): (usize, usize),
+    rows: usize,
+    cols: usize,
+    dst: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    for r in (0..full_rows).step_by(8) {
+        for c in (0..full_cols).step_by(8) {
+            let from = src.as_ptr().add(r * cols + c);
+            let to = dst.as_mut_ptr().add(c * rows + r);
+            let row = |i: usize| _mm256_loadu_ps(from.add(i * cols));
+            let (r0, r1, r2, r3) = (row(0), row(1), row(2), row(3));
+            let (r4, r5, r6, r7) = (row(4), row(5), row(6), row(7));
+            // Pairs of rows interleaved, then pairs of pairs: each 128-bit lane holds four
+            // columns of four rows; the lanes are then joined across the two halves.
+            let (t0, t1) = (_mm256_unpacklo_ps(r0, r1), _mm256_unpackhi_ps(r0, r1));
+            let (t2, t3) = (_mm256_unpacklo_ps(r2, r3), _mm256_unpackhi_ps(r2, r3));
+            let (t4, t5) = (_mm256_unpacklo_ps(r4, r5), _mm256_unpackhi_ps(r4, r5));
+            let (t6, t7) = (_mm256_unpacklo_ps(r6, r7), _mm256_unpackhi_ps(r6, r7));
+            let (u0, u1) = (
+                _mm256_shuffle_ps::<0x44>(t0, t2),
+                _mm256_shuffle_ps::<0xEE>(t0, t2),
+            );
+            let (u2, u3) = (
+                _mm256_shuffle_ps::<0x44>(t1, t3),
+                _mm256_shuffle_ps::<0xEE>(t1, t3),
+            );
+            let (u4, u5) = (
+                _mm256_shuffle_ps::<0x44>(t4, t6),
+                _mm256_shuffle_ps::<0xEE>(t4, t6),
+            );
+            let (u6, u7) = (
+                _mm256_shuffle_ps::<0x44>(t5, t7),
+                _mm256_shuffle_ps::<0xEE>(t5, t7),
+            );
+            let out = [
+                _mm256_permute2f128_ps::<0x20>(u0, u4),
+                _mm256_permute2f128_ps::<0x20>(u1, u5),
+                _mm256_permute2f128_ps::<0x20>(u2, u6),
+                _mm256_permute2f128_ps::<0x20>(u3, u7),
+                _mm256_permute2f128_ps::<0x31>(u0, u4),
+                _mm256_permute2f128_ps::<0x31>(u1, u5),
+                _mm256_permute2f128_ps::<0x31>(u2, u6),
+                _mm256_permute2f128_ps::<0x31>(u3, u7),
+            ];
+            for (i, v) in out.into_iter().enumerate() {
+                _mm256_storeu_ps(to.add(i * rows), v);
             }
         }
     }
