@@ -15,9 +15,10 @@ recomputes:
           targets (all global views, or only the other ones with targets=cross) and the batch;
           the total sums the levels with their weights.
 BatchNorm runs in training mode over the whole batch of rows it is given (the encoder over all
-global views at once, the heads over all views x samples x groups), as in the trainer; with
---bn separate, over each view's rows alone (what per-view PyTorch code does), to measure that
-choice.
+global views at once, the heads over all views x samples x groups), as in the trainer; in the
+heads over each view's rows alone when the case's config says `head_bn: per_view`; with
+--bn separate, in the encoder and the heads over each view's rows alone (what per-view PyTorch
+code does), to measure that choice.
 
 Usage: python tools/maskdeep_torch_reference.py CASE.safetensors [--bn joint|separate]
 Prints the loss per level of both and the worst relative gradient error; exits 1 when the loss
@@ -170,9 +171,12 @@ def recompute(dtype):
     B, V, G = cfg["batch_size"], cfg["global_views"], cfg["groups"]
 
 
+    heads_per_view = args.bn == "separate" or cfg.get("head_bn", "joint") == "per_view"
+
+
     def heads(mod, rows_per_view, x):
         """An MLP over all rows at once, or over each view's rows alone."""
-        if args.bn == "joint":
+        if not heads_per_view:
             return mod(x)
         return torch.cat([mod(part) for part in x.split(rows_per_view)])
 

@@ -73,6 +73,11 @@ pub struct MethodConfig {
     pub level_weights: Vec<f64>,
     /// Targets of each online view: `all` global views (including its own) or `cross` (the others).
     pub targets: Targets,
+    /// BatchNorm in the projectors and predictors: `joint` statistics over every view's rows at
+    /// once, or `per_view`, each view's rows (its samples and groups) on their own, as code that
+    /// runs the heads once per view does.
+    #[serde(default)]
+    pub head_bn: HeadNorm,
 }
 
 /// The optimiser.
@@ -271,6 +276,17 @@ pub enum Targets {
     Cross,
 }
 
+/// How the heads' BatchNorm groups its rows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HeadNorm {
+    /// One set of statistics over every view's rows.
+    #[default]
+    Joint,
+    /// Statistics over each view's rows alone.
+    PerView,
+}
+
 /// The update rule.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -314,6 +330,7 @@ impl TrainConfig {
                     levels: vec![Level::C5],
                     level_weights: vec![1.0],
                     targets: Targets::Cross,
+                    head_bn: HeadNorm::Joint,
                 }
             } else {
                 MethodConfig {
@@ -329,6 +346,7 @@ impl TrainConfig {
                     } else {
                         Targets::Cross
                     },
+                    head_bn: HeadNorm::Joint,
                 }
             },
             optim: OptimConfig {
@@ -395,7 +413,8 @@ impl TrainConfig {
     }
 
     /// Reads a JSON config file (as written to a run's `config.json`: every key required except
-    /// `lr_final`, `ema_final`, `rotation`, `knn_per_class`, `log_every`, `accumulate` and `sync_bn`,
+    /// `lr_final`, `ema_final`, `rotation`, `knn_per_class`, `log_every`, `accumulate`, `sync_bn` and
+    /// `head_bn`,
     /// which configs written before they existed lack).
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).io("read config", path)?;

@@ -123,7 +123,7 @@ struct ConfigArgs {
     /// Override one config key, e.g. --set epochs=10 --set levels='["c5"]'. Keys include epochs,
     /// max_steps, batch_size, lr, seed, image_size, width, groups, visible_ratio, levels, optimizer,
     /// weight_decay, warmup_epochs, lr_final, ema_base, ema_final, local_views, rotation, targets,
-    /// bf16, threads.
+    /// head_bn (joint or per_view), bf16, threads.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     sets: Vec<String>,
     /// cpu, cuda or cuda:N (CUDA needs a build with --features cuda).

@@ -1,6 +1,6 @@
 //! The typed config keeps the flat `config.json` of earlier runs and `--set key=value` working.
 
-use trainer::config::{Level, OptimizerKind, Preset, Targets, TrainConfig};
+use trainer::config::{HeadNorm, Level, OptimizerKind, Preset, Targets, TrainConfig};
 
 const BEFORE_SECTIONS: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -28,6 +28,7 @@ fn a_run_config_written_before_the_sections_loads_and_round_trips() {
         ("log_every", serde_json::json!(1)),
         ("accumulate", serde_json::json!(1)),
         ("sync_bn", serde_json::json!(true)),
+        ("head_bn", serde_json::json!("joint")),
     ] {
         assert!(want.get(key).is_none());
         want.as_object_mut().unwrap().insert(key.into(), default);
@@ -54,6 +55,7 @@ fn keys_added_later_take_their_defaults_when_missing() {
         (0.0, 1.0, 0.0, 100, 1)
     );
     assert_eq!((cfg.parallel.accumulate, cfg.parallel.sync_bn), (1, true));
+    assert_eq!(cfg.method.head_bn, HeadNorm::Joint);
 }
 
 #[test]
@@ -74,6 +76,9 @@ fn unknown_keys_and_wrong_choices_are_refused_by_name() {
     assert!(cfg.set("targets=some").is_err());
     assert!(cfg.set("levels=[\"c6\"]").is_err());
     assert!(cfg.set("preset=resnet").is_err());
+    assert!(cfg.set("head_bn=separate").is_err());
+    cfg.set("head_bn=per_view").unwrap();
+    assert_eq!(cfg.method.head_bn, HeadNorm::PerView);
     cfg.set("optimizer=sgd").unwrap();
     cfg.set("levels=[\"c3\",\"c5\"]").unwrap();
     cfg.set("level_weights=[1,2]").unwrap();

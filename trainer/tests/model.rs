@@ -6,10 +6,11 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use trainer::config::{Level, TrainConfig};
+use trainer::config::{HeadNorm, Level, TrainConfig};
 use trainer::method::ema;
 use trainer::method::maskdeep::{l2_normalize_rows, Loss, MaskDeep, Views};
 use trainer::method::masking::{masked_pool, visible_count, VisibleCells};
+use trainer::nn::heads::Mlp;
 use trainer::nn::params;
 use trainer::nn::resnet::{Depth, ResNet, ResNetConfig};
 
@@ -288,29 +289,31 @@ fn loss_on(model: &MaskDeep, x: &Tensor, mask_seed: u64) -> Loss {
     model.loss(&views, &masks, None).unwrap()
 }
 
-#[test]
-fn byol_preset_loss_equals_an_independent_byol_loss() {
-    let cfg = tiny("byol-r18-small");
-    let model = MaskDeep::new(&cfg, &Device::Cpu).unwrap();
-    let x = batch(&cfg, 5);
-    let loss: f32 = loss_on(&model, &x, 0).total.to_scalar().unwrap();
-
-    // BYOL by hand. The BatchNorm statistics depend on the batch, so the independent computation
-    // runs the networks on the same two-view batch: GAP(C5) -> projector -> predictor online,
-    // GAP(C5) -> projector on the target; loss = mean of 2 - 2 cos(p1, z2) and 2 - 2 cos(p2, z1).
-    let online = model.online.backbone.forward(&x, true).unwrap();
+/// BYOL's loss by hand on the two-view batch `x` (`b` samples a view): GAP(C5) -> projector ->
+/// predictor online, GAP(C5) -> projector on the target; loss = mean of 2 - 2 cos(p1, z2) and
+/// 2 - 2 cos(p2, z1). With `per_view` each head runs once per view, so that its BatchNorm sees
+/// one view's rows at a time. The BatchNorm statistics depend on the batch, so the networks run
+/// on the same batch as the loss under test.
+fn byol_by_hand(model: &MaskDeep, x: &Tensor, b: usize, per_view: bool) -> f32 {
+    let head = |mlp: &Mlp, input: &Tensor| -> Tensor {
+        if per_view {
+            let halves = [0, b].map(|at| mlp.forward(&input.narrow(0, at, b).unwrap(), true, 1));
+            Tensor::cat(&halves.map(|h| h.unwrap()), 0).unwrap()
+        } else {
+            mlp.forward(input, true, 1).unwrap()
+        }
+    };
+    let online = model.online.backbone.forward(x, true).unwrap();
     let pooled = online.levels[2].mean((2, 3)).unwrap();
-    let p = model.predictors[0]
-        .forward(
-            &model.online.projectors[0].forward(&pooled, true).unwrap(),
-            true,
-        )
-        .unwrap();
-    let t = model.target.backbone.forward(&x, true).unwrap();
-    let z = model.target.projectors[0]
-        .forward(&t.levels[2].mean((2, 3)).unwrap(), true)
-        .unwrap();
-    let b = cfg.data.batch_size;
+    let p = head(
+        &model.predictors[0],
+        &head(&model.online.projectors[0], &pooled),
+    );
+    let t = model.target.backbone.forward(x, true).unwrap();
+    let z = head(
+        &model.target.projectors[0],
+        &t.levels[2].mean((2, 3)).unwrap(),
+    );
     let cos = |a: &Tensor, b: &Tensor| -> Vec<f32> {
         let a = l2_normalize_rows(a).unwrap();
         let b = l2_normalize_rows(b).unwrap();
@@ -318,8 +321,32 @@ fn byol_preset_loss_equals_an_independent_byol_loss() {
     };
     let c12 = cos(&p.narrow(0, 0, b).unwrap(), &z.narrow(0, b, b).unwrap());
     let c21 = cos(&p.narrow(0, b, b).unwrap(), &z.narrow(0, 0, b).unwrap());
-    let byol: f32 = c12.iter().chain(&c21).map(|c| 2.0 - 2.0 * c).sum::<f32>() / (2 * b) as f32;
+    c12.iter().chain(&c21).map(|c| 2.0 - 2.0 * c).sum::<f32>() / (2 * b) as f32
+}
+
+#[test]
+fn byol_preset_loss_equals_an_independent_byol_loss() {
+    let cfg = tiny("byol-r18-small");
+    let model = MaskDeep::new(&cfg, &Device::Cpu).unwrap();
+    let x = batch(&cfg, 5);
+    let loss: f32 = loss_on(&model, &x, 0).total.to_scalar().unwrap();
+    let byol = byol_by_hand(&model, &x, cfg.data.batch_size, false);
     assert!((loss - byol).abs() < 1e-5, "{loss} vs {byol}");
+}
+
+#[test]
+fn per_view_head_batch_norm_equals_heads_run_once_per_view() {
+    let mut cfg = tiny("byol-r18-small");
+    cfg.method.head_bn = HeadNorm::PerView;
+    let model = MaskDeep::new(&cfg, &Device::Cpu).unwrap();
+    let x = batch(&cfg, 5);
+    let loss: f32 = loss_on(&model, &x, 0).total.to_scalar().unwrap();
+    let b = cfg.data.batch_size;
+    let per_view = byol_by_hand(&model, &x, b, true);
+    assert!((loss - per_view).abs() < 1e-5, "{loss} vs {per_view}");
+    // And the statistics really are per view: the joint computation gives another loss.
+    let joint = byol_by_hand(&model, &x, b, false);
+    assert!((loss - joint).abs() > 1e-4, "{loss} vs joint {joint}");
 }
 
 #[test]

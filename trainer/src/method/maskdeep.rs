@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
-use crate::config::{Targets, TrainConfig};
+use crate::config::{HeadNorm, Targets, TrainConfig};
 use crate::method::masking::{masked_pool, VisibleCells};
 use crate::nn::heads::Mlp;
 use crate::nn::params;
@@ -240,6 +240,15 @@ impl MaskDeep {
         Ok(out)
     }
 
+    /// Row blocks of the heads' BatchNorm for a head fed `views` views: one per view under
+    /// `head_bn = per_view`, else one.
+    fn head_blocks(&self, views: usize) -> usize {
+        match self.cfg.method.head_bn {
+            HeadNorm::Joint => 1,
+            HeadNorm::PerView => views,
+        }
+    }
+
     /// The loss for `views` with the visible cells from [`Self::sample_masks`].
     pub fn loss(
         &self,
@@ -271,8 +280,11 @@ impl MaskDeep {
                 rows.push(pooled);
             }
             let pooled = Tensor::cat(&rows, 0)?;
-            let z = self.online.projectors[li].forward(&pooled, true)?;
-            preds.push(l2_normalize_rows(&self.predictors[li].forward(&z, true)?)?);
+            let blocks = self.head_blocks(self.cfg.data.global_views + self.cfg.data.local_views);
+            let z = self.online.projectors[li].forward(&pooled, true, blocks)?;
+            preds.push(l2_normalize_rows(
+                &self.predictors[li].forward(&z, true, blocks)?,
+            )?);
         }
         let t_heads = clock.lap()?;
 
@@ -285,7 +297,8 @@ impl MaskDeep {
         let mut target_graph = Vec::new();
         for (li, &level) in self.levels.iter().enumerate() {
             let pooled = tfeats.levels[level].mean((2, 3))?.to_dtype(DType::F32)?;
-            let z = l2_normalize_rows(&self.target.projectors[li].forward(&pooled, true)?)?;
+            let blocks = self.head_blocks(self.cfg.data.global_views);
+            let z = l2_normalize_rows(&self.target.projectors[li].forward(&pooled, true, blocks)?)?;
             if times.is_some() {
                 target_graph.push(z.clone());
             }

@@ -24,9 +24,26 @@ impl Mlp {
         })
     }
 
-    /// Maps `[n, input]` to `[n, output]`.
-    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let h = self.bn.forward(&apply(&self.fc1, x)?, train, true, None)?;
+    /// Maps `[n, input]` to `[n, output]`. In training, BatchNorm takes its statistics over
+    /// each of `blocks` equal runs of rows on its own (1: over all rows at once).
+    pub fn forward(&self, x: &Tensor, train: bool, blocks: usize) -> Result<Tensor> {
+        let h = apply(&self.fc1, x)?;
+        let n = h.dim(0)?;
+        let h = if train && blocks > 1 {
+            if n % blocks != 0 {
+                candle_core::bail!("a head's {n} rows do not split into {blocks} equal blocks");
+            }
+            let rows = n / blocks;
+            let parts = (0..blocks)
+                .map(|b| {
+                    self.bn
+                        .forward(&h.narrow(0, b * rows, rows)?, true, true, None)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Tensor::cat(&parts, 0)?
+        } else {
+            self.bn.forward(&h, train, true, None)?
+        };
         apply(&self.fc2, &h)
     }
 }
