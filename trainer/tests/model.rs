@@ -335,6 +335,15 @@ fn byol_preset_loss_equals_an_independent_byol_loss() {
 }
 
 #[test]
+fn bf16_on_the_cpu_is_refused_with_the_fix() {
+    let mut cfg = tiny("maskdeep-r18-small");
+    cfg.model.bf16 = true;
+    let err = MaskDeep::new(&cfg, &Device::Cpu).err().expect("refused");
+    let message = err.to_string();
+    assert!(message.contains("bf16=false"), "{message}");
+}
+
+#[test]
 fn per_view_head_batch_norm_equals_heads_run_once_per_view() {
     let mut cfg = tiny("byol-r18-small");
     cfg.method.head_bn = HeadNorm::PerView;

@@ -143,7 +143,14 @@ impl Views<'_> {
 
 impl MaskDeep {
     /// Builds both branches on `device`, initialised from `cfg.seed`; the target starts as a copy.
+    /// Mixed precision (`bf16`) is refused on the CPU, whose matmuls have no bf16 kernels.
     pub fn new(cfg: &TrainConfig, device: &Device) -> Result<Self> {
+        if cfg.model.bf16 && device.is_cpu() {
+            candle_core::bail!(
+                "bf16 mixed precision runs on CUDA only (the CPU's matmuls have no bf16 kernels): \
+                 use --device cuda, or --set bf16=false on the CPU"
+            );
+        }
         let online_vars = VarMap::new();
         let target_vars = VarMap::new();
         let vb = VarBuilder::from_varmap(&online_vars, DType::F32, device);
