@@ -97,8 +97,9 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Compare one small MaskDeep step on --device (f32, and bf16 on CUDA) with the CPU in f32: relative
-    /// errors of the encoder output, the loss and every gradient. Exits non-zero on a failure.
+    /// Compare one small MaskDeep step on --device (f32, and bf16 on CUDA) with the CPU in f32:
+    /// relative errors of the encoder output, the loss and every gradient. Exits non-zero on a
+    /// failure.
     Parity {
         /// The device to check against the CPU (cuda, cuda:N).
         #[arg(long, default_value = "cuda")]
