@@ -7,7 +7,8 @@ Prints one JSON object with `views_per_second` (median over the timed steps).
 
     python3 tools/bench_torch_step.py --arch resnet18 --size 32 --batch 32 --threads 2
     python3 tools/bench_torch_step.py --arch resnet50 --size 224 --batch 128 --device cuda --bf16
-    python3 tools/bench_torch_step.py --small-stem --width 0.25 --size 32 --batch 64 --hidden 512 --dim 128  # the demo's
+    python3 tools/bench_torch_step.py --small-stem --width 0.25 --size 32 --batch 64 \
+        --hidden 512 --dim 128   # the demo's backbone and heads
 """
 import argparse
 import copy
@@ -120,8 +121,8 @@ def main():
             times.append(time.perf_counter() - t)
     times.sort()
     med = times[len(times) // 2]
-    print(json.dumps({"arch": a.arch, "width": a.width, "size": a.size, "batch": a.batch, "device": a.device,
-                      "bf16": a.bf16, "threads": a.threads, "step_ms": med * 1e3,
+    print(json.dumps({"arch": a.arch, "width": a.width, "size": a.size, "batch": a.batch,
+                      "device": a.device, "bf16": a.bf16, "threads": a.threads, "step_ms": med * 1e3,
                       "views_per_second": 2 * a.batch / med,
                       "peak_memory_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None}))
 

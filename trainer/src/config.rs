@@ -413,9 +413,8 @@ impl TrainConfig {
     }
 
     /// Reads a JSON config file (as written to a run's `config.json`: every key required except
-    /// `lr_final`, `ema_final`, `rotation`, `knn_per_class`, `log_every`, `accumulate`, `sync_bn` and
-    /// `head_bn`,
-    /// which configs written before they existed lack).
+    /// `lr_final`, `ema_final`, `rotation`, `knn_per_class`, `log_every`, `accumulate`, `sync_bn`
+    /// and `head_bn`, which configs written before they existed lack).
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).io("read config", path)?;
         let c = serde_json::from_str(&text)

@@ -274,6 +274,7 @@ impl MaskDeep {
         let t_enc = clock.lap()?;
 
         // Online: pooled -> projector -> predictor, per level; rows ordered (view, sample, group).
+        let blocks = self.head_blocks(self.cfg.data.global_views + self.cfg.data.local_views);
         let mut preds = Vec::with_capacity(self.levels.len());
         for (li, &level) in self.levels.iter().enumerate() {
             let mut rows = Vec::with_capacity(feats.len());
@@ -287,7 +288,6 @@ impl MaskDeep {
                 rows.push(pooled);
             }
             let pooled = Tensor::cat(&rows, 0)?;
-            let blocks = self.head_blocks(self.cfg.data.global_views + self.cfg.data.local_views);
             let z = self.online.projectors[li].forward(&pooled, true, blocks)?;
             preds.push(l2_normalize_rows(
                 &self.predictors[li].forward(&z, true, blocks)?,
@@ -302,9 +302,9 @@ impl MaskDeep {
             .forward(&views.global.to_dtype(dtype)?, true)?;
         let mut targets = Vec::with_capacity(self.levels.len());
         let mut target_graph = Vec::new();
+        let blocks = self.head_blocks(self.cfg.data.global_views);
         for (li, &level) in self.levels.iter().enumerate() {
             let pooled = tfeats.levels[level].mean((2, 3))?.to_dtype(DType::F32)?;
-            let blocks = self.head_blocks(self.cfg.data.global_views);
             let z = l2_normalize_rows(&self.target.projectors[li].forward(&pooled, true, blocks)?)?;
             if times.is_some() {
                 target_graph.push(z.clone());

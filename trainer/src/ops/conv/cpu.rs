@@ -4,9 +4,9 @@
 //! image: `dW += dY @ patches^T` and `dPatches = W^T @ dY`, the latter scattered back onto the
 //! input (col2im). For the weight gradient of layers with few output channels the patches are
 //! first transposed to `[ho*wo, c_in*k*k]`, the layout in which gemm reads them in place: its
-//! own packing of the other layout costs more than the product itself when `c_out` is small. Outputs narrower than 16 pixels gather and scatter through a tap table on a
-//! zero-padded copy of the image, and small images are batched into groups so that each gemm
-//! stays wide. The gathers and scatters are compiled for every [`Isa`]; the buffers they fill are
+//! own packing of the other layout costs more than the product itself when `c_out` is small.
+//! Outputs narrower than 16 pixels gather and scatter through a tap table on a zero-padded copy
+//! of the image, and small images are batched into groups so that each gemm stays wide. The gathers and scatters are compiled for every [`Isa`]; the buffers they fill are
 //! kept per thread from call to call.
 
 use std::cell::Cell;
@@ -243,8 +243,8 @@ pub fn backward(
 }
 
 /// Output channels from which the weight gradient reads the patches as they are gathered: with
-/// this many, gemm's packing is cheap beside the product (measured on AVX-512 and AVX2 gemm
-/// kernels; `BENCHMARKS.md`, issue 23).
+/// this many, gemm's packing is cheap beside the product (measured with gemm's AVX-512 kernels;
+/// `BENCHMARKS.md`, issue 23).
 const TRANSPOSE_BELOW: usize = 512;
 
 /// Sizes of one convolution.
@@ -640,38 +640,27 @@ unsafe fn transpose_blocks(
             let (r4, r5, r6, r7) = (row(4), row(5), row(6), row(7));
             // Pairs of rows interleaved, then pairs of pairs: each 128-bit lane holds four
             // columns of four rows; the lanes are then joined across the two halves.
-            let (t0, t1) = (_mm256_unpacklo_ps(r0, r1), _mm256_unpackhi_ps(r0, r1));
-            let (t2, t3) = (_mm256_unpacklo_ps(r2, r3), _mm256_unpackhi_ps(r2, r3));
-            let (t4, t5) = (_mm256_unpacklo_ps(r4, r5), _mm256_unpackhi_ps(r4, r5));
-            let (t6, t7) = (_mm256_unpacklo_ps(r6, r7), _mm256_unpackhi_ps(r6, r7));
-            let (u0, u1) = (
-                _mm256_shuffle_ps::<0x44>(t0, t2),
-                _mm256_shuffle_ps::<0xEE>(t0, t2),
-            );
-            let (u2, u3) = (
-                _mm256_shuffle_ps::<0x44>(t1, t3),
-                _mm256_shuffle_ps::<0xEE>(t1, t3),
-            );
-            let (u4, u5) = (
-                _mm256_shuffle_ps::<0x44>(t4, t6),
-                _mm256_shuffle_ps::<0xEE>(t4, t6),
-            );
-            let (u6, u7) = (
-                _mm256_shuffle_ps::<0x44>(t5, t7),
-                _mm256_shuffle_ps::<0xEE>(t5, t7),
-            );
-            let out = [
-                _mm256_permute2f128_ps::<0x20>(u0, u4),
-                _mm256_permute2f128_ps::<0x20>(u1, u5),
-                _mm256_permute2f128_ps::<0x20>(u2, u6),
-                _mm256_permute2f128_ps::<0x20>(u3, u7),
-                _mm256_permute2f128_ps::<0x31>(u0, u4),
-                _mm256_permute2f128_ps::<0x31>(u1, u5),
-                _mm256_permute2f128_ps::<0x31>(u2, u6),
-                _mm256_permute2f128_ps::<0x31>(u3, u7),
-            ];
-            for (i, v) in out.into_iter().enumerate() {
-                _mm256_storeu_ps(to.add(i * rows), v);
+            let unpack = |a, b| (_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
+            let shuffle = |a, b| {
+                (
+                    _mm256_shuffle_ps::<0x44>(a, b),
+                    _mm256_shuffle_ps::<0xEE>(a, b),
+                )
+            };
+            let ((t0, t1), (t2, t3)) = (unpack(r0, r1), unpack(r2, r3));
+            let ((t4, t5), (t6, t7)) = (unpack(r4, r5), unpack(r6, r7));
+            let ((u0, u1), (u2, u3)) = (shuffle(t0, t2), shuffle(t1, t3));
+            let ((u4, u5), (u6, u7)) = (shuffle(t4, t6), shuffle(t5, t7));
+            // Output row i joins the low halves of u_i and u_{i+4}; row i + 4 their high halves.
+            for (i, (lo, hi)) in [(u0, u4), (u1, u5), (u2, u6), (u3, u7)]
+                .into_iter()
+                .enumerate()
+            {
+                _mm256_storeu_ps(to.add(i * rows), _mm256_permute2f128_ps::<0x20>(lo, hi));
+                _mm256_storeu_ps(
+                    to.add((i + 4) * rows),
+                    _mm256_permute2f128_ps::<0x31>(lo, hi),
+                );
             }
         }
     }
