@@ -83,7 +83,7 @@ fn assert_same(ours: &[Tensor; 3], reference: &[Tensor; 3], tolerance: f32, what
 }
 
 /// (k, stride, padding, h, w): every geometry a ResNet uses, with odd sizes too, on outputs
-/// narrower than 16 pixels (tap-table path) and wider. Square inputs only: Candle's own conv
+/// narrower than 16 pixels (patches gathered a pixel per row) and wider. Square inputs only: Candle's own conv
 /// backward (the reference) mis-sizes the input gradient otherwise.
 const SQUARE: [(usize, usize, usize, usize, usize); 12] = [
     (3, 1, 1, 17, 17),
@@ -120,7 +120,8 @@ fn convolution_op_matches_candle_forward_and_backward_on_every_device() {
 
 #[test]
 fn wide_layers_match_candle_forward_and_backward_on_every_device() {
-    // Enough output channels that the CPU's weight gradient reads the patches untransposed.
+    // Enough output channels that the CPU gathers the patches a channel per row even on narrow
+    // planes, and its weight gradient reads them untransposed.
     let cpu = (Device::Cpu, DType::F32);
     let g = Geometry {
         k: 3,
@@ -128,10 +129,12 @@ fn wide_layers_match_candle_forward_and_backward_on_every_device() {
         padding: 1,
     };
     for case in common::cases() {
-        let reference = run_sized(candle_conv, &cpu, g, (5, 5), (3, 4, 512));
-        let ours = run_sized(op_conv, &case, g, (5, 5), (3, 4, 512));
-        let what = format!("{case:?} 512 outputs");
-        assert_same(&ours, &reference, common::tolerance(&case.0), what);
+        for side in [5, 16] {
+            let reference = run_sized(candle_conv, &cpu, g, (side, side), (3, 4, 512));
+            let ours = run_sized(op_conv, &case, g, (side, side), (3, 4, 512));
+            let what = format!("{case:?} {side} px, 512 outputs");
+            assert_same(&ours, &reference, common::tolerance(&case.0), what);
+        }
     }
 }
 

@@ -49,9 +49,10 @@ fn same_on_every_isa(what: &str, kernel: impl Fn(Isa) -> Vec<f32>) {
 
 #[test]
 fn convolution_kernels_give_the_same_bits_on_every_isa() {
-    // (input side, kernel, stride, padding, output channels): narrow outputs (tap tables),
-    // same-size planes, strided wide planes, pointwise, the stem's 7x7, and a layer with enough
-    // output channels that the weight gradient reads the patches untransposed.
+    // (input side, kernel, stride, padding, output channels): narrow outputs (patches a pixel
+    // per row), same-size planes, strided wide planes, pointwise, the stem's 7x7, and layers with
+    // enough output channels that the patches are gathered a channel per row on narrow and wide
+    // planes and the weight gradient reads them untransposed.
     for (side, k, stride, padding, c_out) in [
         (8, 3, 1, 1, 5),
         (7, 3, 2, 1, 5),
@@ -61,6 +62,7 @@ fn convolution_kernels_give_the_same_bits_on_every_isa() {
         (10, 1, 2, 0, 5),
         (40, 7, 2, 3, 5),
         (4, 3, 1, 1, 512),
+        (16, 3, 1, 1, 512),
     ] {
         let g = Geometry { k, stride, padding };
         let (n, c_in) = (7, 3);

@@ -5,10 +5,14 @@
 //! input (col2im). For the weight gradient of layers with few output channels the patches are
 //! first transposed to `[ho*wo, c_in*k*k]`, the layout in which gemm reads them in place: its
 //! own packing of the other layout costs more than the product itself when `c_out` is small.
-//! Outputs narrower than 16 pixels gather and scatter through a tap table on a zero-padded copy
-//! of the image, and small images are batched into groups so that each gemm stays wide. The gathers and scatters are compiled for every [`Isa`]; the buffers they fill are
-//! kept per thread from call to call.
+//! Outputs narrower than 16 pixels of layers with fewer than 512 output channels instead gather
+//! their patches a pixel per row (im2row) from a zero-padded channels-last copy of the image, each
+//! kernel row's taps one contiguous run of `k * c_in` values, with the weight's entries reordered
+//! to match: the weight gradient then reads them in place and the input gradient scatters whole
+//! runs. Small images are batched into groups so that each gemm stays wide. The gathers and scatters are compiled for every
+//! [`Isa`]; the buffers they fill are kept per thread from call to call.
 
+use std::borrow::Cow;
 use std::cell::Cell;
 
 use candle_core::{CpuStorage, Layout, Result, Shape};
@@ -35,7 +39,8 @@ pub fn forward(
     let x = f32_slice(xs, xl, NAME)?;
     let weight = f32_slice(ws, wl, NAME)?;
     let (kk, hw, chw) = (d.kk(), d.hw(), d.c * d.h * d.w);
-    let (group, taps) = (d.group(), d.taps());
+    let (group, order) = (d.group(), d.order());
+    let weight = &*order.weight_to(&d, weight);
     let mut out = vec![0f32; d.n * d.c_out * hw];
     // Per task: the group's patch matrix [kk, ld] and, for groups of several images, its
     // output [c_out, ld] before it is scattered into NCHW planes.
@@ -45,37 +50,65 @@ pub fn forward(
             with_scratch(|scratch| {
                 let ld = images.len() / chw * hw;
                 let single = ld == hw;
-                let patches = d.patches(isa, images, &mut scratch.cols, &mut scratch.padded, &taps);
+                let Scratch {
+                    cols,
+                    staged,
+                    padded,
+                    ..
+                } = scratch;
+                let patches = d.patches(isa, order, images, cols, padded);
                 let dst: &mut [f32] = if single {
                     y
                 } else {
-                    grown(&mut scratch.staged, d.c_out * ld)
+                    grown(staged, d.c_out * ld)
                 };
-                // dst^T [ld, c_out] = patches^T [ld, kk] @ weight^T [kk, c_out], all three
-                // column-major: gemm reads the patches in place instead of packing them.
-                matmul(
-                    (ld, d.c_out, kk),
-                    View {
-                        data: dst,
-                        rs: 1,
-                        cs: ld,
-                    },
-                    View {
-                        data: patches,
-                        rs: 1,
-                        cs: ld,
-                    },
-                    View {
-                        data: weight,
-                        rs: 1,
-                        cs: kk,
-                    },
-                    false,
-                );
+                match order {
+                    // dst^T [ld, c_out] = P [ld, kk] @ weight^T [kk, c_out], all three
+                    // column-major: gemm reads the patches in place instead of packing them.
+                    PatchOrder::Cols => matmul(
+                        (ld, d.c_out, kk),
+                        View {
+                            data: dst,
+                            rs: 1,
+                            cs: ld,
+                        },
+                        View {
+                            data: patches,
+                            rs: 1,
+                            cs: ld,
+                        },
+                        View {
+                            data: weight,
+                            rs: 1,
+                            cs: kk,
+                        },
+                        false,
+                    ),
+                    // dst [c_out, ld] = weight [c_out, kk] @ P^T [kk, ld].
+                    PatchOrder::Rows => matmul(
+                        (d.c_out, ld, kk),
+                        View {
+                            data: dst,
+                            rs: ld,
+                            cs: 1,
+                        },
+                        View {
+                            data: weight,
+                            rs: kk,
+                            cs: 1,
+                        },
+                        View {
+                            data: patches,
+                            rs: 1,
+                            cs: kk,
+                        },
+                        false,
+                    ),
+                }
                 if !single {
                     for (j, plane) in y.chunks_exact_mut(hw).enumerate() {
                         let (img, co) = (j / d.c_out, j % d.c_out);
-                        plane.copy_from_slice(&scratch.staged[co * ld + img * hw..][..hw]);
+                        plane.copy_from_slice(&staged[co * ld + img * hw..][..hw]);
                     }
                 }
             })
@@ -100,7 +133,8 @@ pub fn backward(
     let weight = f32_slice(ws, wl, BACKWARD_NAME)?;
     let dy = f32_slice(gs, gl, BACKWARD_NAME)?;
     let (kk, hw, chw, c_out) = (d.kk(), d.hw(), d.c * d.h * d.w, d.c_out);
-    let (group, taps) = (d.group(), d.taps());
+    let (group, order) = (d.group(), d.order());
+    let weight = &*order.weight_to(&d, weight);
     // The weight gradient is appended after the input gradient: room for both up front.
     let mut dx = Vec::with_capacity(d.n * chw + c_out * kk);
     dx.resize(if need_dx { d.n * chw } else { 0 }, 0f32);
@@ -134,7 +168,7 @@ pub fn backward(
                     let (ld, single) = (count * hw, count == 1);
                     let images = &x[first * chw..(first + count) * chw];
                     let dy_group = &dy[first * c_out * hw..(first + count) * c_out * hw];
-                    let patches = d.patches(isa, images, cols, padded, &taps);
+                    let patches = d.patches(isa, order, images, cols, padded);
                     // dY as [c_out, ld]: the group's planes side by side.
                     let dy_mat: &[f32] = if single {
                         dy_group
@@ -146,11 +180,19 @@ pub fn backward(
                         }
                         staged
                     };
-                    if c_out < TRANSPOSE_BELOW {
-                        // dW^T [kk, c_out] += patches [kk, ld] @ dY^T [ld, c_out], the patches
-                        // transposed so that gemm reads them in place.
-                        let rows = grown(transposed, kk * ld);
-                        transpose(isa, patches, kk, ld, rows);
+                    // The patches as P^T [kk, ld] with kk contiguous, where gemm reads them in
+                    // place: gathered so, or transposed when there are few output channels.
+                    let entries_by_pixels = match order {
+                        PatchOrder::Rows => Some(patches),
+                        PatchOrder::Cols if c_out < TRANSPOSE_BELOW => {
+                            let rows = grown(transposed, kk * ld);
+                            transpose(isa, patches, kk, ld, rows);
+                            Some(&*rows)
+                        }
+                        PatchOrder::Cols => None,
+                    };
+                    if let Some(rows) = entries_by_pixels {
+                        // dW^T [kk, c_out] += P^T [kk, ld] @ dY^T [ld, c_out].
                         matmul(
                             (kk, c_out, ld),
                             View {
@@ -171,7 +213,7 @@ pub fn backward(
                             true,
                         );
                     } else {
-                        // dW [c_out, kk] += dY [c_out, ld] @ patches^T [ld, kk].
+                        // dW [c_out, kk] += dY [c_out, ld] @ P [ld, kk].
                         matmul(
                             (c_out, kk, ld),
                             View {
@@ -195,15 +237,11 @@ pub fn backward(
                     let Some(dx_group) = dx_group else {
                         continue;
                     };
-                    // dPatches [kk, ld] = W^T [kk, c_out] @ dY [c_out, ld].
+                    // dP^T [kk, ld] = W^T [kk, c_out] @ dY [c_out, ld], laid out as the patches.
                     let weight_t_dy = |dst: &mut [f32]| {
                         matmul(
                             (kk, ld, c_out),
-                            View {
-                                data: dst,
-                                rs: ld,
-                                cs: 1,
-                            },
+                            order.entries_by_pixels(dst, ld, kk),
                             View {
                                 data: weight,
                                 rs: 1,
@@ -224,7 +262,10 @@ pub fn backward(
                         let dcols = grown(dcols, kk * ld);
                         weight_t_dy(dcols);
                         for (j, dx_img) in dx_group.chunks_exact_mut(chw).enumerate() {
-                            col2im(isa, &d, dcols, ld, j * hw, dx_img, &taps, padded);
+                            match order {
+                                PatchOrder::Cols => col2im(isa, &d, dcols, ld, j * hw, dx_img),
+                                PatchOrder::Rows => row2im(isa, &d, dcols, j * hw, dx_img, padded),
+                            }
                         }
                     }
                 }
@@ -237,7 +278,7 @@ pub fn backward(
     for part in partials {
         dw.iter_mut().zip(&part).for_each(|(a, b)| *a += b);
     }
-    dx.extend_from_slice(&dw);
+    dx.extend_from_slice(&order.weight_from(&d, &dw));
     let len = dx.len();
     Ok((CpuStorage::F32(dx), Shape::from(len)))
 }
@@ -326,36 +367,26 @@ impl Dims {
         self.g.stride == 1 && self.ho == self.h && self.wo == self.w
     }
 
-    /// Output planes narrower than this gather and scatter through a tap table (per-row copies
-    /// would be mostly loop overhead).
+    /// Output planes narrower than this gather their patches a pixel per row ([`im2row`]): per
+    /// kernel row and channel, runs along a plane's row would be a few values long.
     const NARROW: usize = 16;
+
+    /// How this convolution lays out its patch matrices: a pixel per row for narrow outputs of
+    /// kernels wider than 1x1 with fewer than [`TRANSPOSE_BELOW`] output channels. With more,
+    /// gemm's own packing and reordering the weight cost more than the gather saves
+    /// (`BENCHMARKS.md`, issue 23); a 1x1 kernel's runs are only `c_in` long.
+    fn order(&self) -> PatchOrder {
+        if self.wo < Self::NARROW && self.g.k > 1 && self.c_out < TRANSPOSE_BELOW {
+            PatchOrder::Rows
+        } else {
+            PatchOrder::Cols
+        }
+    }
 
     /// Rows and columns of a plane padded on every side.
     fn padded_size(&self) -> (usize, usize) {
         let p = self.g.padding;
         (self.h + 2 * p, self.w + 2 * p)
-    }
-
-    /// For narrow outputs, the tap table `[k*k, ho*wo]`: the index within a padded plane (see
-    /// [`Dims::pad`]) that each kernel tap reads for each output pixel. Empty for wider outputs.
-    fn taps(&self) -> Vec<u32> {
-        if self.wo >= Self::NARROW {
-            return Vec::new();
-        }
-        let Geometry { k, stride, .. } = self.g;
-        let (hp, wp) = self.padded_size();
-        let mut taps = Vec::with_capacity(k * k * self.hw());
-        for (ki, kj) in (0..k * k).map(|t| (t / k, t % k)) {
-            for (oh, ow) in (0..self.hw()).map(|o| (o / self.wo, o % self.wo)) {
-                taps.push(((oh * stride + ki) * wp + ow * stride + kj) as u32);
-            }
-        }
-        // The gathers and scatters index without bounds checks: checked once here.
-        assert!(
-            taps.iter().all(|&t| (t as usize) < hp * wp),
-            "conv: tap table outside the padded plane"
-        );
-        taps
     }
 
     /// Images per gemm: enough that a gemm has a few hundred columns when the planes are small,
@@ -369,38 +400,15 @@ impl Dims {
             .max(1)
     }
 
-    /// Image `img` (`[c, h, w]`) with `padding` zeros around each plane, in `padded`.
-    fn pad<'a>(&self, img: &[f32], padded: &'a mut Vec<f32>) -> &'a [f32] {
-        let p = self.g.padding;
-        let (hp, wp) = self.padded_size();
-        let padded = grown(padded, self.c * hp * wp);
-        for (dst, src) in padded
-            .chunks_exact_mut(hp * wp)
-            .zip(img.chunks_exact(self.h * self.w))
-        {
-            dst[..p * wp].fill(0.0);
-            dst[(p + self.h) * wp..].fill(0.0);
-            for (line, src) in dst[p * wp..(p + self.h) * wp]
-                .chunks_exact_mut(wp)
-                .zip(src.chunks_exact(self.w))
-            {
-                line[..p].fill(0.0);
-                line[p..p + self.w].copy_from_slice(src);
-                line[p + self.w..].fill(0.0);
-            }
-        }
-        padded
-    }
-
-    /// The patch matrix `[kk, count*ho*wo]` of `count` consecutive images: built in `cols`, or
-    /// the image itself for a single image under a pointwise kernel.
+    /// The patch matrix of `count` consecutive images, `count*ho*wo` pixels, in `order`: built
+    /// in `cols`, or the image itself for a single image under a pointwise kernel.
     fn patches<'a>(
         &self,
         isa: Isa,
+        order: PatchOrder,
         images: &'a [f32],
         cols: &'a mut Vec<f32>,
         padded: &mut Vec<f32>,
-        taps: &[u32],
     ) -> &'a [f32] {
         let chw = self.c * self.h * self.w;
         let ld = images.len() / chw * self.hw();
@@ -409,10 +417,75 @@ impl Dims {
         }
         let cols = grown(cols, self.kk() * ld);
         for (j, img) in images.chunks_exact(chw).enumerate() {
-            im2col(isa, self, img, cols, ld, j * self.hw(), taps, padded);
+            let at = j * self.hw();
+            match order {
+                PatchOrder::Cols => im2col(isa, self, img, cols, ld, at),
+                PatchOrder::Rows => im2row(isa, self, img, cols, at, padded),
+            }
         }
         cols
     }
+}
+
+/// The layout of a patch matrix `P [pixels, kk]`, `kk = c_in*k*k` entries per pixel.
+#[derive(Clone, Copy, PartialEq)]
+enum PatchOrder {
+    /// `[kk, pixels]`, entries ordered `(c_in, ki, kj)` as in the weight (im2col).
+    Cols,
+    /// `[pixels, kk]`, entries ordered `(ki, kj, c_in)` (im2row); the weight is reordered to
+    /// match.
+    Rows,
+}
+
+impl PatchOrder {
+    /// `P^T [kk, ld]` as a gemm view of `data`.
+    fn entries_by_pixels<S>(self, data: S, ld: usize, kk: usize) -> View<S> {
+        match self {
+            PatchOrder::Cols => View {
+                data,
+                rs: ld,
+                cs: 1,
+            },
+            PatchOrder::Rows => View {
+                data,
+                rs: 1,
+                cs: kk,
+            },
+        }
+    }
+
+    /// The weight `[c_out, c_in, k, k]` with its entries in this order.
+    fn weight_to<'a>(self, d: &Dims, weight: &'a [f32]) -> Cow<'a, [f32]> {
+        match self {
+            PatchOrder::Cols => Cow::Borrowed(weight),
+            PatchOrder::Rows => Cow::Owned(reorder(weight, d.c, d.g.k * d.g.k)),
+        }
+    }
+
+    /// A weight gradient with its entries in this order, back in `[c_out, c_in, k, k]`.
+    fn weight_from<'a>(self, d: &Dims, dw: &'a [f32]) -> Cow<'a, [f32]> {
+        match self {
+            PatchOrder::Cols => Cow::Borrowed(dw),
+            PatchOrder::Rows => Cow::Owned(reorder(dw, d.g.k * d.g.k, d.c)),
+        }
+    }
+}
+
+/// Each row of `[rows, outer * inner]` with its `[outer, inner]` entries transposed to `[inner,
+/// outer]`.
+fn reorder(w: &[f32], outer: usize, inner: usize) -> Vec<f32> {
+    let mut out = vec![0f32; w.len()];
+    for (dst, src) in out
+        .chunks_exact_mut(outer * inner)
+        .zip(w.chunks_exact(outer * inner))
+    {
+        for (o, row) in src.chunks_exact(inner).enumerate() {
+            for (i, &v) in row.iter().enumerate() {
+                dst[i * outer + o] = v;
+            }
+        }
+    }
+    out
 }
 
 /// `buffer`'s first `len` elements, growing it if shorter. What it held before is left in place:
@@ -433,7 +506,7 @@ struct Scratch {
     staged: Vec<f32>,
     /// The patch matrix's gradient.
     dcols: Vec<f32>,
-    /// One image with padded planes (narrow outputs).
+    /// One image, zero-padded and channels-last (narrow outputs).
     padded: Vec<f32>,
     /// The patch matrix transposed, `[ld, kk]` (weight gradient).
     transposed: Vec<f32>,
@@ -461,24 +534,9 @@ shared::multiversion! {
         cols: &mut [f32],
         ld: usize,
         at: usize,
-        taps: &[u32],
-        padded: &mut Vec<f32>,
     ) {
         let (k, s, p) = (d.g.k, d.g.stride, d.g.padding);
         let (h, w, wo, hw) = (d.h, d.w, d.wo, d.hw());
-        if !taps.is_empty() {
-            let (hp, wp) = d.padded_size();
-            let padded = d.pad(img, padded);
-            for (r, row) in cols.chunks_exact_mut(ld).enumerate() {
-                let plane = &padded[r / (k * k) * hp * wp..][..hp * wp];
-                let taps = &taps[(r % (k * k)) * hw..][..hw];
-                for (d, &t) in row[at..at + hw].iter_mut().zip(taps) {
-                    // SAFETY: every tap lies inside a padded plane (asserted in `Dims::taps`).
-                    *d = unsafe { *plane.get_unchecked(t as usize) };
-                }
-            }
-            return;
-        }
         for (r, row) in cols.chunks_exact_mut(ld).enumerate() {
             let row = &mut row[at..at + hw];
             let (ci, ki, kj) = (r / (k * k), r / k % k, r % k);
@@ -530,33 +588,9 @@ shared::multiversion! {
         ld: usize,
         at: usize,
         img: &mut [f32],
-        taps: &[u32],
-        padded: &mut Vec<f32>,
     ) {
-        let (k, s, p) = (d.g.k, d.g.stride, d.g.padding);
+        let (k, s) = (d.g.k, d.g.stride);
         let (h, w, wo, hw) = (d.h, d.w, d.wo, d.hw());
-        if !taps.is_empty() {
-            // Scattered onto zeroed padded planes, whose insides are then added to the image.
-            let (hp, wp) = d.padded_size();
-            let padded = grown(padded, d.c * hp * wp);
-            padded.fill(0.0);
-            for (r, row) in cols.chunks_exact(ld).enumerate() {
-                let plane = &mut padded[r / (k * k) * hp * wp..][..hp * wp];
-                let taps = &taps[(r % (k * k)) * hw..][..hw];
-                for (&v, &t) in row[at..at + hw].iter().zip(taps) {
-                    // SAFETY: every tap lies inside a padded plane (asserted in `Dims::taps`).
-                    unsafe { *plane.get_unchecked_mut(t as usize) += v };
-                }
-            }
-            for (dst, src) in img.chunks_exact_mut(h * w).zip(padded.chunks_exact(hp * wp)) {
-                for (line, src) in dst.chunks_exact_mut(w).zip(src[p * wp..].chunks_exact(wp)) {
-                    for (d, &v) in line.iter_mut().zip(&src[p..p + w]) {
-                        *d += v;
-                    }
-                }
-            }
-            return;
-        }
         for (r, row) in cols.chunks_exact(ld).enumerate() {
             let row = &row[at..at + hw];
             let (ci, ki, kj) = (r / (k * k), r / k % k, r % k);
@@ -579,6 +613,75 @@ shared::multiversion! {
             }
         }
     }
+}
+
+shared::multiversion! {
+    /// Gathers image `img` (`[c, h, w]`) into rows `at..at + ho*wo` of `rows` (`[ld, kk]`, entries
+    /// ordered `(ki, kj, c)`), through a zero-padded channels-last copy in `padded`: a kernel
+    /// row's taps for one pixel are one contiguous run of `k*c` values there.
+    fn im2row(d: &Dims, img: &[f32], rows: &mut [f32], at: usize, padded: &mut Vec<f32>) {
+        let (k, s, c, kk) = (d.g.k, d.g.stride, d.c, d.kk());
+        let wp = d.padded_size().1;
+        let padded = channels_last(d, img, padded);
+        let run = k * c;
+        for (o, row) in rows[at * kk..(at + d.hw()) * kk]
+            .chunks_exact_mut(kk)
+            .enumerate()
+        {
+            let (oh, ow) = (o / d.wo, o % d.wo);
+            for (ki, dst) in row.chunks_exact_mut(run).enumerate() {
+                let from = ((oh * s + ki) * wp + ow * s) * c;
+                dst.copy_from_slice(&padded[from..from + run]);
+            }
+        }
+    }
+}
+
+shared::multiversion! {
+    /// The adjoint of [`im2row`]: adds rows `at..at + ho*wo` of `rows` (`[ld, kk]`) onto image
+    /// `img`, through zeroed channels-last planes in `padded`.
+    fn row2im(d: &Dims, rows: &[f32], at: usize, img: &mut [f32], padded: &mut Vec<f32>) {
+        let (k, s, c, kk, p) = (d.g.k, d.g.stride, d.c, d.kk(), d.g.padding);
+        let (hp, wp) = d.padded_size();
+        let padded = grown(padded, hp * wp * c);
+        padded.fill(0.0);
+        let run = k * c;
+        for (o, row) in rows[at * kk..(at + d.hw()) * kk].chunks_exact(kk).enumerate() {
+            let (oh, ow) = (o / d.wo, o % d.wo);
+            for (ki, src) in row.chunks_exact(run).enumerate() {
+                let from = ((oh * s + ki) * wp + ow * s) * c;
+                for (a, &v) in padded[from..from + run].iter_mut().zip(src) {
+                    *a += v;
+                }
+            }
+        }
+        for (ci, plane) in img.chunks_exact_mut(d.h * d.w).enumerate() {
+            for (ih, line) in plane.chunks_exact_mut(d.w).enumerate() {
+                let pixels = &padded[((ih + p) * wp + p) * c..];
+                for (x, pixel) in line.iter_mut().zip(pixels.chunks(c)) {
+                    *x += pixel[ci];
+                }
+            }
+        }
+    }
+}
+
+/// Image `img` (`[c, h, w]`) as `[h + 2p, w + 2p, c]` with zeros around, in `padded`.
+#[inline(always)]
+fn channels_last<'a>(d: &Dims, img: &[f32], padded: &'a mut Vec<f32>) -> &'a [f32] {
+    let (c, p) = (d.c, d.g.padding);
+    let (hp, wp) = d.padded_size();
+    let padded = grown(padded, hp * wp * c);
+    padded.fill(0.0);
+    for (ci, plane) in img.chunks_exact(d.h * d.w).enumerate() {
+        for (ih, line) in plane.chunks_exact(d.w).enumerate() {
+            let pixels = &mut padded[((ih + p) * wp + p) * c..];
+            for (&x, pixel) in line.iter().zip(pixels.chunks_mut(c)) {
+                pixel[ci] = x;
+            }
+        }
+    }
+    padded
 }
 
 /// `dst [cols, rows] = src [rows, cols]^T`, both row-major: in 8x8 blocks held in registers
