@@ -9,8 +9,10 @@
 //! their patches a pixel per row (im2row) from a zero-padded channels-last copy of the image, each
 //! kernel row's taps one contiguous run of `k * c_in` values, with the weight's entries reordered
 //! to match: the weight gradient then reads them in place and the input gradient scatters whole
-//! runs. Small images are batched into groups so that each gemm stays wide. The gathers and scatters are compiled for every
-//! [`Isa`]; the buffers they fill are kept per thread from call to call.
+//! runs. Narrow outputs of wider layers, and of 1x1 kernels, gather and scatter through a tap
+//! table on zero-padded planes. Small images are batched into groups so that each gemm stays
+//! wide. The gathers and scatters are compiled for every [`Isa`]; the buffers they fill are kept
+//! per thread from call to call.
 
 use std::borrow::Cow;
 use std::cell::Cell;
@@ -39,7 +41,7 @@ pub fn forward(
     let x = f32_slice(xs, xl, NAME)?;
     let weight = f32_slice(ws, wl, NAME)?;
     let (kk, hw, chw) = (d.kk(), d.hw(), d.c * d.h * d.w);
-    let (group, order) = (d.group(), d.order());
+    let (group, order, taps) = (d.group(), d.order(), d.taps());
     let weight = &*order.weight_to(&d, weight);
     let mut out = vec![0f32; d.n * d.c_out * hw];
     // Per task: the group's patch matrix [kk, ld] and, for groups of several images, its
@@ -56,7 +58,7 @@ pub fn forward(
                     padded,
                     ..
                 } = scratch;
-                let patches = d.patches(isa, order, images, cols, padded);
+                let patches = d.patches(isa, order, images, cols, padded, &taps);
                 let dst: &mut [f32] = if single {
                     y
                 } else {
@@ -133,7 +135,7 @@ pub fn backward(
     let weight = f32_slice(ws, wl, BACKWARD_NAME)?;
     let dy = f32_slice(gs, gl, BACKWARD_NAME)?;
     let (kk, hw, chw, c_out) = (d.kk(), d.hw(), d.c * d.h * d.w, d.c_out);
-    let (group, order) = (d.group(), d.order());
+    let (group, order, taps) = (d.group(), d.order(), d.taps());
     let weight = &*order.weight_to(&d, weight);
     // The weight gradient is appended after the input gradient: room for both up front.
     let mut dx = Vec::with_capacity(d.n * chw + c_out * kk);
@@ -168,7 +170,7 @@ pub fn backward(
                     let (ld, single) = (count * hw, count == 1);
                     let images = &x[first * chw..(first + count) * chw];
                     let dy_group = &dy[first * c_out * hw..(first + count) * c_out * hw];
-                    let patches = d.patches(isa, order, images, cols, padded);
+                    let patches = d.patches(isa, order, images, cols, padded, &taps);
                     // dY as [c_out, ld]: the group's planes side by side.
                     let dy_mat: &[f32] = if single {
                         dy_group
@@ -263,7 +265,9 @@ pub fn backward(
                         weight_t_dy(dcols);
                         for (j, dx_img) in dx_group.chunks_exact_mut(chw).enumerate() {
                             match order {
-                                PatchOrder::Cols => col2im(isa, &d, dcols, ld, j * hw, dx_img),
+                                PatchOrder::Cols => {
+                                    col2im(isa, &d, dcols, ld, j * hw, dx_img, &taps, padded)
+                                }
                                 PatchOrder::Rows => row2im(isa, &d, dcols, j * hw, dx_img, padded),
                             }
                         }
@@ -367,8 +371,9 @@ impl Dims {
         self.g.stride == 1 && self.ho == self.h && self.wo == self.w
     }
 
-    /// Output planes narrower than this gather their patches a pixel per row ([`im2row`]): per
-    /// kernel row and channel, runs along a plane's row would be a few values long.
+    /// Output planes narrower than this gather their patches a pixel per row ([`im2row`]) or,
+    /// in the channel-per-row order, through a tap table on zero-padded planes: runs along a
+    /// plane's row would be a few values long.
     const NARROW: usize = 16;
 
     /// How this convolution lays out its patch matrices: a pixel per row for narrow outputs of
@@ -387,6 +392,52 @@ impl Dims {
     fn padded_size(&self) -> (usize, usize) {
         let p = self.g.padding;
         (self.h + 2 * p, self.w + 2 * p)
+    }
+
+    /// For narrow outputs gathered a channel per row, the tap table `[k*k, ho*wo]`: the index
+    /// within a padded plane (see [`Dims::pad`]) that each kernel tap reads for each output
+    /// pixel. Empty otherwise.
+    fn taps(&self) -> Vec<u32> {
+        if self.wo >= Self::NARROW || self.order() == PatchOrder::Rows {
+            return Vec::new();
+        }
+        let Geometry { k, stride, .. } = self.g;
+        let (hp, wp) = self.padded_size();
+        let mut taps = Vec::with_capacity(k * k * self.hw());
+        for (ki, kj) in (0..k * k).map(|t| (t / k, t % k)) {
+            for (oh, ow) in (0..self.hw()).map(|o| (o / self.wo, o % self.wo)) {
+                taps.push(((oh * stride + ki) * wp + ow * stride + kj) as u32);
+            }
+        }
+        // The gathers and scatters index without bounds checks: checked once here.
+        assert!(
+            taps.iter().all(|&t| (t as usize) < hp * wp),
+            "conv: tap table outside the padded plane"
+        );
+        taps
+    }
+
+    /// Image `img` (`[c, h, w]`) with `padding` zeros around each plane, in `padded`.
+    fn pad<'a>(&self, img: &[f32], padded: &'a mut Vec<f32>) -> &'a [f32] {
+        let p = self.g.padding;
+        let (hp, wp) = self.padded_size();
+        let padded = grown(padded, self.c * hp * wp);
+        for (dst, src) in padded
+            .chunks_exact_mut(hp * wp)
+            .zip(img.chunks_exact(self.h * self.w))
+        {
+            dst[..p * wp].fill(0.0);
+            dst[(p + self.h) * wp..].fill(0.0);
+            for (line, src) in dst[p * wp..(p + self.h) * wp]
+                .chunks_exact_mut(wp)
+                .zip(src.chunks_exact(self.w))
+            {
+                line[..p].fill(0.0);
+                line[p..p + self.w].copy_from_slice(src);
+                line[p + self.w..].fill(0.0);
+            }
+        }
+        padded
     }
 
     /// Images per gemm: enough that a gemm has a few hundred columns when the planes are small,
@@ -409,6 +460,7 @@ impl Dims {
         images: &'a [f32],
         cols: &'a mut Vec<f32>,
         padded: &mut Vec<f32>,
+        taps: &[u32],
     ) -> &'a [f32] {
         let chw = self.c * self.h * self.w;
         let ld = images.len() / chw * self.hw();
@@ -419,7 +471,7 @@ impl Dims {
         for (j, img) in images.chunks_exact(chw).enumerate() {
             let at = j * self.hw();
             match order {
-                PatchOrder::Cols => im2col(isa, self, img, cols, ld, at),
+                PatchOrder::Cols => im2col(isa, self, img, cols, ld, at, taps, padded),
                 PatchOrder::Rows => im2row(isa, self, img, cols, at, padded),
             }
         }
@@ -506,7 +558,7 @@ struct Scratch {
     staged: Vec<f32>,
     /// The patch matrix's gradient.
     dcols: Vec<f32>,
-    /// One image, zero-padded and channels-last (narrow outputs).
+    /// One image, zero-padded: channels-last (im2row) or as padded planes (tap tables).
     padded: Vec<f32>,
     /// The patch matrix transposed, `[ld, kk]` (weight gradient).
     transposed: Vec<f32>,
@@ -534,9 +586,24 @@ shared::multiversion! {
         cols: &mut [f32],
         ld: usize,
         at: usize,
+        taps: &[u32],
+        padded: &mut Vec<f32>,
     ) {
         let (k, s, p) = (d.g.k, d.g.stride, d.g.padding);
         let (h, w, wo, hw) = (d.h, d.w, d.wo, d.hw());
+        if !taps.is_empty() {
+            let (hp, wp) = d.padded_size();
+            let padded = d.pad(img, padded);
+            for (r, row) in cols.chunks_exact_mut(ld).enumerate() {
+                let plane = &padded[r / (k * k) * hp * wp..][..hp * wp];
+                let taps = &taps[(r % (k * k)) * hw..][..hw];
+                for (d, &t) in row[at..at + hw].iter_mut().zip(taps) {
+                    // SAFETY: every tap lies inside a padded plane (asserted in `Dims::taps`).
+                    *d = unsafe { *plane.get_unchecked(t as usize) };
+                }
+            }
+            return;
+        }
         for (r, row) in cols.chunks_exact_mut(ld).enumerate() {
             let row = &mut row[at..at + hw];
             let (ci, ki, kj) = (r / (k * k), r / k % k, r % k);
@@ -588,9 +655,33 @@ shared::multiversion! {
         ld: usize,
         at: usize,
         img: &mut [f32],
+        taps: &[u32],
+        padded: &mut Vec<f32>,
     ) {
-        let (k, s) = (d.g.k, d.g.stride);
+        let (k, s, p) = (d.g.k, d.g.stride, d.g.padding);
         let (h, w, wo, hw) = (d.h, d.w, d.wo, d.hw());
+        if !taps.is_empty() {
+            // Scattered onto zeroed padded planes, whose insides are then added to the image.
+            let (hp, wp) = d.padded_size();
+            let padded = grown(padded, d.c * hp * wp);
+            padded.fill(0.0);
+            for (r, row) in cols.chunks_exact(ld).enumerate() {
+                let plane = &mut padded[r / (k * k) * hp * wp..][..hp * wp];
+                let taps = &taps[(r % (k * k)) * hw..][..hw];
+                for (&v, &t) in row[at..at + hw].iter().zip(taps) {
+                    // SAFETY: every tap lies inside a padded plane (asserted in `Dims::taps`).
+                    unsafe { *plane.get_unchecked_mut(t as usize) += v };
+                }
+            }
+            for (dst, src) in img.chunks_exact_mut(h * w).zip(padded.chunks_exact(hp * wp)) {
+                for (line, src) in dst.chunks_exact_mut(w).zip(src[p * wp..].chunks_exact(wp)) {
+                    for (d, &v) in line.iter_mut().zip(&src[p..p + w]) {
+                        *d += v;
+                    }
+                }
+            }
+            return;
+        }
         for (r, row) in cols.chunks_exact(ld).enumerate() {
             let row = &row[at..at + hw];
             let (ci, ki, kj) = (r / (k * k), r / k % k, r % k);
