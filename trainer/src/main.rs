@@ -114,8 +114,10 @@ enum Command {
 #[derive(Args)]
 struct ConfigArgs {
     /// Named preset: maskdeep-r50-imagenet (the paper's setting: ResNet-50, 224 px, 200 epochs,
-    /// batch 256), maskdeep-r18-imagenet, maskdeep-r18-small (small stem, 32-96 px data), and the
-    /// BYOL twin of each (byol-r50-imagenet, byol-r18-imagenet, byol-r18-small).
+    /// batch 256), maskdeep-r18-imagenet, maskdeep-r18-small (small stem, 32-96 px data,
+    /// cross-view targets), maskdeep-r18-small-paper (the same with the paper's targets: each
+    /// view also predicts its own), and the BYOL twin of each (byol-r50-imagenet,
+    /// byol-r18-imagenet, byol-r18-small).
     #[arg(long, conflicts_with = "config")]
     preset: Option<String>,
     /// A JSON config file with every key (a run's config.json is one).

@@ -97,3 +97,15 @@ fn every_preset_parses_back_from_its_name() {
         assert_eq!(TrainConfig::from_json(json).unwrap(), cfg);
     }
 }
+
+#[test]
+fn the_paper_preset_differs_from_the_small_default_only_in_its_targets() {
+    let default = TrainConfig::preset("maskdeep-r18-small").unwrap();
+    let paper = TrainConfig::preset("maskdeep-r18-small-paper").unwrap();
+    assert_eq!(default.method.targets, Targets::Cross);
+    assert_eq!(paper.method.targets, Targets::All);
+    let mut same = paper.clone();
+    same.method.targets = Targets::Cross;
+    same.preset = default.preset;
+    assert_eq!(same, default);
+}
