@@ -292,6 +292,11 @@ pub fn backward(
 /// `BENCHMARKS.md`, issue 23).
 const TRANSPOSE_BELOW: usize = 512;
 
+/// Output channels from which narrow outputs keep their patches a channel per row: with this
+/// many, reordering the weight and gemm's packing cost more than gathering a pixel per row saves
+/// (measured with gemm's AVX-512 kernels; `BENCHMARKS.md`, issue 23, session 18).
+const ROWS_BELOW: usize = 512;
+
 /// Sizes of one convolution.
 #[derive(Clone, Copy)]
 struct Dims {
@@ -377,11 +382,10 @@ impl Dims {
     const NARROW: usize = 16;
 
     /// How this convolution lays out its patch matrices: a pixel per row for narrow outputs of
-    /// kernels wider than 1x1 with fewer than [`TRANSPOSE_BELOW`] output channels. With more,
-    /// gemm's own packing and reordering the weight cost more than the gather saves
-    /// (`BENCHMARKS.md`, issue 23); a 1x1 kernel's runs are only `c_in` long.
+    /// kernels wider than 1x1 with fewer than [`ROWS_BELOW`] output channels (a 1x1 kernel's
+    /// runs are only `c_in` long).
     fn order(&self) -> PatchOrder {
-        if self.wo < Self::NARROW && self.g.k > 1 && self.c_out < TRANSPOSE_BELOW {
+        if self.wo < Self::NARROW && self.g.k > 1 && self.c_out < ROWS_BELOW {
             PatchOrder::Rows
         } else {
             PatchOrder::Cols
