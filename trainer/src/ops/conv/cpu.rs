@@ -5,11 +5,13 @@
 //! input (col2im). For the weight gradient of layers with few output channels the patches are
 //! first transposed to `[ho*wo, c_in*k*k]`, the layout in which gemm reads them in place: its
 //! own packing of the other layout costs more than the product itself when `c_out` is small.
-//! Outputs narrower than 16 pixels of layers with fewer than 512 output channels instead gather
-//! their patches a pixel per row (im2row) from a zero-padded channels-last copy of the image, each
-//! kernel row's taps one contiguous run of `k * c_in` values, with the weight's entries reordered
-//! to match: the weight gradient then reads them in place and the input gradient scatters whole
-//! runs. Narrow outputs of wider layers, and of 1x1 kernels, gather and scatter through a tap
+//! Layers with 3x3 (or wider) kernels and fewer than 512 output channels instead gather their
+//! patches a pixel per row (im2row) for narrow outputs (under 16 pixels), for every backward pass
+//! and for strided forwards: the image is copied zero-padded and channels-last, each kernel row's
+//! taps one contiguous run of `k * c_in` values, with the weight's entries reordered to match;
+//! the weight gradient then reads them in place and the input gradient scatters whole
+//! runs. Narrow outputs of layers with 512 or more output channels, and of 1x1 kernels, gather
+//! and scatter through a tap
 //! table on zero-padded planes. Small images are batched into groups so that each gemm stays
 //! wide. The gathers and scatters are compiled for every [`Isa`]; the buffers they fill are kept
 //! per thread from call to call.
@@ -41,7 +43,8 @@ pub fn forward(
     let x = f32_slice(xs, xl, NAME)?;
     let weight = f32_slice(ws, wl, NAME)?;
     let (kk, hw, chw) = (d.kk(), d.hw(), d.c * d.h * d.w);
-    let (group, order, taps) = (d.group(), d.order(), d.taps());
+    let order = d.order(Pass::Forward);
+    let (group, taps) = (d.group(), d.taps(order));
     let weight = &*order.weight_to(&d, weight);
     let mut out = vec![0f32; d.n * d.c_out * hw];
     // Per task: the group's patch matrix [kk, ld] and, for groups of several images, its
@@ -135,7 +138,8 @@ pub fn backward(
     let weight = f32_slice(ws, wl, BACKWARD_NAME)?;
     let dy = f32_slice(gs, gl, BACKWARD_NAME)?;
     let (kk, hw, chw, c_out) = (d.kk(), d.hw(), d.c * d.h * d.w, d.c_out);
-    let (group, order, taps) = (d.group(), d.order(), d.taps());
+    let order = d.order(Pass::Backward);
+    let (group, taps) = (d.group(), d.taps(order));
     let weight = &*order.weight_to(&d, weight);
     // The weight gradient is appended after the input gradient: room for both up front.
     let mut dx = Vec::with_capacity(d.n * chw + c_out * kk);
@@ -381,11 +385,16 @@ impl Dims {
     /// plane's row would be a few values long.
     const NARROW: usize = 16;
 
-    /// How this convolution lays out its patch matrices: a pixel per row for narrow outputs of
-    /// kernels wider than 1x1 with fewer than [`ROWS_BELOW`] output channels (a 1x1 kernel's
-    /// runs are only `c_in` long).
-    fn order(&self) -> PatchOrder {
-        if self.wo < Self::NARROW && self.g.k > 1 && self.c_out < ROWS_BELOW {
+    /// How `pass` lays out this convolution's patch matrices. Kernels wider than 1x1 with fewer
+    /// than [`ROWS_BELOW`] output channels gather a pixel per row for narrow outputs, for every
+    /// backward pass (the weight gradient then reads the patches in place) and for strided
+    /// forwards; stride-1 forwards on wide planes copy whole shifted planes a channel per row
+    /// instead, and a 1x1 kernel's runs would be only `c_in` long.
+    fn order(&self, pass: Pass) -> PatchOrder {
+        let rows = self.g.k > 1
+            && self.c_out < ROWS_BELOW
+            && (self.wo < Self::NARROW || pass == Pass::Backward || self.g.stride > 1);
+        if rows {
             PatchOrder::Rows
         } else {
             PatchOrder::Cols
@@ -401,8 +410,8 @@ impl Dims {
     /// For narrow outputs gathered a channel per row, the tap table `[k*k, ho*wo]`: the index
     /// within a padded plane (see [`Dims::pad`]) that each kernel tap reads for each output
     /// pixel. Empty otherwise.
-    fn taps(&self) -> Vec<u32> {
-        if self.wo >= Self::NARROW || self.order() == PatchOrder::Rows {
+    fn taps(&self, order: PatchOrder) -> Vec<u32> {
+        if self.wo >= Self::NARROW || order == PatchOrder::Rows {
             return Vec::new();
         }
         let Geometry { k, stride, .. } = self.g;
@@ -481,6 +490,13 @@ impl Dims {
         }
         cols
     }
+}
+
+/// The pass a patch matrix is gathered for.
+#[derive(Clone, Copy, PartialEq)]
+enum Pass {
+    Forward,
+    Backward,
 }
 
 /// The layout of a patch matrix `P [pixels, kk]`, `kk = c_in*k*k` entries per pixel.
