@@ -9,12 +9,11 @@
 //! patches a pixel per row (im2row) for narrow outputs (under 16 pixels), for every backward pass
 //! and for strided forwards: the image is copied zero-padded and channels-last, each kernel row's
 //! taps one contiguous run of `k * c_in` values, with the weight's entries reordered to match;
-//! the weight gradient then reads them in place and the input gradient scatters whole
-//! runs. Narrow outputs of layers with 512 or more output channels, and of 1x1 kernels, gather
-//! and scatter through a tap
-//! table on zero-padded planes. Small images are batched into groups so that each gemm stays
-//! wide. The gathers and scatters are compiled for every [`Isa`]; the buffers they fill are kept
-//! per thread from call to call.
+//! the weight gradient then reads them in place and the input gradient scatters whole runs.
+//! Narrow outputs of layers with 512 or more output channels, and of 1x1 kernels, gather and
+//! scatter through a tap table on zero-padded planes. Small images are batched into groups so
+//! that each gemm stays wide. The gathers and scatters are compiled for every [`Isa`]; the
+//! buffers they fill are kept per thread from call to call.
 
 use std::borrow::Cow;
 use std::cell::Cell;
