@@ -44,7 +44,7 @@ pub fn forward(
     let (kk, hw, chw) = (d.kk(), d.hw(), d.c * d.h * d.w);
     let order = d.order(Pass::Forward);
     let (group, taps) = (d.group(), d.taps(order));
-    let weight = &*order.weight_to(&d, weight);
+    let weight = &*order.weight_to(isa, &d, weight);
     let mut out = vec![0f32; d.n * d.c_out * hw];
     // Per task: the group's patch matrix [kk, ld] and, for groups of several images, its
     // output [c_out, ld] before it is scattered into NCHW planes.
@@ -139,7 +139,7 @@ pub fn backward(
     let (kk, hw, chw, c_out) = (d.kk(), d.hw(), d.c * d.h * d.w, d.c_out);
     let order = d.order(Pass::Backward);
     let (group, taps) = (d.group(), d.taps(order));
-    let weight = &*order.weight_to(&d, weight);
+    let weight = &*order.weight_to(isa, &d, weight);
     // The weight gradient is appended after the input gradient: room for both up front.
     let mut dx = Vec::with_capacity(d.n * chw + c_out * kk);
     dx.resize(if need_dx { d.n * chw } else { 0 }, 0f32);
@@ -285,7 +285,7 @@ pub fn backward(
     for part in partials {
         dw.iter_mut().zip(&part).for_each(|(a, b)| *a += b);
     }
-    dx.extend_from_slice(&order.weight_from(&d, &dw));
+    dx.extend_from_slice(&order.weight_from(isa, &d, &dw));
     let len = dx.len();
     Ok((CpuStorage::F32(dx), Shape::from(len)))
 }
@@ -295,7 +295,7 @@ pub fn backward(
 /// `BENCHMARKS.md`, issue 23).
 const TRANSPOSE_BELOW: usize = 512;
 
-/// Output channels from which narrow outputs keep their patches a channel per row: with this
+/// Output channels from which patches stay a channel per row (see [`Dims::order`]): with this
 /// many, reordering the weight and gemm's packing cost more than gathering a pixel per row saves
 /// (measured with gemm's AVX-512 kernels; `BENCHMARKS.md`, issue 23, session 18).
 const ROWS_BELOW: usize = 512;
@@ -526,35 +526,31 @@ impl PatchOrder {
     }
 
     /// The weight `[c_out, c_in, k, k]` with its entries in this order.
-    fn weight_to<'a>(self, d: &Dims, weight: &'a [f32]) -> Cow<'a, [f32]> {
+    fn weight_to<'a>(self, isa: Isa, d: &Dims, weight: &'a [f32]) -> Cow<'a, [f32]> {
         match self {
             PatchOrder::Cols => Cow::Borrowed(weight),
-            PatchOrder::Rows => Cow::Owned(reorder(weight, d.c, d.g.k * d.g.k)),
+            PatchOrder::Rows => Cow::Owned(reorder(isa, weight, d.c, d.g.k * d.g.k)),
         }
     }
 
     /// A weight gradient with its entries in this order, back in `[c_out, c_in, k, k]`.
-    fn weight_from<'a>(self, d: &Dims, dw: &'a [f32]) -> Cow<'a, [f32]> {
+    fn weight_from<'a>(self, isa: Isa, d: &Dims, dw: &'a [f32]) -> Cow<'a, [f32]> {
         match self {
             PatchOrder::Cols => Cow::Borrowed(dw),
-            PatchOrder::Rows => Cow::Owned(reorder(dw, d.g.k * d.g.k, d.c)),
+            PatchOrder::Rows => Cow::Owned(reorder(isa, dw, d.g.k * d.g.k, d.c)),
         }
     }
 }
 
 /// Each row of `[rows, outer * inner]` with its `[outer, inner]` entries transposed to `[inner,
-/// outer]`.
-fn reorder(w: &[f32], outer: usize, inner: usize) -> Vec<f32> {
+/// outer]` (by [`transpose`]).
+fn reorder(isa: Isa, w: &[f32], outer: usize, inner: usize) -> Vec<f32> {
     let mut out = vec![0f32; w.len()];
     for (dst, src) in out
         .chunks_exact_mut(outer * inner)
         .zip(w.chunks_exact(outer * inner))
     {
-        for (o, row) in src.chunks_exact(inner).enumerate() {
-            for (i, &v) in row.iter().enumerate() {
-                dst[i * outer + o] = v;
-            }
-        }
+        transpose(isa, src, outer, inner, dst);
     }
     out
 }
