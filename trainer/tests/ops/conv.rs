@@ -253,3 +253,31 @@ fn gradients_are_bitwise_repeatable() {
         assert_eq!(grads(), first);
     }
 }
+
+#[test]
+fn layers_with_channels_in_multiples_of_64_match_candle_on_every_device() {
+    // On AVX-512 the CPU runs these layers' forward, and the input gradient of the stride-1
+    // ones, as a direct convolution over the taps inside the image: tiles of six images (13 is
+    // two full tiles and a partial one per task), outputs from 1x1 up to wider than one pass of
+    // accumulators (9x9 with 13 images), and the 16-channel input that only the forward takes.
+    let cpu = (Device::Cpu, DType::F32);
+    let cases = [
+        (3, 1, 1, 1, 64, 128),
+        (3, 1, 1, 2, 64, 128),
+        (3, 1, 1, 4, 128, 64),
+        (3, 1, 1, 9, 64, 64),
+        (3, 2, 1, 8, 64, 128),
+        (3, 2, 1, 9, 16, 64),
+        (5, 1, 2, 5, 64, 64),
+    ];
+    for case in common::cases() {
+        for (k, stride, padding, side, c_in, c_out) in cases {
+            let g = Geometry { k, stride, padding };
+            let sizes = (13, c_in, c_out);
+            let reference = run_sized(candle_conv, &cpu, g, (side, side), sizes);
+            let ours = run_sized(op_conv, &case, g, (side, side), sizes);
+            let what = format!("{case:?} {g:?} {side} px, {c_in} -> {c_out} channels");
+            assert_same(&ours, &reference, common::tolerance(&case.0), what);
+        }
+    }
+}

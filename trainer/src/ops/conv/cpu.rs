@@ -13,7 +13,10 @@
 //! Narrow outputs of layers with 512 or more output channels, and of 1x1 kernels, gather and
 //! scatter through a tap table on zero-padded planes. Small images are batched into groups so
 //! that each gemm stays wide. The gathers and scatters are compiled for every [`Isa`]; the
-//! buffers they fill are kept per thread from call to call.
+//! buffers they fill are kept per thread from call to call. On AVX-512, kernels wider than 1x1
+//! with output channels in multiples of 64 skip all of this for their forward, and stride-1
+//! ones for their input gradient too: a direct convolution (`direct`) sums only the taps that
+//! land inside the image.
 
 use std::borrow::Cow;
 use std::cell::Cell;
@@ -25,6 +28,8 @@ use shared::cpu::Isa;
 
 use super::Geometry;
 use crate::ops::cpu_storage::f32_slice;
+
+mod direct;
 
 const NAME: &str = "conv2d";
 const BACKWARD_NAME: &str = "conv2d-backward";
@@ -41,6 +46,10 @@ pub fn forward(
     let d = Dims::new(xl, wl, g)?;
     let x = f32_slice(xs, xl, NAME)?;
     let weight = f32_slice(ws, wl, NAME)?;
+    let shape = Shape::from((d.n, d.c_out, d.ho, d.wo));
+    if direct::applies(isa, &d) {
+        return Ok((CpuStorage::F32(direct::forward(isa, &d, x, weight)), shape));
+    }
     let (kk, hw, chw) = (d.kk(), d.hw(), d.c * d.h * d.w);
     let order = d.order(Pass::Forward);
     let (group, taps) = (d.group(), d.taps(order));
@@ -117,10 +126,7 @@ pub fn forward(
                 }
             })
         });
-    Ok((
-        CpuStorage::F32(out),
-        Shape::from((d.n, d.c_out, d.ho, d.wo)),
-    ))
+    Ok((CpuStorage::F32(out), shape))
 }
 
 /// `(x, weight, dy) -> [dx (empty unless need_dx), dweight]`, flat.
@@ -136,10 +142,29 @@ pub fn backward(
     let x = f32_slice(xs, xl, BACKWARD_NAME)?;
     let weight = f32_slice(ws, wl, BACKWARD_NAME)?;
     let dy = f32_slice(gs, gl, BACKWARD_NAME)?;
+    let out = match d
+        .transposed()
+        .filter(|t| need_dx && direct::applies(isa, t))
+    {
+        // The input gradient is the stride-1 convolution of dY with the weight flipped and its
+        // channels swapped.
+        Some(t) => {
+            let mut dx = direct::forward(isa, &t, dy, &d.flipped(weight));
+            dx.extend_from_slice(&gradients(isa, &d, x, weight, dy, false));
+            dx
+        }
+        None => gradients(isa, &d, x, weight, dy, need_dx),
+    };
+    let len = out.len();
+    Ok((CpuStorage::F32(out), Shape::from(len)))
+}
+
+/// `[dx (empty unless need_dx), dweight]` of `d` through the patch matrices, flat.
+fn gradients(isa: Isa, d: &Dims, x: &[f32], weight: &[f32], dy: &[f32], need_dx: bool) -> Vec<f32> {
     let (kk, hw, chw, c_out) = (d.kk(), d.hw(), d.c * d.h * d.w, d.c_out);
     let order = d.order(Pass::Backward);
     let (group, taps) = (d.group(), d.taps(order));
-    let weight = &*order.weight_to(isa, &d, weight);
+    let weight = &*order.weight_to(isa, d, weight);
     // The weight gradient is appended after the input gradient: room for both up front.
     let mut dx = Vec::with_capacity(d.n * chw + c_out * kk);
     dx.resize(if need_dx { d.n * chw } else { 0 }, 0f32);
@@ -269,9 +294,9 @@ pub fn backward(
                         for (j, dx_img) in dx_group.chunks_exact_mut(chw).enumerate() {
                             match order {
                                 PatchOrder::Cols => {
-                                    col2im(isa, &d, dcols, ld, j * hw, dx_img, &taps, padded)
+                                    col2im(isa, d, dcols, ld, j * hw, dx_img, &taps, padded)
                                 }
-                                PatchOrder::Rows => row2im(isa, &d, dcols, j * hw, dx_img, padded),
+                                PatchOrder::Rows => row2im(isa, d, dcols, j * hw, dx_img, padded),
                             }
                         }
                     }
@@ -285,9 +310,8 @@ pub fn backward(
     for part in partials {
         dw.iter_mut().zip(&part).for_each(|(a, b)| *a += b);
     }
-    dx.extend_from_slice(&order.weight_from(isa, &d, &dw));
-    let len = dx.len();
-    Ok((CpuStorage::F32(dx), Shape::from(len)))
+    dx.extend_from_slice(&order.weight_from(isa, d, &dw));
+    dx
 }
 
 /// Output channels from which the weight gradient reads the patches as they are gathered: with
@@ -335,6 +359,38 @@ impl Dims {
             wo: g.out(w),
             g,
         })
+    }
+
+    /// For a stride-1 convolution, the one that maps its output gradient to its input gradient:
+    /// channels swapped, padding `k - 1 - padding`, with the weight of [`Dims::flipped`].
+    fn transposed(&self) -> Option<Dims> {
+        let Geometry { k, stride, padding } = self.g;
+        let padding = (k - 1).checked_sub(padding).filter(|_| stride == 1)?;
+        Some(Dims {
+            n: self.n,
+            c: self.c_out,
+            h: self.ho,
+            w: self.wo,
+            c_out: self.c,
+            ho: self.h,
+            wo: self.w,
+            g: Geometry { k, stride, padding },
+        })
+    }
+
+    /// The weight `[c_out, c, k, k]` as `[c, c_out, k, k]` with each kernel turned half a turn.
+    fn flipped(&self, weight: &[f32]) -> Vec<f32> {
+        let taps = self.g.k * self.g.k;
+        let mut out = vec![0f32; weight.len()];
+        for (co, filters) in weight.chunks_exact(self.c * taps).enumerate() {
+            for (ci, kernel) in filters.chunks_exact(taps).enumerate() {
+                let dst = &mut out[(ci * self.c_out + co) * taps..][..taps];
+                for (d, &v) in dst.iter_mut().rev().zip(kernel) {
+                    *d = v;
+                }
+            }
+        }
+        out
     }
 
     /// Rows of an image's patch matrix.
