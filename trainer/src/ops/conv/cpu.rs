@@ -142,17 +142,23 @@ pub fn backward(
     let x = f32_slice(xs, xl, BACKWARD_NAME)?;
     let weight = f32_slice(ws, wl, BACKWARD_NAME)?;
     let dy = f32_slice(gs, gl, BACKWARD_NAME)?;
-    let out = match d
+    // The input gradient of a stride-1 layer is the convolution of dY with the weight flipped
+    // and its channels swapped (the transposed layer).
+    let direct_dx = d
         .transposed()
-        .filter(|t| need_dx && direct::applies(isa, t))
-    {
-        // The input gradient is the stride-1 convolution of dY with the weight flipped and its
-        // channels swapped.
+        .filter(|t| need_dx && direct::applies(isa, t));
+    let direct_dw = direct::applies(isa, &d);
+    let out = match direct_dx {
         Some(t) => {
             let mut dx = direct::forward(isa, &t, dy, &d.flipped(weight));
-            dx.extend_from_slice(&gradients(isa, &d, x, weight, dy, false));
+            if direct_dw {
+                dx.extend_from_slice(&direct::weight_gradient(isa, &d, x, dy));
+            } else {
+                dx.extend_from_slice(&gradients(isa, &d, x, weight, dy, false));
+            }
             dx
         }
+        None if direct_dw && !need_dx => direct::weight_gradient(isa, &d, x, dy),
         None => gradients(isa, &d, x, weight, dy, need_dx),
     };
     let len = out.len();
@@ -382,14 +388,16 @@ impl Dims {
     fn flipped(&self, weight: &[f32]) -> Vec<f32> {
         let taps = self.g.k * self.g.k;
         let mut out = vec![0f32; weight.len()];
-        for (co, filters) in weight.chunks_exact(self.c * taps).enumerate() {
-            for (ci, kernel) in filters.chunks_exact(taps).enumerate() {
-                let dst = &mut out[(ci * self.c_out + co) * taps..][..taps];
-                for (d, &v) in dst.iter_mut().rev().zip(kernel) {
-                    *d = v;
+        out.par_chunks_mut(self.c_out * taps)
+            .enumerate()
+            .for_each(|(ci, filters)| {
+                for (co, dst) in filters.chunks_exact_mut(taps).enumerate() {
+                    let kernel = &weight[(co * self.c + ci) * taps..][..taps];
+                    for (d, &v) in dst.iter_mut().rev().zip(kernel) {
+                        *d = v;
+                    }
                 }
-            }
-        }
+            });
         out
     }
 

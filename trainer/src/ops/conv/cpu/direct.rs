@@ -1,14 +1,18 @@
 //! The convolution as a direct AVX-512 kernel, for kernels wider than 1x1 with at least 16
-//! input channels and output channels in multiples of 64: the forward of such layers, and the
-//! input gradient of stride-1 ones (the forward of their transposed layer, `Dims::transposed`).
-//! A tile is one output pixel of [`IMAGES`] images by 64 output channels, held in 24 vector
-//! registers, and only the kernel taps that land inside the image are summed: at 4x4 a third of
-//! a 3x3 kernel's taps overhang the padding, at 2x2 more than half, and im2col + gemm multiplies
-//! all of them by zeros. The images are copied channels-last (unpadded), the weight is packed
-//! once per call as `[c_out / 64, c_in, k*k, 64]`, and the accumulators of a span of output
-//! pixels are staged in the L2 cache while the taps and input channels pass over them. Each
-//! output is one chain of fused multiply-adds over the valid taps in a fixed order, so the
-//! result does not depend on the thread count.
+//! input channels and output channels in multiples of 64: the forward of such layers, the
+//! input gradient of stride-1 ones (the forward of their transposed layer, `Dims::transposed`),
+//! and their weight gradient where no patch matrix is gathered for the input gradient anyway.
+//!
+//! A forward tile is one output pixel of [`IMAGES`] images by 64 output channels, held in 24
+//! vector registers, and only the kernel taps that land inside the image are summed: at 4x4 a
+//! third of a 3x3 kernel's taps overhang the padding, at 2x2 more than half, and im2col + gemm
+//! multiplies all of them by zeros. The images are copied channels-last (unpadded), the weight
+//! is packed once per call as `[c_out / 64, c_in, k*k, 64]`, and the accumulators of a span of
+//! output pixels are staged in the L2 cache while the taps and input channels pass over them.
+//! A weight-gradient tile ([`weight_gradient`]) is 64 output channels by [`IMAGES`] input
+//! channels of one tap, summed over the images and the output pixels whose input pixel lies
+//! inside the image. Each result is one chain of fused multiply-adds in a fixed order, so it
+//! does not depend on the thread count.
 
 use rayon::prelude::*;
 use shared::cpu::Isa;
@@ -203,6 +207,174 @@ unsafe fn tile_avx512<const T: usize>(
     for (j, sum) in sums.iter().enumerate() {
         for (v, &s) in sum.iter().enumerate() {
             _mm512_storeu_ps(acc.add(j * OC + v * 16), s);
+        }
+    }
+}
+
+/// Input channels per weight-gradient task: eight tiles.
+const TASK_CHANNELS: usize = 8 * IMAGES;
+
+/// `dweight [c_out, c, k, k]` for `x [n, c, h, w]` and `dy [n, c_out, ho, wo]`; only where
+/// [`applies`] says so. A tile is 64 output channels by [`IMAGES`] input channels of one tap,
+/// summed over every image and every output pixel whose input pixel lies inside the image, in
+/// a fixed order; tasks hold disjoint tiles, so the result does not depend on the thread count.
+pub(super) fn weight_gradient(isa: Isa, d: &Dims, x: &[f32], dy: &[f32]) -> Vec<f32> {
+    assert!(
+        applies(isa, d),
+        "conv: the direct kernel needs AVX-512, c_out % 64 == 0, c_in >= 16 and k > 1"
+    );
+    let (taps, hw, plane) = (d.g.k * d.g.k, d.hw(), d.h * d.w);
+    let x = channels_last(isa, x, d.c, plane);
+    let dy = channels_last(isa, dy, d.c_out, hw);
+    // Task (block, tap, first channel) -> its rows `[channels, 64]` of the packed gradient.
+    let tasks: Vec<(usize, usize, usize)> = (0..d.c_out / OC)
+        .flat_map(|block| {
+            (0..taps).flat_map(move |t| {
+                (0..d.c)
+                    .step_by(TASK_CHANNELS)
+                    .map(move |c0| (block, t, c0))
+            })
+        })
+        .collect();
+    let rows: Vec<Vec<f32>> = tasks
+        .par_iter()
+        .map(|&(block, t, c0)| {
+            let channels = TASK_CHANNELS.min(d.c - c0);
+            let mut rows = vec![0f32; channels * OC];
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `applies` checked that the CPU has AVX-512; `weight_tile_avx512` asserts
+            // its buffers' sizes.
+            unsafe {
+                weight_tile_avx512(d, (&x, &dy), (block, t, c0), &mut rows)
+            };
+            rows
+        })
+        .collect();
+    // Each output channel's row `[c, k*k]` gathered from its block's tasks, which are
+    // consecutive.
+    let per_block = tasks.len() / (d.c_out / OC);
+    let mut dw = vec![0f32; d.c_out * d.c * taps];
+    dw.par_chunks_mut(d.c * taps)
+        .enumerate()
+        .for_each(|(co, dst)| {
+            let (block, o) = (co / OC, co % OC);
+            let range = block * per_block..(block + 1) * per_block;
+            for (&(_, t, c0), rows) in tasks[range.clone()].iter().zip(&rows[range]) {
+                for (i, row) in rows.chunks_exact(OC).enumerate() {
+                    dst[(c0 + i) * taps + t] = row[o];
+                }
+            }
+        });
+    dw
+}
+
+/// `planes [n, c, len]` as `[n, len, c]`.
+fn channels_last(isa: Isa, planes: &[f32], c: usize, len: usize) -> Vec<f32> {
+    let mut out = vec![0f32; planes.len()];
+    out.par_chunks_mut(c * len)
+        .zip(planes.par_chunks(c * len))
+        .for_each(|(dst, src)| transpose(isa, src, c, len, dst));
+    out
+}
+
+/// Rows `c0..c0 + rows.len() / 64` of one tap's weight gradient for output channels
+/// `block * 64..`, into `rows` (`[channels, 64]`), from channels-last `x [n, h, w, c]` and
+/// `dy [n, ho, wo, c_out]`.
+///
+/// # Safety
+/// The CPU must have AVX-512 (F).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn weight_tile_avx512(
+    d: &Dims,
+    (x, dy): (&[f32], &[f32]),
+    (block, t, c0): (usize, usize, usize),
+    rows: &mut [f32],
+) {
+    let channels = rows.len() / OC;
+    assert!(
+        x.len() == d.n * d.h * d.w * d.c
+            && dy.len() == d.n * d.hw() * d.c_out
+            && (block + 1) * OC <= d.c_out
+            && c0 + channels <= d.c
+            && t < d.g.k * d.g.k,
+        "conv: direct weight-gradient buffers of the wrong size"
+    );
+    // Images per pass over the tiles: their 64 output channels of dY (256 bytes a pixel) stay
+    // in the L2 cache while every tile reads them.
+    let per_pass = (STAGED / (OC * d.hw()).max(1)).max(1);
+    for start in (0..d.n).step_by(per_pass) {
+        let images = start..(start + per_pass).min(d.n);
+        let mut first = 0;
+        while first < channels {
+            let tile = (channels - first).min(IMAGES);
+            let acc = rows[first * OC..].as_mut_ptr();
+            let at = (block * OC, c0 + first);
+            let images = images.clone();
+            // SAFETY: the tile's channels and output channels lie inside `x`'s and `dy`'s
+            // pixels (asserted above); its accumulators are `tile` rows of `rows`.
+            match tile {
+                1 => weight_sums_avx512::<1>(d, (x, dy), images, at, t, acc),
+                2 => weight_sums_avx512::<2>(d, (x, dy), images, at, t, acc),
+                3 => weight_sums_avx512::<3>(d, (x, dy), images, at, t, acc),
+                4 => weight_sums_avx512::<4>(d, (x, dy), images, at, t, acc),
+                5 => weight_sums_avx512::<5>(d, (x, dy), images, at, t, acc),
+                _ => weight_sums_avx512::<IMAGES>(d, (x, dy), images, at, t, acc),
+            }
+            first += tile;
+        }
+    }
+}
+
+/// `acc[j][o] += sum over images and valid output pixels of x[.., input pixel, ci + j] *
+/// dy[.., pixel, co + o]` for tap `t`, `acc` being `T` rows of 64 values.
+///
+/// # Safety
+/// The CPU must have AVX-512 (F); `images` must be inside the batch, `co + 64 <= c_out`,
+/// `ci + T <= c`, and `acc` must hold `T * 64` values.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn weight_sums_avx512<const T: usize>(
+    d: &Dims,
+    (x, dy): (&[f32], &[f32]),
+    images: std::ops::Range<usize>,
+    (co, ci): (usize, usize),
+    t: usize,
+    acc: *mut f32,
+) {
+    use std::arch::x86_64::*;
+    const V: usize = OC / 16;
+    let (k, s) = (d.g.k, d.g.stride);
+    let (ki, kj) = (t / k, t % k);
+    let (lo, hi, first) = d.columns(kj);
+    let mut sums: [[__m512; V]; T] =
+        std::array::from_fn(|j| std::array::from_fn(|q| _mm512_loadu_ps(acc.add(j * OC + q * 16))));
+    // No output column reads this kernel column inside the image: nothing to add.
+    let images = if lo < hi { images } else { 0..0 };
+    for image in images {
+        for oh in 0..d.ho {
+            let Some(ih) = d.input_row(oh, ki) else {
+                continue;
+            };
+            let mut g = dy[((image * d.ho + oh) * d.wo + lo) * d.c_out + co..].as_ptr();
+            let mut v = x[((image * d.h + ih) * d.w + first) * d.c + ci..].as_ptr();
+            for _ in lo..hi {
+                let grads: [__m512; V] = std::array::from_fn(|q| _mm512_loadu_ps(g.add(q * 16)));
+                for (j, sum) in sums.iter_mut().enumerate() {
+                    let value = _mm512_set1_ps(*v.add(j));
+                    for (a, &gv) in sum.iter_mut().zip(&grads) {
+                        *a = _mm512_fmadd_ps(value, gv, *a);
+                    }
+                }
+                g = g.add(d.c_out);
+                v = v.add(s * d.c);
+            }
+        }
+    }
+    for (j, sum) in sums.iter().enumerate() {
+        for (q, &a) in sum.iter().enumerate() {
+            _mm512_storeu_ps(acc.add(j * OC + q * 16), a);
         }
     }
 }
