@@ -56,13 +56,17 @@ pub(super) fn forward(isa: Isa, d: &Dims, x: &[f32], weight: &[f32]) -> Vec<f32>
         .zip(weight.par_chunks(OC * d.c * taps))
         .for_each(|(dst, src)| transpose(isa, src, OC, d.c * taps, dst));
     let mut out = vec![0f32; d.n * d.c_out * hw];
-    // Tasks of whole tiles, enough images that a task's input at least matches a quarter of
-    // the weight it streams and, past that, few enough that they fit in the L2 cache beside their
-    // accumulators; no more images than an even split over the threads.
+    // Enough images per task that its input at least matches a quarter of the weight it
+    // streams and, past that, few enough that they fit in the L2 cache beside their
+    // accumulators; then as many tasks as that takes, rounded up to a multiple of the thread
+    // count, of equal size.
+    let threads = rayon::current_num_threads().max(1);
     let (by_cache, by_weight) = (TASK_INPUT / chw.max(1), weight.len() / (4 * chw.max(1)));
-    let per_task = (by_cache.max(by_weight).div_ceil(IMAGES) * IMAGES)
-        .min(d.n.div_ceil(rayon::current_num_threads().max(1)))
-        .max(1);
+    let tasks =
+        d.n.div_ceil(by_cache.max(by_weight).max(1))
+            .div_ceil(threads)
+            * threads;
+    let per_task = d.n.div_ceil(tasks.max(1)).max(1);
     out.par_chunks_mut(per_task * d.c_out * hw)
         .zip(x.par_chunks(per_task * chw))
         .for_each(|(y, images)| {
