@@ -228,8 +228,8 @@ pub(super) fn weight_gradient(isa: Isa, d: &Dims, x: &[f32], dy: &[f32]) -> Vec<
         "conv: the direct kernel needs AVX-512, c_out % 64 == 0, c_in >= 16 and k > 1"
     );
     let (taps, hw, plane) = (d.g.k * d.g.k, d.hw(), d.h * d.w);
-    let x = channels_last(isa, x, d.c, plane);
-    let dy = channels_last(isa, dy, d.c_out, hw);
+    let x = pixel_major(isa, x, d.c, plane);
+    let dy = pixel_major(isa, dy, d.c_out, hw);
     // Task (block, tap, first channel) -> its rows `[channels, 64]` of the packed gradient.
     let tasks: Vec<(usize, usize, usize)> = (0..d.c_out / OC)
         .flat_map(|block| {
@@ -273,7 +273,7 @@ pub(super) fn weight_gradient(isa: Isa, d: &Dims, x: &[f32], dy: &[f32]) -> Vec<
 }
 
 /// `planes [n, c, len]` as `[n, len, c]`.
-fn channels_last(isa: Isa, planes: &[f32], c: usize, len: usize) -> Vec<f32> {
+fn pixel_major(isa: Isa, planes: &[f32], c: usize, len: usize) -> Vec<f32> {
     let mut out = vec![0f32; planes.len()];
     out.par_chunks_mut(c * len)
         .zip(planes.par_chunks(c * len))
