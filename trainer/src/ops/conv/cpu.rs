@@ -147,19 +147,21 @@ pub fn backward(
     let direct_dx = d
         .transposed()
         .filter(|t| need_dx && direct::applies(isa, t));
-    let direct_dw = direct::applies(isa, &d);
+    let weight_only = || {
+        if direct::applies(isa, &d) {
+            direct::weight_gradient(isa, &d, x, dy)
+        } else {
+            gradients(isa, &d, x, weight, dy, false)
+        }
+    };
     let out = match direct_dx {
         Some(t) => {
             let mut dx = direct::forward(isa, &t, dy, &d.flipped(weight));
-            if direct_dw {
-                dx.extend_from_slice(&direct::weight_gradient(isa, &d, x, dy));
-            } else {
-                dx.extend_from_slice(&gradients(isa, &d, x, weight, dy, false));
-            }
+            dx.extend_from_slice(&weight_only());
             dx
         }
-        None if direct_dw && !need_dx => direct::weight_gradient(isa, &d, x, dy),
-        None => gradients(isa, &d, x, weight, dy, need_dx),
+        None if !need_dx => weight_only(),
+        None => gradients(isa, &d, x, weight, dy, true),
     };
     let len = out.len();
     Ok((CpuStorage::F32(out), Shape::from(len)))

@@ -67,24 +67,18 @@ pub(super) fn forward(isa: Isa, d: &Dims, x: &[f32], weight: &[f32]) -> Vec<f32>
             .div_ceil(threads)
             * threads;
     let per_task = d.n.div_ceil(tasks.max(1)).max(1);
+    let x = pixel_major(isa, x, d.c, d.h * d.w);
     out.par_chunks_mut(per_task * d.c_out * hw)
         .zip(x.par_chunks(per_task * chw))
         .for_each(|(y, images)| {
             with_scratch(|scratch| {
                 let count = images.len() / chw;
-                let channels_last = grown(&mut scratch.cols, count * chw);
-                for (dst, src) in channels_last
-                    .chunks_exact_mut(chw)
-                    .zip(images.chunks_exact(chw))
-                {
-                    transpose(isa, src, d.c, d.h * d.w, dst);
-                }
                 let staged = grown(&mut scratch.staged, span(hw, count) * count * OC);
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: `applies` checked that the CPU has AVX-512; `images_avx512` asserts
                 // its buffers' sizes.
                 unsafe {
-                    images_avx512(d, count, channels_last, &packed, y, staged)
+                    images_avx512(d, count, images, &packed, y, staged)
                 };
             })
         });
