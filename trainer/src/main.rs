@@ -699,9 +699,38 @@ fn main() {
         // SAFETY: sets a plain integer option; mimalloc reads it when it next considers purging.
         unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     }
-    if let Err(e) = run(Cli::parse()) {
+    let cli = Cli::parse();
+    let in_process_ranks = matches!(&cli.command, Command::Pretrain(args) if args.ranks > 1);
+    share_cores_between_pools(!in_process_ranks);
+    if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
+    }
+}
+
+/// How many rounds Candle's element-wise workers spin after an op before they sleep (Candle's own
+/// default is 25,000, about half a millisecond).
+const CANDLE_SPIN_ROUNDS: &str = "200";
+
+/// Arranges the CPU threads as OpenMP would: one worker per core, the calling thread among them.
+///
+/// Our kernels run on rayon's global pool and Candle's element-wise ops on its own barrier pool,
+/// so a step alternates between the two many times. With rayon's default pool, the main thread
+/// hands every kernel to other threads and sleeps, and Candle's idle worker keeps spinning through
+/// the next kernel, taking a core from it. Here the main thread is rayon's worker 0
+/// (`use_current_thread`), and Candle's workers sleep soon after an op, unless
+/// `CANDLE_BARRIER_POOL_SPIN_LIMIT` is set. With ranks as threads of this process the main thread
+/// only waits for them, so there the pool keeps its own workers (`main_joins_pool` false).
+fn share_cores_between_pools(main_joins_pool: bool) {
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        // Set before any other thread exists, and before Candle first reads it.
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", CANDLE_SPIN_ROUNDS);
+    }
+    if main_joins_pool {
+        // An error means a pool already exists, which then serves as it is.
+        let _ = rayon::ThreadPoolBuilder::new()
+            .use_current_thread()
+            .build_global();
     }
 }
 
