@@ -387,6 +387,8 @@ fn synth_pack_pretrain_eval_export() {
         .any(|k| k.starts_with("backbone.") || k.starts_with("projector")));
 }
 
+/// Also runs on one thread: the main thread is then rayon's only worker, beside the input
+/// pipeline's own pool, and the run must still finish.
 #[test]
 fn pretraining_into_a_log_file_prints_periodic_progress_lines() {
     let dir = tempfile::tempdir().unwrap();
@@ -410,6 +412,7 @@ fn pretraining_into_a_log_file_prints_periodic_progress_lines() {
     args.extend_from_slice(TINY);
     let file = std::fs::File::create(&log).unwrap();
     let status = Command::new(bin("trainer"))
+        .env("RAYON_NUM_THREADS", "1")
         .args(&args)
         .stdout(file.try_clone().unwrap())
         .stderr(file)
