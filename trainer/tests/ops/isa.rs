@@ -85,18 +85,27 @@ fn convolution_kernels_give_the_same_bits_on_every_isa() {
 
 #[test]
 fn direct_convolution_agrees_with_the_portable_path_within_rounding() {
-    // Layers with output channels in multiples of 64 run, on AVX-512, as a direct convolution
-    // that sums only the taps inside the image, in another order than portable's im2col + gemm:
-    // equal within 1e-5 of the largest value, not to the bit. The forward of both, the input
-    // gradient of the stride-1 one, and the weight gradient of both when no input gradient is
-    // asked for (with one, the stride-2 layer's comes from the patches).
-    for (side, stride) in [(4, 1), (9, 2)] {
+    // Layers with output channels in multiples of 16 run, on AVX-512, as a direct convolution
+    // that sums in another order than portable's im2col + gemm: equal within 1e-5 of the
+    // largest value, not to the bit. The forward of each, the input gradient of the stride-1
+    // ones, and the weight gradient of each when no input gradient is asked for (with one, a
+    // stride-2 layer's comes from the patches). (side, stride, images, input channels, output
+    // channels): image tiles (multiples of 64 outputs), row tiles of 32 and of 16 outputs on
+    // rows split into tiles of several lengths, and more images than one weight-gradient task
+    // takes.
+    for (side, stride, n, c_in, c_out) in [
+        (4, 1, 13, 64, 128),
+        (9, 2, 13, 64, 128),
+        (19, 1, 5, 32, 32),
+        (33, 2, 3, 16, 32),
+        (35, 1, 3, 16, 48),
+        (6, 1, 37, 16, 16),
+    ] {
         let g = Geometry {
             k: 3,
             stride,
             padding: 1,
         };
-        let (n, c_in, c_out) = (13, 64, 128);
         let out = g.out(side);
         let x = tensor(&[n, c_in, side, side], 12);
         let w = tensor(&[c_out, c_in, 3, 3], 13);
@@ -106,7 +115,7 @@ fn direct_convolution_agrees_with_the_portable_path_within_rounding() {
             let (x, w, dy) = ((&x.0, &x.1), (&w.0, &w.1), (&dy.0, &dy.1));
             values(conv::cpu::backward(isa, x, w, dy, g, need_dx))
         };
-        let what = format!("{side} px, stride {stride}");
+        let what = format!("{side} px, stride {stride}, {c_in} -> {c_out} channels");
         close(&forward(Isa::widest()), &forward(Isa::PORTABLE), &what);
         for need_dx in [true, false] {
             let (got, want) = (

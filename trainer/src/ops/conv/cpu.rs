@@ -550,7 +550,10 @@ impl Dims {
             let at = j * self.hw();
             match order {
                 PatchOrder::Cols => im2col(isa, self, img, cols, ld, at, taps, padded),
-                PatchOrder::Rows => im2row(isa, self, img, cols, at, padded),
+                PatchOrder::Rows => {
+                    let padded = channels_last(isa, self, img, padded);
+                    im2row(isa, self, padded, cols, at)
+                }
             }
         }
         cols
@@ -788,13 +791,12 @@ shared::multiversion! {
 }
 
 shared::multiversion! {
-    /// Gathers image `img` (`[c, h, w]`) into rows `at..at + ho*wo` of `rows` (`[ld, kk]`, entries
-    /// ordered `(ki, kj, c)`), through a zero-padded channels-last copy in `padded`: a kernel
-    /// row's taps for one pixel are one contiguous run of `k*c` values there.
-    fn im2row(d: &Dims, img: &[f32], rows: &mut [f32], at: usize, padded: &mut Vec<f32>) {
+    /// Gathers an image from its zero-padded channels-last copy `padded` ([`channels_last`])
+    /// into rows `at..at + ho*wo` of `rows` (`[ld, kk]`, entries ordered `(ki, kj, c)`): a
+    /// kernel row's taps for one pixel are one contiguous run of `k*c` values there.
+    fn im2row(d: &Dims, padded: &[f32], rows: &mut [f32], at: usize) {
         let (k, s, c, kk) = (d.g.k, d.g.stride, d.c, d.kk());
         let wp = d.padded_size().1;
-        let padded = channels_last(d, img, padded);
         let run = k * c;
         for (o, row) in rows[at * kk..(at + d.hw()) * kk]
             .chunks_exact_mut(kk)
@@ -838,79 +840,104 @@ shared::multiversion! {
     }
 }
 
-/// Image `img` (`[c, h, w]`) as `[h + 2p, w + 2p, c]` with zeros around, in `padded`.
-#[inline(always)]
-fn channels_last<'a>(d: &Dims, img: &[f32], padded: &'a mut Vec<f32>) -> &'a [f32] {
+/// Image `img` (`[c, h, w]`) as `[h + 2p, w + 2p, c]` with zeros around, in `padded`: each
+/// image row's `[c, w]` slab transposed into place, the border zeroed.
+fn channels_last<'a>(isa: Isa, d: &Dims, img: &[f32], padded: &'a mut Vec<f32>) -> &'a [f32] {
     let (c, p) = (d.c, d.g.padding);
     let (hp, wp) = d.padded_size();
     let padded = grown(padded, hp * wp * c);
-    padded.fill(0.0);
-    for (ci, plane) in img.chunks_exact(d.h * d.w).enumerate() {
-        for (ih, line) in plane.chunks_exact(d.w).enumerate() {
-            let pixels = &mut padded[((ih + p) * wp + p) * c..];
-            for (&x, pixel) in line.iter().zip(pixels.chunks_mut(c)) {
-                pixel[ci] = x;
-            }
-        }
+    let (top, bottom) = (p * wp * c, (p + d.h) * wp * c);
+    padded[..top].fill(0.0);
+    padded[bottom..].fill(0.0);
+    for (ih, row) in padded[top..bottom].chunks_exact_mut(wp * c).enumerate() {
+        row[..p * c].fill(0.0);
+        row[(p + d.w) * c..].fill(0.0);
+        let slab = Strided {
+            data: &img[ih * d.w..],
+            stride: d.h * d.w,
+        };
+        transpose_strided(isa, slab, (c, d.w), &mut row[p * c..], c);
     }
     padded
 }
 
-/// `dst [cols, rows] = src [rows, cols]^T`, both row-major: in 8x8 blocks held in registers
-/// where the set has AVX2, element by element otherwise (the same values either way: nothing is
-/// computed).
+/// `dst [cols, rows] = src [rows, cols]^T`, both row-major.
 fn transpose(isa: Isa, src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
     assert!(src.len() >= rows * cols && dst.len() >= rows * cols);
+    let src = Strided {
+        data: src,
+        stride: cols,
+    };
+    transpose_strided(isa, src, (rows, cols), dst, rows);
+}
+
+/// Rows of a matrix `stride` values apart in `data`.
+#[derive(Clone, Copy)]
+struct Strided<'a> {
+    data: &'a [f32],
+    stride: usize,
+}
+
+/// `dst[j * dst_stride + i] = src[i][j]` for the `rows x cols` matrix `src`: in 8x8 blocks held
+/// in registers where the set has AVX2, element by element otherwise (the same values either
+/// way: nothing is computed).
+fn transpose_strided(
+    isa: Isa,
+    src: Strided,
+    (rows, cols): (usize, usize),
+    dst: &mut [f32],
+    dst_stride: usize,
+) {
+    assert!(
+        rows == 0
+            || cols == 0
+            || ((rows - 1) * src.stride + cols <= src.data.len()
+                && (cols - 1) * dst_stride + rows <= dst.len()
+                && cols <= src.stride
+                && rows <= dst_stride),
+        "transpose: a {rows}x{cols} matrix outside its buffers"
+    );
+    let (full_rows, full_cols) = (rows / 8 * 8, cols / 8 * 8);
+    let mut done = (0, 0);
     #[cfg(target_arch = "x86_64")]
     if isa.is_avx2() || isa.is_avx512() {
-        let (full_rows, full_cols) = (rows / 8 * 8, cols / 8 * 8);
-        // SAFETY: the CPU has AVX2 (an `Isa` names only sets it has), and both matrices hold
-        // `rows * cols` elements (asserted above).
-        unsafe { transpose_blocks(src, (full_rows, full_cols), rows, cols, dst) };
-        transpose_scalar(src, (0..full_rows, full_cols..cols), rows, cols, dst);
-        transpose_scalar(src, (full_rows..rows, 0..cols), rows, cols, dst);
-        return;
+        // SAFETY: the CPU has AVX2 (an `Isa` names only sets it has), and every element of both
+        // matrices lies inside its buffer (asserted above).
+        unsafe { transpose_blocks(src, (full_rows, full_cols), dst, dst_stride) };
+        done = (full_rows, full_cols);
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = isa;
-    transpose_scalar(src, (0..rows, 0..cols), rows, cols, dst);
-}
-
-/// The block `rows x cols` of [`transpose`], element by element.
-fn transpose_scalar(
-    src: &[f32],
-    (rows, cols): (std::ops::Range<usize>, std::ops::Range<usize>),
-    n_rows: usize,
-    n_cols: usize,
-    dst: &mut [f32],
-) {
-    for r in rows {
-        for c in cols.clone() {
-            dst[c * n_rows + r] = src[r * n_cols + c];
+    let scalar = |(rs, cs): (std::ops::Range<usize>, std::ops::Range<usize>), dst: &mut [f32]| {
+        for r in rs {
+            for c in cs.clone() {
+                dst[c * dst_stride + r] = src.data[r * src.stride + c];
+            }
         }
-    }
+    };
+    scalar((0..done.0, done.1..cols), dst);
+    scalar((done.0..rows, 0..cols), dst);
 }
 
-/// The `full_rows x full_cols` top-left part of [`transpose`] (multiples of 8), in 8x8 blocks
-/// held in registers.
+/// The `full_rows x full_cols` top-left part of [`transpose_strided`] (multiples of 8), in 8x8
+/// blocks held in registers.
 ///
 /// # Safety
-/// The CPU must have AVX2, and both matrices must hold `rows * cols` elements.
+/// The CPU must have AVX2, and every element of both matrices must lie inside its buffer.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn transpose_blocks(
-    src: &[f32],
+    src: Strided,
     (full_rows, full_cols): (usize, usize),
-    rows: usize,
-    cols: usize,
     dst: &mut [f32],
+    dst_stride: usize,
 ) {
     use std::arch::x86_64::*;
     for r in (0..full_rows).step_by(8) {
         for c in (0..full_cols).step_by(8) {
-            let from = src.as_ptr().add(r * cols + c);
-            let to = dst.as_mut_ptr().add(c * rows + r);
-            let row = |i: usize| _mm256_loadu_ps(from.add(i * cols));
+            let from = src.data.as_ptr().add(r * src.stride + c);
+            let to = dst.as_mut_ptr().add(c * dst_stride + r);
+            let row = |i: usize| _mm256_loadu_ps(from.add(i * src.stride));
             let (r0, r1, r2, r3) = (row(0), row(1), row(2), row(3));
             let (r4, r5, r6, r7) = (row(4), row(5), row(6), row(7));
             // Pairs of rows interleaved, then pairs of pairs: each 128-bit lane holds four
@@ -931,9 +958,12 @@ unsafe fn transpose_blocks(
                 .into_iter()
                 .enumerate()
             {
-                _mm256_storeu_ps(to.add(i * rows), _mm256_permute2f128_ps::<0x20>(lo, hi));
                 _mm256_storeu_ps(
-                    to.add((i + 4) * rows),
+                    to.add(i * dst_stride),
+                    _mm256_permute2f128_ps::<0x20>(lo, hi),
+                );
+                _mm256_storeu_ps(
+                    to.add((i + 4) * dst_stride),
                     _mm256_permute2f128_ps::<0x31>(lo, hi),
                 );
             }
