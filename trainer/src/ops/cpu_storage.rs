@@ -1,7 +1,8 @@
-//! Reading a custom op's CPU arguments.
+//! Reading a custom op's CPU arguments, and allocating its outputs.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Layout, Result};
+use rayon::prelude::*;
 
 /// The contiguous f32 data of a CPU tensor argument of op `op`.
 pub fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
@@ -26,4 +27,18 @@ pub fn f32_slice_mut<'a>(
 /// Whether every storage holds f32, the CPU kernels' dtype (others take the op's reference).
 pub fn all_f32(storages: &[&CpuStorage]) -> bool {
     storages.iter().all(|s| s.dtype() == DType::F32)
+}
+
+/// Outputs at least this long are zeroed by the thread pool.
+const PARALLEL_ZEROS: usize = 1 << 16;
+
+/// `len` zeros for an op's output, written by the thread pool when there are many: one thread
+/// clearing megabytes would leave the others waiting.
+pub fn zeros(len: usize) -> Vec<f32> {
+    if len < PARALLEL_ZEROS {
+        return vec![0.0; len];
+    }
+    let mut v = Vec::with_capacity(len);
+    v.par_extend(rayon::iter::repeat_n(0f32, len));
+    v
 }

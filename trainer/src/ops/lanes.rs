@@ -3,10 +3,11 @@
 //! the partials in vector registers (a plain running sum would be one long chain of dependent
 //! adds), and the result depends neither on the instruction set nor on the thread schedule.
 
-/// Partial sums per accumulator.
-pub const LANES: usize = 8;
+/// Partial sums per accumulator: four AVX-512 vectors of f64, so that four chains of
+/// dependent adds run side by side.
+pub const LANES: usize = 32;
 
-/// Eight running f64 sums.
+/// [`LANES`] running f64 sums.
 #[derive(Clone, Copy, Default)]
 pub struct Lanes([f64; LANES]);
 
@@ -48,11 +49,19 @@ impl Lanes {
         }
     }
 
-    /// The total: partials added pairwise, in a fixed order.
+    /// The total: the second half of the partials added onto the first, and again, down to
+    /// one (a fixed order).
     #[inline(always)]
     pub fn total(&self) -> f64 {
-        let p = &self.0;
-        ((p[0] + p[4]) + (p[2] + p[6])) + ((p[1] + p[5]) + (p[3] + p[7]))
+        let mut p = self.0;
+        let mut len = LANES;
+        while len > 1 {
+            len /= 2;
+            for i in 0..len {
+                p[i] += p[i + len];
+            }
+        }
+        p[0]
     }
 }
 
@@ -62,7 +71,7 @@ mod tests {
 
     #[test]
     fn sums_every_element_once_whatever_the_length() {
-        for n in [0, 1, 7, 8, 9, 64, 101] {
+        for n in [0, 1, 7, 8, 9, 31, 32, 33, 64, 101] {
             let xs: Vec<f32> = (1..=n).map(|i| i as f32).collect();
             let mut one = Lanes::default();
             one.add(&xs, |x| x as f64);

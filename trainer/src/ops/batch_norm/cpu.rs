@@ -9,7 +9,7 @@ use shared::cpu::Isa;
 
 use super::{ncl, EPS};
 use crate::dist::Collective;
-use crate::ops::cpu_storage::f32_slice;
+use crate::ops::cpu_storage::{f32_slice, zeros};
 use crate::ops::lanes::Lanes;
 
 /// Per-channel mean then biased variance of `x [n, c, ...]`: `[2c]`, summed in f64. With `sync`,
@@ -63,8 +63,12 @@ fn channel_planes(
 shared::multiversion! {
     /// Sum of channel `ch` of `x [n, c, l]`.
     fn channel_sum(x: &[f32], n: usize, c: usize, l: usize, ch: usize) -> f64 {
+        // A `for` loop, not `for_each`: the loop body must be compiled into this copy of the
+        // function, for its instruction set, and `for_each`'s `fold` may stay a call outside it.
         let mut sum = Lanes::default();
-        channel_planes(x, (n, c, l), ch).for_each(|p| sum.add(p, |v| v as f64));
+        for plane in channel_planes(x, (n, c, l), ch) {
+            sum.add(plane, |v| v as f64);
+        }
         sum.total()
     }
 }
@@ -73,8 +77,9 @@ shared::multiversion! {
     /// Sum of the squared deviations from `mean` of channel `ch` of `x [n, c, l]`.
     fn channel_squares(x: &[f32], n: usize, c: usize, l: usize, ch: usize, mean: f64) -> f64 {
         let mut squares = Lanes::default();
-        channel_planes(x, (n, c, l), ch)
-            .for_each(|p| squares.add(p, |v| (v as f64 - mean) * (v as f64 - mean)));
+        for plane in channel_planes(x, (n, c, l), ch) {
+            squares.add(plane, |v| (v as f64 - mean) * (v as f64 - mean));
+        }
         squares.total()
     }
 }
@@ -103,7 +108,7 @@ pub fn forward(
         .map(|(rs, rl)| f32_slice(rs, rl, name))
         .transpose()?;
     let (w, b, mean, var) = (&p[..c], &p[c..2 * c], &p[2 * c..3 * c], &p[3 * c..]);
-    let mut y = vec![0f32; n * c * l];
+    let mut y = zeros(n * c * l);
     y.par_chunks_mut(l).enumerate().for_each(|(i, dst)| {
         let ch = i % c;
         let (scale, shift) = affine(w[ch], b[ch], mean[ch], var[ch]);
@@ -184,7 +189,7 @@ pub fn backward(
     let count = (n * l * world) as f64;
     let len = n * c * l;
     let planes_len = if residual { 2 * len } else { len };
-    let mut out = vec![0f32; planes_len + 4 * c];
+    let mut out = zeros(planes_len + 4 * c);
     let (planes, params) = out.split_at_mut(planes_len);
     let (dx, dres) = planes.split_at_mut(len);
     let dres: Vec<Option<&mut [f32]>> = if residual {

@@ -27,7 +27,7 @@ use rayon::prelude::*;
 use shared::cpu::Isa;
 
 use super::Geometry;
-use crate::ops::cpu_storage::f32_slice;
+use crate::ops::cpu_storage::{f32_slice, zeros};
 
 mod direct;
 
@@ -54,7 +54,7 @@ pub fn forward(
     let order = d.order(Pass::Forward);
     let (group, taps) = (d.group(), d.taps(order));
     let weight = &*order.weight_to(isa, &d, weight);
-    let mut out = vec![0f32; d.n * d.c_out * hw];
+    let mut out = zeros(d.n * d.c_out * hw);
     // Per task: the group's patch matrix [kk, ld] and, for groups of several images, its
     // output [c_out, ld] before it is scattered into NCHW planes.
     out.par_chunks_mut(group * d.c_out * hw)

@@ -4,7 +4,7 @@
 use candle_core::{CpuStorage, Layout, Result, Shape};
 use gemm::Parallelism;
 
-use crate::ops::cpu_storage::f32_slice;
+use crate::ops::cpu_storage::{f32_slice, zeros};
 
 /// `x [n, in] @ weight [out, in]^T + bias [out]`, contiguous f32 arguments.
 pub fn forward(
@@ -22,7 +22,7 @@ pub fn forward(
     if x.len() != n * k || w.len() != m * k {
         candle_core::bail!("linear: the arguments' sizes do not fit together");
     }
-    let mut y = vec![0f32; n * m];
+    let mut y = zeros(n * m);
     let threads = candle_core::utils::get_num_threads();
     let parallelism = if threads > 1 {
         Parallelism::Rayon(threads)

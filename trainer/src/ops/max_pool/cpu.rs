@@ -7,7 +7,7 @@ use rayon::prelude::*;
 use shared::cpu::Isa;
 
 use super::reference::out;
-use crate::ops::cpu_storage::f32_slice;
+use crate::ops::cpu_storage::{f32_slice, zeros};
 
 const NAME: &str = "max-pool-3x3-s2";
 const BACKWARD_NAME: &str = "max-pool-3x3-s2-backward";
@@ -17,7 +17,7 @@ pub fn forward(isa: Isa, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shap
     let (count, h, w) = planes(l, NAME)?;
     let x = f32_slice(s, l, NAME)?;
     let (ho, wo) = (out(h), out(w));
-    let mut y = vec![0f32; count * ho * wo];
+    let mut y = zeros(count * ho * wo);
     // Separable: the max over each row's column windows, then over three such rows.
     y.par_chunks_mut(ho * wo)
         .zip(x.par_chunks(h * w))
@@ -42,7 +42,7 @@ pub fn backward(
     if dy.len() != count * ho * wo {
         candle_core::bail!("{}: the gradient does not fit the input", BACKWARD_NAME);
     }
-    let mut dx = vec![0f32; x.len()];
+    let mut dx = zeros(x.len());
     dx.par_chunks_mut(h * w)
         .zip(x.par_chunks(h * w).zip(dy.par_chunks(ho * wo)))
         .for_each(|(dst, (plane, g))| {

@@ -13,6 +13,7 @@ use rayon::prelude::*;
 use shared::cpu::Isa;
 
 use super::{transpose, Dims};
+use crate::ops::cpu_storage::zeros;
 
 /// Runs `$body` with the const `$n` equal to `$len`, which must be one of the literals listed:
 /// a tile's length as a const generic argument.
@@ -77,7 +78,7 @@ fn block_width(c_out: usize) -> usize {
 
 /// `planes [n, c, len]` as `[n, len, c]`.
 fn pixel_major(isa: Isa, planes: &[f32], c: usize, len: usize) -> Vec<f32> {
-    let mut out = vec![0f32; planes.len()];
+    let mut out = zeros(planes.len());
     out.par_chunks_mut(c * len)
         .zip(planes.par_chunks(c * len))
         .for_each(|(dst, src)| transpose(isa, src, c, len, dst));

@@ -11,6 +11,7 @@ use shared::cpu::Isa;
 
 use super::super::{grown, transpose, with_scratch, Dims};
 use super::{pixel_major, STAGED};
+use crate::ops::cpu_storage::zeros;
 
 /// Output channels per tile: four AVX-512 vectors.
 pub(super) const OC: usize = 64;
@@ -32,7 +33,7 @@ pub(super) fn forward(isa: Isa, d: &Dims, x: &[f32], weight: &[f32]) -> Vec<f32>
         .par_chunks_mut(OC * d.c * taps)
         .zip(weight.par_chunks(OC * d.c * taps))
         .for_each(|(dst, src)| transpose(isa, src, OC, d.c * taps, dst));
-    let mut out = vec![0f32; d.n * d.c_out * hw];
+    let mut out = zeros(d.n * d.c_out * hw);
     // Enough images per task that its input at least matches a quarter of the weight it
     // streams and, past that, few enough that they fit in the L2 cache beside their
     // accumulators; then as many tasks as that takes, rounded up to a multiple of the thread

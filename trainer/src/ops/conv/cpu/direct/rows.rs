@@ -13,6 +13,7 @@ use shared::cpu::Isa;
 
 use super::super::{channels_last, grown, transpose, with_scratch, Dims};
 use super::block_width;
+use crate::ops::cpu_storage::zeros;
 
 /// Output pixels per tile with one vector (16 channels) per pixel: 16 accumulator registers.
 /// With two vectors (32 channels), half as many.
@@ -34,7 +35,7 @@ pub(super) fn forward(isa: Isa, d: &Dims, x: &[f32], weight: &[f32]) -> Vec<f32>
                 *v = weight[((block * oc + o) * d.c + ci) * taps + t];
             }
         });
-    let mut out = vec![0f32; d.n * d.c_out * hw];
+    let mut out = zeros(d.n * d.c_out * hw);
     out.par_chunks_mut(d.c_out * hw)
         .zip(x.par_chunks(d.c * d.h * d.w))
         .for_each(|(y, img)| {
