@@ -90,15 +90,16 @@ fn direct_convolution_agrees_with_the_portable_path_within_rounding() {
     // largest value, not to the bit. The forward of each, the input gradient of the stride-1
     // ones, and the weight gradient of each when no input gradient is asked for (with one, a
     // stride-2 layer's comes from the patches). (side, stride, images, input channels, output
-    // channels): image tiles (multiples of 64 outputs), row tiles of 32 and of 16 outputs on
-    // rows split into tiles of several lengths, and more images than one weight-gradient task
-    // takes.
+    // channels): image tiles (multiples of 64 outputs on small planes), row tiles of 32, 16 and
+    // 64 outputs on rows split into tiles of several lengths, and more images than one
+    // weight-gradient task takes.
     for (side, stride, n, c_in, c_out) in [
         (4, 1, 13, 64, 128),
         (9, 2, 13, 64, 128),
         (19, 1, 5, 32, 32),
         (33, 2, 3, 16, 32),
         (35, 1, 3, 16, 48),
+        (17, 1, 3, 16, 64),
         (6, 1, 37, 16, 16),
     ] {
         let g = Geometry {

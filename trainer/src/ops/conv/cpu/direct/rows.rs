@@ -1,12 +1,12 @@
-//! The direct forward of layers whose output channels come in multiples of 16 but not of 64,
-//! the narrow early stages of small ResNets. A tile is a run of up to [`PIXELS`] output pixels
-//! along one output row by one block of 16 or 32 output channels: its accumulators stay in
-//! registers through every tap and input channel, which the image tiles of the wide layers
-//! (`super`) cannot afford with so few output channels to share each input value. Each image is
-//! copied zero-padded and channels-last, so a tile reads every tap without bounds checks; the
-//! overhanging taps it multiplies by zeros are few on the wide planes these layers have. Each
-//! output is one chain of fused multiply-adds in a fixed order (taps, then input channels), so
-//! it does not depend on the thread count.
+//! The direct forward on wide planes: layers whose output channels come in multiples of 16 but
+//! not of 64 (the narrow early stages of small ResNets), and any layer whose output rows are
+//! long (`super::ROW_TILES_FROM`). A tile is a run of up to [`WIDEST`] output pixels along one
+//! output row by one block of 16, 32 or 64 output channels: its accumulators stay in registers
+//! through every tap and input channel, where the image tiles (`super::images`) stage theirs in
+//! the L2 cache. Each image is copied zero-padded and channels-last, so a tile reads every tap
+//! without bounds checks; the overhanging taps it multiplies by zeros are few on wide planes.
+//! Each output is one chain of fused multiply-adds in a fixed order (taps, then input
+//! channels), so it does not depend on the thread count.
 
 use rayon::prelude::*;
 use shared::cpu::Isa;
@@ -15,9 +15,9 @@ use super::super::{channels_last, grown, transpose, with_scratch, Dims};
 use super::block_width;
 use crate::ops::cpu_storage::zeros;
 
-/// Output pixels per tile with one vector (16 channels) per pixel: 16 accumulator registers.
-/// With two vectors (32 channels), half as many.
-const PIXELS: usize = 16;
+/// Output pixels per tile for 1, 2 or 4 vectors (16, 32 or 64 output channels) a pixel: 16, 24
+/// and 24 accumulator registers of AVX-512's 32.
+const WIDEST: [usize; 5] = [0, 16, 12, 0, 6];
 
 /// `y [n, c_out, ho, wo]` for `x [n, c, h, w]` and `weight [c_out, c, k, k]`, `c_out` a multiple
 /// of 16 and the CPU with AVX-512 (checked by the caller, `super::forward`).
@@ -73,7 +73,7 @@ unsafe fn image_avx512(d: &Dims, oc: usize, padded: &[f32], packed: &[f32], y: &
         "conv: direct row-tile buffers of the wrong size"
     );
     let vectors = oc / 16;
-    let widest = PIXELS / vectors;
+    let widest = WIDEST[vectors];
     // Each output row split into tiles of near-equal length.
     let tiles = d.wo.div_ceil(widest);
     for (block, weights) in packed.chunks_exact(k * k * c * oc).enumerate() {
@@ -103,7 +103,9 @@ unsafe fn image_avx512(d: &Dims, oc: usize, padded: &[f32], packed: &[f32], y: &
                         [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16],
                         |T| tile.run::<T, 1>()
                     ),
-                    _ => by_length!(len, [1, 2, 3, 4, 5, 6, 7, 8], |T| tile.run::<T, 2>()),
+                    2 => by_length!(len, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], |T| tile
+                        .run::<T, 2>()),
+                    _ => by_length!(len, [1, 2, 3, 4, 5, 6], |T| tile.run::<T, 4>()),
                 }
             }
         }
