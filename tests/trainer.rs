@@ -587,8 +587,10 @@ fn maskdeep_isa_picks_the_kernels_and_every_set_computes_the_same_step() {
     );
 
     // One MaskDeep forward and loss through every kernel of the encoder, with the portable
-    // kernels and with the widest ones: the same losses to the last digit. (The files' headers
-    // list tensors in no fixed order, so the printed losses are compared, not the bytes.)
+    // kernels and with each wider set: AVX2's losses equal portable's to the last digit; on
+    // AVX-512 the direct convolutions sum in their own order, so there they agree within 1e-5.
+    // (The files' headers list tensors in no fixed order, so the printed losses are compared,
+    // not the bytes.)
     let dir = tempfile::tempdir().unwrap();
     let case = |isa: &str| {
         let path = dir.path().join("case.safetensors");
@@ -599,5 +601,27 @@ fn maskdeep_isa_picks_the_kernels_and_every_set_computes_the_same_step() {
         let losses = stdout.split_once("):").map(|(_, l)| l.trim().to_string());
         losses.unwrap_or_else(|| panic!("no losses in {stdout:?}"))
     };
-    assert_eq!(case("portable"), case(widest), "{widest} against portable");
+    let numbers = |losses: &str| -> Vec<f64> {
+        losses
+            .split(|c: char| !(c.is_ascii_digit() || c == '.' || c == '-'))
+            .filter_map(|w| w.parse().ok())
+            .collect()
+    };
+    let portable = case("portable");
+    for isa in shared::cpu::Isa::supported() {
+        let got = case(isa.name());
+        if isa.is_avx512() {
+            let (a, b) = (numbers(&got), numbers(&portable));
+            assert_eq!(a.len(), b.len(), "{got} against {portable}");
+            assert!(a.len() >= 3, "three losses in {got}");
+            for (x, y) in a.iter().zip(&b) {
+                assert!(
+                    (x - y).abs() <= 1e-5 * y.abs(),
+                    "{isa}: {got} against {portable}"
+                );
+            }
+        } else {
+            assert_eq!(got, portable, "{isa} against portable");
+        }
+    }
 }
