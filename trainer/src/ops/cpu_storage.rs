@@ -42,3 +42,23 @@ pub fn zeros(len: usize) -> Vec<f32> {
     v.par_extend(rayon::iter::repeat_n(0f32, len));
     v
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zeros_are_as_many_as_asked_on_either_side_of_the_parallel_threshold() {
+        for len in [
+            0,
+            1,
+            PARALLEL_ZEROS - 1,
+            PARALLEL_ZEROS,
+            3 * PARALLEL_ZEROS + 5,
+        ] {
+            let v = zeros(len);
+            assert_eq!(v.len(), len);
+            assert!(v.iter().all(|&x| x == 0.0), "len {len}");
+        }
+    }
+}
