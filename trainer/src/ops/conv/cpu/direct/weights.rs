@@ -39,7 +39,7 @@ pub(super) fn weight_gradient(isa: Isa, d: &Dims, x: &[f32], dy: &[f32]) -> Vec<
         })
         .collect();
     let chunks = d.n.div_ceil(TASK_IMAGES);
-    let rows: Vec<Vec<f32>> = tasks
+    let mut rows: Vec<Vec<f32>> = tasks
         .par_iter()
         .map(|&(block, t, c0, n0)| {
             let channels = TASK_CHANNELS.min(d.c - c0);
@@ -56,15 +56,17 @@ pub(super) fn weight_gradient(isa: Isa, d: &Dims, x: &[f32], dy: &[f32]) -> Vec<
         .collect();
     // Each tile's image chunks added in order.
     let rows: Vec<Vec<f32>> = rows
-        .par_chunks(chunks)
+        .par_chunks_mut(chunks)
         .map(|parts| {
-            let mut sum = parts[0].clone();
-            for part in &parts[1..] {
+            let (sum, rest) = parts
+                .split_first_mut()
+                .expect("a tile has one chunk or more");
+            for part in rest.iter() {
                 for (s, &v) in sum.iter_mut().zip(part) {
                     *s += v;
                 }
             }
-            sum
+            std::mem::take(sum)
         })
         .collect();
     // Each output channel's row `[c, k*k]` gathered from its block's tiles, which are
