@@ -1,14 +1,15 @@
 """An independent PyTorch MaskDeep loss, written from the method's description (docs/METHOD.md),
 and a parity check against a step case that `trainer step-case` wrote.
 
-The case file holds the online and target weights, standard-normal views, the visible cells of
-the coarsest masked level and our loss per level and gradients. This script builds the ResNet
+The case file holds the online and target weights, standard-normal views, the visible cells on
+the mask grid (the coarsest masked level unless the config's `mask_grid` names another) and our loss per level and gradients. This script builds the ResNet
 (torchvision's layout and names; small stem: 3x3 conv, stride 1, no max-pool), the projector and
 predictor MLPs of every masked level (Linear, BatchNorm, ReLU, Linear), loads the weights, and
 recomputes:
   online: the encoder runs once on all global views; each masked level's feature map is pooled
-          over the visible cells of each (view, sample, group) -- the coarse mask upsampled by
-          nearest neighbour to the level's grid -- then projector and predictor;
+          over the visible cells of each (view, sample, group) -- the mask upsampled by nearest
+          neighbour to a finer level's grid, or averaged over the cells of a coarser one (each
+          cell weighs its visible share) -- then projector and predictor;
   target: the unmasked global views through the target encoder, global average pool of each
           level, target projector; no gradient;
   loss:   per level, 2 - 2 cos(prediction, target) averaged over groups, online views and their
@@ -184,9 +185,13 @@ def recompute(dtype):
     def pooled(fmap):
         """[V*B, C, h, w] -> [V*B*G, C]: the mean over each (row, group)'s visible cells."""
         n, c, h, w = fmap.shape
-        coarse = visible.reshape(n * G, 1, *grid).to(fmap.dtype)
-        fine = F.interpolate(coarse, size=(h, w), mode="nearest").reshape(n, G, h * w)
-        weights = fine / fine.sum(-1, keepdim=True).clamp(min=1.0)
+        mask = visible.reshape(n * G, 1, *grid).to(fmap.dtype)
+        if h >= grid[0]:
+            level = F.interpolate(mask, size=(h, w), mode="nearest")
+        else:
+            level = F.adaptive_avg_pool2d(mask, (h, w))
+        level = level.reshape(n, G, h * w)
+        weights = level / level.sum(-1, keepdim=True)
         return torch.bmm(weights, fmap.reshape(n, c, h * w).transpose(1, 2)).reshape(n * G, c)
 
 

@@ -78,6 +78,11 @@ pub struct MethodConfig {
     /// runs the heads once per view does.
     #[serde(default)]
     pub head_bn: HeadNorm,
+    /// The level whose grid the visible cells are drawn on; `null` (the default) draws them on
+    /// the coarsest masked level. A masked level coarser than this grid weighs each of its cells
+    /// by the visible share of the grid cells it covers.
+    #[serde(default)]
+    pub mask_grid: Option<Level>,
 }
 
 /// The optimiser.
@@ -340,6 +345,7 @@ impl TrainConfig {
                     level_weights: vec![1.0],
                     targets: Targets::Cross,
                     head_bn: HeadNorm::Joint,
+                    mask_grid: None,
                 }
             } else {
                 MethodConfig {
@@ -357,6 +363,7 @@ impl TrainConfig {
                         Targets::Cross
                     },
                     head_bn: HeadNorm::Joint,
+                    mask_grid: None,
                 }
             },
             optim: OptimConfig {
@@ -423,8 +430,8 @@ impl TrainConfig {
     }
 
     /// Reads a JSON config file (as written to a run's `config.json`: every key required except
-    /// `lr_final`, `ema_final`, `rotation`, `knn_per_class`, `log_every`, `accumulate`, `sync_bn`
-    /// and `head_bn`, which configs written before they existed lack).
+    /// `lr_final`, `ema_final`, `rotation`, `knn_per_class`, `log_every`, `accumulate`, `sync_bn`,
+    /// `head_bn` and `mask_grid`, which configs written before they existed lack).
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).io("read config", path)?;
         let c = serde_json::from_str(&text)
@@ -622,17 +629,17 @@ impl TrainConfig {
         check(r.log_every >= 1, "log_every", r.log_every, ">= 1")
     }
 
-    /// Refuses masking that cannot mask: when the coarsest masked level's grid at `image_size` is
-    /// so small that `visible_ratio` keeps every cell (the ImageNet stem's C5 at 32 px is 1x1).
+    /// Refuses masking that cannot mask: when the mask grid at `image_size` is so small that
+    /// `visible_ratio` keeps every cell (the ImageNet stem's C5 at 32 px is 1x1).
     fn check_masked_grid(&self) -> Result<()> {
         let ratio = self.method.visible_ratio;
-        let Some(coarsest) = self.level_indices().into_iter().max() else {
+        let Some(grid) = self.mask_grid() else {
             return Ok(());
         };
         if ratio >= 1.0 {
             return Ok(());
         }
-        let stride = self.resnet().strides()[coarsest] as u32;
+        let stride = self.resnet().strides()[grid.index()] as u32;
         let side = self.data.image_size.div_ceil(stride) as usize;
         let cells = side * side;
         let visible = crate::method::masking::visible_count(ratio, cells);
@@ -642,17 +649,22 @@ impl TrainConfig {
                 format!(
                     "visible_ratio = {ratio}: at image_size {} the {} grid is {side}x{side}, so it \
                      keeps all {cells} cells visible and nothing is masked; use larger images, the \
-                     small stem (small_stem=true), a finer level, or visible_ratio = 1 (BYOL)",
+                     small stem (small_stem=true), a finer level or mask_grid, or visible_ratio = 1 \
+                     (BYOL)",
                     self.data.image_size,
-                    self.method
-                        .levels
-                        .iter()
-                        .max_by_key(|l| l.index())
-                        .map_or("coarsest", |l| l.name())
+                    grid.name()
                 ),
             ));
         }
         Ok(())
+    }
+
+    /// The level whose grid the visible cells are drawn on: `mask_grid`, else the coarsest masked
+    /// level (`None` only for a config without levels, which validation refuses).
+    pub fn mask_grid(&self) -> Option<Level> {
+        self.method
+            .mask_grid
+            .or_else(|| self.method.levels.iter().copied().max_by_key(|l| l.index()))
     }
 
     /// The masked levels as indices into (C3, C4, C5), in config order.

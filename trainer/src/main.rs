@@ -124,9 +124,10 @@ struct ConfigArgs {
     #[arg(long)]
     config: Option<PathBuf>,
     /// Override one config key, e.g. --set epochs=10 --set levels='["c5"]'. Keys include epochs,
-    /// max_steps, batch_size, lr, seed, image_size, width, groups, visible_ratio, levels, optimizer,
-    /// weight_decay, warmup_epochs, lr_final, ema_base, ema_final, local_views, rotation, targets,
-    /// head_bn (joint or per_view), bf16, threads.
+    /// max_steps, batch_size, lr, seed, image_size, width, groups, visible_ratio, levels,
+    /// mask_grid (c3, c4 or c5; the coarsest masked level by default), optimizer, weight_decay,
+    /// warmup_epochs, lr_final, ema_base, ema_final, local_views, rotation, targets, head_bn (joint
+    /// or per_view), bf16, threads.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     sets: Vec<String>,
     /// cpu, cuda or cuda:N (CUDA needs a build with --features cuda).

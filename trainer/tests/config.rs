@@ -29,6 +29,7 @@ fn a_run_config_written_before_the_sections_loads_and_round_trips() {
         ("accumulate", serde_json::json!(1)),
         ("sync_bn", serde_json::json!(true)),
         ("head_bn", serde_json::json!("joint")),
+        ("mask_grid", serde_json::Value::Null),
     ] {
         assert!(want.get(key).is_none());
         want.as_object_mut().unwrap().insert(key.into(), default);
@@ -56,6 +57,7 @@ fn keys_added_later_take_their_defaults_when_missing() {
     );
     assert_eq!((cfg.parallel.accumulate, cfg.parallel.sync_bn), (1, true));
     assert_eq!(cfg.method.head_bn, HeadNorm::Joint);
+    assert_eq!(cfg.method.mask_grid, None);
 }
 
 #[test]

@@ -222,6 +222,43 @@ fn finer_level_mask_is_the_nearest_upsampled_coarse_mask() {
 }
 
 #[test]
+fn coarser_level_cells_weigh_the_visible_share_of_the_grid_cells_they_cover() {
+    // An 8x8 mask grid (C4 at 32 px) pooled onto a 4x4 level (C5).
+    let m = VisibleCells::sample(
+        |r| ChaCha8Rng::seed_from_u64(7 + r as u64),
+        2,
+        3,
+        (8, 8),
+        0.25,
+    );
+    let c5 = m.pooling_weights((4, 4));
+    for (row, mask) in m.visible.chunks(64).enumerate() {
+        let shares: Vec<f32> = (0..16)
+            .map(|cell| {
+                let (i, j) = (cell / 4, cell % 4);
+                let on = [(0, 0), (0, 1), (1, 0), (1, 1)]
+                    .iter()
+                    .filter(|(di, dj)| mask[(2 * i + di) * 8 + 2 * j + dj])
+                    .count();
+                on as f32 / 4.0
+            })
+            .collect();
+        let total: f32 = shares.iter().sum();
+        assert!(
+            (total - 4.0).abs() < 1e-6,
+            "16 of 64 grid cells are visible"
+        );
+        for (cell, share) in shares.iter().enumerate() {
+            let got = c5[row * 16 + cell];
+            assert!(
+                (got - share / total).abs() < 1e-6,
+                "row {row} cell {cell}: {got}"
+            );
+        }
+    }
+}
+
+#[test]
 fn masked_pooling_equals_a_loop_over_groups() {
     let dev = Device::Cpu;
     let seed = 3;

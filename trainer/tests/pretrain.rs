@@ -9,7 +9,7 @@ use candle_core::Device;
 use shared::shard::Encoding;
 use shared::synth::{write_packed_train, SynthSpec};
 use support::{job, shards};
-use trainer::config::TrainConfig;
+use trainer::config::{Level, TrainConfig};
 use trainer::diag::{bench, parity};
 use trainer::error::Error;
 use trainer::train::checkpoint;
@@ -261,8 +261,18 @@ fn bad_config_values_are_refused_with_the_key_named() {
     let err = c.validate().unwrap_err();
     assert!(err.to_string().contains("1x1"), "{err}");
     assert_eq!(key_of(err), "visible_ratio");
+    // A finer mask grid (C4: 2x2 there) masks where C5 cannot.
+    c.set("mask_grid=c4").unwrap();
+    c.validate().unwrap();
+    assert_eq!(c.mask_grid(), Some(Level::C4));
+    c.set("mask_grid=null").unwrap();
     c.set("small_stem=true").unwrap();
     c.validate().unwrap();
+    assert_eq!(
+        c.mask_grid(),
+        Some(Level::C5),
+        "the coarsest masked level by default"
+    );
 }
 
 #[test]

@@ -27,7 +27,7 @@ pub struct CaseSummary {
 /// Builds the model of `cfg` (f32, CPU, initialised from its seed), draws standard-normal views
 /// and the visible cells from `seed`, and writes to `path`: `online.<name>` and `target.<name>`
 /// (every parameter and BatchNorm statistic), `views` (`[global_views * batch, 3, S, S]`,
-/// view-major), `visible` (u8 `[views * batch, groups, cells]` of the coarsest masked level's grid),
+/// view-major), `visible` (u8 `[views * batch, groups, cells]` of the mask grid),
 /// `loss.<level>` and `loss.total`, and `grad.<name>` for every trainable online parameter; the
 /// metadata holds the config (`config`, as `config.json` has it) and the grid (`grid`, `HxW`).
 pub fn write(cfg: &TrainConfig, seed: u64, path: &Path) -> Result<CaseSummary> {

@@ -205,15 +205,12 @@ impl MaskDeep {
     }
 
     /// Samples the visible cells of step `step`: one set per (online view, sample, group) on the
-    /// coarsest masked level of each view size, each (view, sample) from its own stream keyed by
-    /// (seed, step, the sample's position, view); all visible when `visible_ratio` is 1.
+    /// mask grid (`mask_grid`, by default the coarsest masked level) of each view size, each
+    /// (view, sample) from its own stream keyed by (seed, step, the sample's position, view); all
+    /// visible when `visible_ratio` is 1.
     pub fn sample_masks(&self, step: u64, views: &Views) -> Result<Vec<VisibleCells>> {
-        let coarsest = *self
-            .levels
-            .iter()
-            .max()
-            .expect("validated: at least one level");
-        let stride = self.cfg.resnet().strides()[coarsest];
+        let grid_level = self.cfg.mask_grid().expect("validated: at least one level");
+        let stride = self.cfg.resnet().strides()[grid_level.index()];
         let (seed, batch) = (self.cfg.run.seed, views.batch());
         let mut out = Vec::new();
         let mut first_view = 0;

@@ -53,9 +53,10 @@ impl VisibleCells {
         }
     }
 
-    /// The row-normalised pooling matrix `[rows, groups, h * w]` on a level whose grid is `(h, w)`:
-    /// a fine cell is visible when the coarse cell it lies in is (nearest upsampling), and each row
-    /// averages its visible cells.
+    /// The row-normalised pooling matrix `[rows, groups, h * w]` on a level whose grid is `(h, w)`.
+    /// On a level at least as fine as the mask grid, a cell is visible when the grid cell it lies
+    /// in is (nearest upsampling); on a coarser level, a cell weighs the visible share of the grid
+    /// cells it covers (area downsampling). Each row averages its cells by those weights.
     pub fn pooling_weights(&self, (h, w): (usize, usize)) -> Vec<f32> {
         let (hc, wc) = self.grid;
         let cells = hc * wc;
@@ -63,13 +64,19 @@ impl VisibleCells {
         for coarse in self.visible.chunks(cells) {
             let start = out.len();
             for i in 0..h {
+                let rows = covered(i, h, hc);
                 for j in 0..w {
-                    let on = coarse[(i * hc / h) * wc + j * wc / w];
-                    out.push(if on { 1.0f32 } else { 0.0 });
+                    let cols = covered(j, w, wc);
+                    let on = rows
+                        .clone()
+                        .flat_map(|r| cols.clone().map(move |c| r * wc + c))
+                        .filter(|&cell| coarse[cell])
+                        .count();
+                    out.push(on as f32 / (rows.len() * cols.len()) as f32);
                 }
             }
             let row = &mut out[start..];
-            let n = row.iter().sum::<f32>().max(1.0);
+            let n = row.iter().sum::<f32>().max(f32::MIN_POSITIVE);
             row.iter_mut().for_each(|v| *v /= n);
         }
         out
@@ -86,6 +93,18 @@ impl VisibleCells {
         Tensor::from_vec(w, (self.rows, self.groups, grid.0 * grid.1), &Device::Cpu)?
             .to_dtype(dtype)?
             .to_device(device)
+    }
+}
+
+/// The mask grid's cells along one axis that cell `i` of a level `n` cells long covers, on a grid
+/// `grid` cells long: the one it lies in when the level is at least as fine, else the block it
+/// spans (as adaptive average pooling bounds it).
+fn covered(i: usize, n: usize, grid: usize) -> std::ops::Range<usize> {
+    if n >= grid {
+        let c = i * grid / n;
+        c..c + 1
+    } else {
+        i * grid / n..((i + 1) * grid).div_ceil(n)
     }
 }
 
