@@ -1,5 +1,6 @@
-//! Hierarchical deep-masking: visible cells sampled on the coarsest masked level's grid, upsampled
-//! (nearest) to the finer levels, and masked mean pooling as one batched matrix product.
+//! Hierarchical deep-masking: visible cells sampled on one level's grid (by default the coarsest
+//! masked level's), upsampled (nearest) to finer levels and averaged onto coarser ones, and
+//! masked mean pooling as one batched matrix product.
 
 use candle_core::{DType, Device, Result, Tensor};
 use rand::Rng;
