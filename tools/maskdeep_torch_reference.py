@@ -2,10 +2,10 @@
 and a parity check against a step case that `trainer step-case` wrote.
 
 The case file holds the online and target weights, standard-normal views, the visible cells on
-the mask grid (the coarsest masked level unless the config's `mask_grid` names another) and our loss per level and gradients. This script builds the ResNet
-(torchvision's layout and names; small stem: 3x3 conv, stride 1, no max-pool), the projector and
-predictor MLPs of every masked level (Linear, BatchNorm, ReLU, Linear), loads the weights, and
-recomputes:
+the mask grid (the coarsest masked level unless the config's `mask_grid` names another) and our
+loss per level and gradients. This script builds the ResNet (torchvision's layout and names;
+small stem: 3x3 conv, stride 1, no max-pool), the projector and predictor MLPs of every masked
+level (Linear, BatchNorm, ReLU, Linear), loads the weights, and recomputes:
   online: the encoder runs once on all global views; each masked level's feature map is pooled
           over the visible cells of each (view, sample, group) -- the mask upsampled by nearest
           neighbour to a finer level's grid, or averaged over the cells of a coarser one (each
