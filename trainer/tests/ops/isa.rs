@@ -39,13 +39,11 @@ fn same_on_every_isa(what: &str, kernel: impl Fn(Isa) -> Vec<f32>) {
     let want = kernel(Isa::PORTABLE);
     assert!(!want.is_empty(), "{what}: empty output");
     for isa in Isa::supported() {
-        let got = kernel(isa);
-        assert_eq!(got.len(), want.len(), "{what} on {isa}: length");
-        let first_diff = got
-            .iter()
-            .zip(&want)
-            .position(|(a, b)| a.to_bits() != b.to_bits());
-        assert_eq!(first_diff, None, "{what} on {isa} differs from portable");
+        same_bits(
+            &kernel(isa),
+            &want,
+            &format!("{what} on {isa} against portable"),
+        );
     }
 }
 
@@ -85,9 +83,9 @@ fn convolution_kernels_give_the_same_bits_on_every_isa() {
 
 #[test]
 fn direct_convolution_agrees_with_the_portable_path_within_rounding() {
-    // Layers with output channels in multiples of 16 run, on AVX-512, as a direct convolution
-    // that sums in another order than portable's im2col + gemm: equal within 1e-5 of the
-    // largest value, not to the bit. The forward of each, the input gradient of the stride-1
+    // Layers with output channels in multiples of 16 run, on AVX2 and AVX-512, as a direct
+    // convolution that sums in another order than portable's im2col + gemm: equal within 1e-5
+    // of the largest value, not to the bit; and the same bits on both sets. The forward of each, the input gradient of the stride-1
     // ones, and the weight gradient of each when no input gradient is asked for (with one, a
     // stride-2 layer's comes from the patches). (side, stride, images, input channels, output
     // channels): image tiles (multiples of 64 outputs on small planes), row tiles of 32, 16 and
@@ -117,15 +115,43 @@ fn direct_convolution_agrees_with_the_portable_path_within_rounding() {
             values(conv::cpu::backward(isa, x, w, dy, g, need_dx))
         };
         let what = format!("{side} px, stride {stride}, {c_in} -> {c_out} channels");
-        close(&forward(Isa::widest()), &forward(Isa::PORTABLE), &what);
+        let direct_sets: Vec<Isa> = Isa::supported()
+            .into_iter()
+            .filter(|isa| isa.is_avx2() || isa.is_avx512())
+            .collect();
+        let want = forward(Isa::PORTABLE);
+        let first = direct_sets.first().map(|&isa| forward(isa));
+        for &isa in &direct_sets {
+            let got = forward(isa);
+            close(&got, &want, &format!("{what} on {isa}"));
+            let narrowest = first.as_ref().unwrap();
+            same_bits(&got, narrowest, &format!("{what} on {isa} against AVX2"));
+        }
         for need_dx in [true, false] {
-            let (got, want) = (
-                backward(Isa::widest(), need_dx),
-                backward(Isa::PORTABLE, need_dx),
-            );
-            close(&got, &want, &format!("{what}, backward with dx {need_dx}"));
+            let want = backward(Isa::PORTABLE, need_dx);
+            let first = direct_sets.first().map(|&isa| backward(isa, need_dx));
+            for &isa in &direct_sets {
+                let got = backward(isa, need_dx);
+                let what = format!("{what}, backward with dx {need_dx} on {isa}");
+                close(&got, &want, &what);
+                same_bits(
+                    &got,
+                    first.as_ref().unwrap(),
+                    &format!("{what} against AVX2"),
+                );
+            }
         }
     }
+}
+
+/// Asserts that `got` and `want` hold the same bits.
+fn same_bits(got: &[f32], want: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let first_diff = got
+        .iter()
+        .zip(want)
+        .position(|(a, b)| a.to_bits() != b.to_bits());
+    assert_eq!(first_diff, None, "{what}: first differing value");
 }
 
 /// Asserts that `got` equals `want` within 1e-5 of `want`'s largest magnitude.

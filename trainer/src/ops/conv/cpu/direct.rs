@@ -1,13 +1,13 @@
-//! The convolution as direct AVX-512 kernels, for kernels wider than 1x1 with at least 16
-//! input channels and output channels in multiples of 16: the forward of such layers, the input
-//! gradient of stride-1 ones (the forward of their transposed layer, `Dims::transposed`), and
+//! The convolution as direct kernels, each written once over a vector type and compiled for
+//! AVX-512 and for AVX2 ([`vector`]), for kernels wider than 1x1 with at least 16 input channels
+//! and output channels in multiples of 16: the forward of such layers, the input gradient of stride-1 ones (the forward of their transposed layer, `Dims::transposed`), and
 //! their weight gradient where no patch matrix is gathered for the input gradient anyway.
 //!
 //! The forward tiles by images where the output channels come in multiples of 64 and the planes
 //! are small ([`images`]: the late stages), and by runs of pixels along an output row otherwise
 //! ([`rows`]: the early stages, on wide planes); the weight gradient tiles by input
 //! channels ([`weights`]). Every result is one chain of fused multiply-adds in a fixed order,
-//! so it does not depend on the thread count.
+//! so it does not depend on the thread count, nor on the instruction set.
 
 use rayon::prelude::*;
 use shared::cpu::Isa;
@@ -31,6 +31,7 @@ macro_rules! by_length {
 
 mod images;
 mod rows;
+mod vector;
 mod weights;
 
 /// Floats of accumulators or output gradients kept in the L2 cache while a task's tiles pass
@@ -45,7 +46,7 @@ const ROW_TILES_FROM: usize = 16;
 /// Whether the forward of `d` runs here on `isa`.
 pub(super) fn applies(isa: Isa, d: &Dims) -> bool {
     cfg!(target_arch = "x86_64")
-        && isa.is_avx512()
+        && (isa.is_avx512() || isa.is_avx2())
         && d.c_out.is_multiple_of(16)
         && d.c >= 16
         && d.g.k > 1
@@ -70,7 +71,8 @@ pub(super) fn weight_gradient(isa: Isa, d: &Dims, x: &[f32], dy: &[f32]) -> Vec<
 }
 
 /// What [`applies`] asks of a layer.
-const NEEDS: &str = "conv: the direct kernels need AVX-512, c_out % 16 == 0, c_in >= 16 and k > 1";
+const NEEDS: &str =
+    "conv: the direct kernels need AVX2 or AVX-512, c_out % 16 == 0, c_in >= 16 and k > 1";
 
 /// Output channels per block of a layer with `c_out` of them (a multiple of 16): 64, 32 or 16,
 /// the widest that divides.

@@ -1,18 +1,18 @@
-//! The direct weight gradient. A tile is one block of 16, 32 or 64 output channels by up to
-//! [`CHANNELS`]`[V]` input channels of one tap, held in vector registers and summed over a
-//! chunk of images and every output pixel whose input pixel lies inside the image. Tasks are
-//! (block, tap, input channels, image chunk); the chunks' sums are added in order, and chunks
-//! are a fixed number of images, so the result does not depend on the thread count.
+//! The direct weight gradient. A tile is part of a block of 16, 32 or 64 output channels
+//! (`super::vector::part`: up to 64 on AVX-512, 16 on AVX2) by as many input channels of one tap
+//! as the set's registers hold (`super::vector::widest`), summed in registers over a chunk of
+//! images and every output pixel whose input pixel lies inside the image. Tasks are (block,
+//! tap, input channels, image chunk); the chunks' sums are added in order, and chunks are a
+//! fixed number of images, so the result depends neither on the thread count nor on the
+//! instruction set.
 
 use rayon::prelude::*;
 use shared::cpu::Isa;
 
 use super::super::Dims;
+use super::vector::{on_vectors, part, widest, Vector};
 use super::{block_width, pixel_major, STAGED};
 
-/// Input channels per tile for `V` vectors (16 output channels each) per channel: 24
-/// accumulator registers of AVX-512's 32 with four or two vectors, 16 with one.
-const CHANNELS: [usize; 5] = [0, 16, 12, 0, 6];
 /// Input channels per task.
 const TASK_CHANNELS: usize = 48;
 /// Images per task: enough tasks to share among the threads when a layer has few taps and
@@ -20,7 +20,8 @@ const TASK_CHANNELS: usize = 48;
 const TASK_IMAGES: usize = 32;
 
 /// `dweight [c_out, c, k, k]` for `x [n, c, h, w]` and `dy [n, c_out, ho, wo]`, `c_out` a
-/// multiple of 16 and the CPU with AVX-512 (checked by the caller, `super::weight_gradient`).
+/// multiple of 16 and the CPU with AVX2 or AVX-512 (checked by the caller,
+/// `super::weight_gradient`).
 pub(super) fn weight_gradient(isa: Isa, d: &Dims, x: &[f32], dy: &[f32]) -> Vec<f32> {
     let (oc, taps, hw, plane) = (block_width(d.c_out), d.g.k * d.g.k, d.hw(), d.h * d.w);
     let x = pixel_major(isa, x, d.c, plane);
@@ -46,10 +47,10 @@ pub(super) fn weight_gradient(isa: Isa, d: &Dims, x: &[f32], dy: &[f32]) -> Vec<
             let images = n0..(n0 + TASK_IMAGES).min(d.n);
             let mut rows = vec![0f32; channels * oc];
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: the caller checked that the CPU has AVX-512; `task_avx512` asserts its
+            // SAFETY: the caller checked that `isa` is AVX2 or AVX-512; `task` asserts its
             // buffers' sizes.
             unsafe {
-                task_avx512(d, oc, (&x, &dy), (block, t, c0), images, &mut rows)
+                task(isa, d, oc, (&x, &dy), (block, t, c0), images, &mut rows)
             };
             rows
         })
@@ -92,89 +93,102 @@ pub(super) fn weight_gradient(isa: Isa, d: &Dims, x: &[f32], dy: &[f32]) -> Vec<
     dw
 }
 
-/// Rows `c0..c0 + rows.len() / oc` of one tap's weight gradient for output channels
-/// `block * oc..`, summed over `images`, into `rows` (`[channels, oc]`), from channels-last
-/// `x [n, h, w, c]` and `dy [n, ho, wo, c_out]`.
-///
-/// # Safety
-/// The CPU must have AVX-512 (F).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn task_avx512(
-    d: &Dims,
-    oc: usize,
-    (x, dy): (&[f32], &[f32]),
-    (block, t, c0): (usize, usize, usize),
-    images: std::ops::Range<usize>,
-    rows: &mut [f32],
-) {
-    let channels = rows.len() / oc;
-    assert!(
-        x.len() == d.n * d.h * d.w * d.c
-            && dy.len() == d.n * d.hw() * d.c_out
-            && matches!(oc, 16 | 32 | 64)
-            && (block + 1) * oc <= d.c_out
-            && c0 + channels <= d.c
-            && images.end <= d.n
-            && t < d.g.k * d.g.k,
-        "conv: direct weight-gradient buffers of the wrong size"
-    );
-    let vectors = oc / 16;
-    // Images per pass over the tiles: their block of dY stays in the L2 cache while every tile
-    // reads it.
-    let per_pass = (STAGED / (oc * d.hw()).max(1)).max(1);
-    for start in images.clone().step_by(per_pass) {
-        let pass = start..(start + per_pass).min(images.end);
-        let mut first = 0;
-        while first < channels {
-            let tile = (channels - first).min(CHANNELS[vectors]);
-            let acc = rows[first * oc..].as_mut_ptr();
-            let at = (block * oc, c0 + first);
-            let (pass, data) = (pass.clone(), (x, dy));
-            // SAFETY (each call): the tile's channels and output channels lie inside `x`'s
-            // and `dy`'s pixels (asserted above); its accumulators are `tile` rows of `rows`.
-            match vectors {
-                1 => by_length!(
-                    tile,
-                    [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16],
-                    |T| sums_avx512::<T, 1>(d, data, pass, at, t, acc)
-                ),
-                2 => by_length!(tile, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], |T| {
-                    sums_avx512::<T, 2>(d, data, pass, at, t, acc)
-                }),
-                _ => by_length!(tile, [1, 2, 3, 4, 5, 6], |T| sums_avx512::<T, 4>(
-                    d, data, pass, at, t, acc
-                )),
+on_vectors! {
+    /// Rows `c0..c0 + rows.len() / oc` of one tap's weight gradient for output channels
+    /// `block * oc..`, summed over `images`, into `rows` (`[channels, oc]`), from channels-last
+    /// `x [n, h, w, c]` and `dy [n, ho, wo, c_out]`.
+    unsafe fn task<V>(
+        d: &Dims,
+        oc: usize,
+        data: (&[f32], &[f32]),
+        at: (usize, usize, usize),
+        images: std::ops::Range<usize>,
+        rows: &mut [f32],
+    ) {
+        let ((x, dy), (block, t, c0)) = (data, at);
+        let channels = rows.len() / oc;
+        assert!(
+            x.len() == d.n * d.h * d.w * d.c
+                && dy.len() == d.n * d.hw() * d.c_out
+                && matches!(oc, 16 | 32 | 64)
+                && (block + 1) * oc <= d.c_out
+                && c0 + channels <= d.c
+                && images.end <= d.n
+                && t < d.g.k * d.g.k,
+            "conv: direct weight-gradient buffers of the wrong size"
+        );
+        let part = part::<V>(oc);
+        let vectors = part / V::LANES;
+        // Images per pass over the tiles: their block of dY stays in the L2 cache while every
+        // tile reads it.
+        let per_pass = (STAGED / (oc * d.hw()).max(1)).max(1);
+        for start in images.clone().step_by(per_pass) {
+            let pass = start..(start + per_pass).min(images.end);
+            for p0 in (0..oc).step_by(part) {
+                let mut first = 0;
+                while first < channels {
+                    let tile = (channels - first).min(widest::<V>(vectors));
+                    let acc = Rows {
+                        at: rows[first * oc + p0..].as_mut_ptr(),
+                        stride: oc,
+                    };
+                    let at = (block * oc + p0, c0 + first);
+                    let (pass, data) = (pass.clone(), (x, dy));
+                    // SAFETY (each call): the tile's channels and output channels lie inside
+                    // `x`'s and `dy`'s pixels (asserted above); its accumulators are columns
+                    // `p0..p0 + part` of `tile` rows of `rows`.
+                    match vectors {
+                        1 => by_length!(
+                            tile,
+                            [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16],
+                            |T| sums::<V, T, 1>(d, data, pass, at, t, acc)
+                        ),
+                        2 => by_length!(tile, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], |T| {
+                            sums::<V, T, 2>(d, data, pass, at, t, acc)
+                        }),
+                        _ => by_length!(tile, [1, 2, 3, 4, 5, 6], |T| sums::<V, T, 4>(
+                            d, data, pass, at, t, acc
+                        )),
+                    }
+                    first += tile;
+                }
             }
-            first += tile;
         }
     }
 }
 
+/// A tile's accumulators: rows `stride` floats apart from `at`.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct Rows {
+    at: *mut f32,
+    stride: usize,
+}
+
 /// `acc[j][o] += sum over images and valid output pixels of x[.., input pixel, ci + j] *
-/// dy[.., pixel, co + o]` for tap `t`, `acc` being `T` rows of `16 * V` values.
+/// dy[.., pixel, co + o]` for tap `t`, `acc` being `T` rows of `N` vectors.
 ///
 /// # Safety
-/// The CPU must have AVX-512 (F); `images` must be inside the batch, `co + 16 * V <= c_out`,
-/// `ci + T <= c`, and `acc` must hold `T * 16 * V` values.
+/// The CPU must have the set `V` belongs to; `images` must be inside the batch,
+/// `co + N * LANES <= c_out`, `ci + T <= c`, and `acc` must hold `T` rows of `N * LANES`
+/// values.
 #[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn sums_avx512<const T: usize, const V: usize>(
+#[inline(always)]
+unsafe fn sums<V: Vector, const T: usize, const N: usize>(
     d: &Dims,
     (x, dy): (&[f32], &[f32]),
     images: std::ops::Range<usize>,
     (co, ci): (usize, usize),
     t: usize,
-    acc: *mut f32,
+    acc: Rows,
 ) {
-    use std::arch::x86_64::*;
-    let oc = 16 * V;
+    let lanes = V::LANES;
     let (k, s) = (d.g.k, d.g.stride);
     let (ki, kj) = (t / k, t % k);
     let (lo, hi, first) = d.columns(kj);
-    let mut sums: [[__m512; V]; T] =
-        std::array::from_fn(|j| std::array::from_fn(|q| _mm512_loadu_ps(acc.add(j * oc + q * 16))));
+    let mut sums: [[V; N]; T] = std::array::from_fn(|j| {
+        std::array::from_fn(|q| V::load(acc.at.add(j * acc.stride + q * lanes)))
+    });
     // No output column reads this kernel column inside the image: nothing to add.
     let images = if lo < hi { images } else { 0..0 };
     for image in images {
@@ -185,11 +199,11 @@ unsafe fn sums_avx512<const T: usize, const V: usize>(
             let mut g = dy[((image * d.ho + oh) * d.wo + lo) * d.c_out + co..].as_ptr();
             let mut v = x[((image * d.h + ih) * d.w + first) * d.c + ci..].as_ptr();
             for _ in lo..hi {
-                let grads: [__m512; V] = std::array::from_fn(|q| _mm512_loadu_ps(g.add(q * 16)));
+                let grads: [V; N] = std::array::from_fn(|q| V::load(g.add(q * lanes)));
                 for (j, sum) in sums.iter_mut().enumerate() {
-                    let value = _mm512_set1_ps(*v.add(j));
+                    let value = V::splat(*v.add(j));
                     for (a, &gv) in sum.iter_mut().zip(&grads) {
-                        *a = _mm512_fmadd_ps(value, gv, *a);
+                        *a = a.mul_add(value, gv);
                     }
                 }
                 g = g.add(d.c_out);
@@ -199,7 +213,7 @@ unsafe fn sums_avx512<const T: usize, const V: usize>(
     }
     for (j, sum) in sums.iter().enumerate() {
         for (q, &a) in sum.iter().enumerate() {
-            _mm512_storeu_ps(acc.add(j * oc + q * 16), a);
+            a.store(acc.at.add(j * acc.stride + q * lanes));
         }
     }
 }
