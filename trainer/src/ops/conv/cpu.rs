@@ -428,15 +428,27 @@ impl Dims {
     /// For kernel column `kj`: the output columns `lo..hi` whose input column
     /// `ow * stride + kj - padding` is inside the image, and that input column for `lo`.
     fn columns(&self, kj: usize) -> (usize, usize, usize) {
+        self.inside(kj, self.w, self.wo)
+    }
+
+    /// For kernel row `ki`: the output rows `lo..hi` whose input row is inside the image, and
+    /// that input row for `lo` (as [`Dims::columns`], along the other axis).
+    fn rows(&self, ki: usize) -> (usize, usize, usize) {
+        self.inside(ki, self.h, self.ho)
+    }
+
+    /// Along an axis of `input` pixels and `output` outputs: the outputs `lo..hi` whose input
+    /// `o * stride + tap - padding` is inside the image, and that input for `lo`.
+    fn inside(&self, tap: usize, input: usize, output: usize) -> (usize, usize, usize) {
         let Geometry {
             stride, padding, ..
         } = self.g;
-        let lo = padding.saturating_sub(kj).div_ceil(stride);
-        let hi = ((self.w + padding).saturating_sub(kj))
+        let lo = padding.saturating_sub(tap).div_ceil(stride);
+        let hi = ((input + padding).saturating_sub(tap))
             .div_ceil(stride)
-            .min(self.wo)
+            .min(output)
             .max(lo);
-        (lo, hi, (lo * stride + kj).saturating_sub(padding))
+        (lo, hi, (lo * stride + tap).saturating_sub(padding))
     }
 
     /// Stride 1 with output planes the size of the input: each patch row is one shifted block

@@ -57,9 +57,19 @@ impl Vector for __m256 {
     const TILE_VECTORS: usize = 2;
     const ACCUMULATORS: usize = 12;
 
-    #[inline(always)]
+    /// One 32-byte load. (`_mm256_loadu_ps` would compile to two 16-byte halves joined by an
+    /// insert: the baseline's generic tuning takes unaligned 32-byte loads to be slow.)
+    #[inline]
+    #[target_feature(enable = "avx")]
     unsafe fn load(from: *const f32) -> Self {
-        _mm256_loadu_ps(from)
+        let v: __m256;
+        std::arch::asm!(
+            "vmovups {v}, ymmword ptr [{from}]",
+            v = out(ymm_reg) v,
+            from = in(reg) from,
+            options(pure, readonly, nostack, preserves_flags)
+        );
+        v
     }
     #[inline(always)]
     unsafe fn splat(value: f32) -> Self {

@@ -186,18 +186,23 @@ unsafe fn sums<V: Vector, const T: usize, const N: usize>(
     let (k, s) = (d.g.k, d.g.stride);
     let (ki, kj) = (t / k, t % k);
     let (lo, hi, first) = d.columns(kj);
+    let (top, bottom, first_row) = d.rows(ki);
     let mut sums: [[V; N]; T] = std::array::from_fn(|j| {
         std::array::from_fn(|q| V::load(acc.at.add(j * acc.stride + q * lanes)))
     });
-    // No output column reads this kernel column inside the image: nothing to add.
-    let images = if lo < hi { images } else { 0..0 };
+    // No output pixel reads this tap inside the image: nothing to add.
+    let images = if lo < hi && top < bottom {
+        images
+    } else {
+        0..0
+    };
     for image in images {
-        for oh in 0..d.ho {
-            let Some(ih) = d.input_row(oh, ki) else {
-                continue;
-            };
-            let mut g = dy[((image * d.ho + oh) * d.wo + lo) * d.c_out + co..].as_ptr();
-            let mut v = x[((image * d.h + ih) * d.w + first) * d.c + ci..].as_ptr();
+        // The tap's first output pixel inside the image, and its input pixel; from row to row
+        // both move by fixed strides.
+        let mut g_row = dy[((image * d.ho + top) * d.wo + lo) * d.c_out + co..].as_ptr();
+        let mut v_row = x[((image * d.h + first_row) * d.w + first) * d.c + ci..].as_ptr();
+        for _ in top..bottom {
+            let (mut g, mut v) = (g_row, v_row);
             for _ in lo..hi {
                 let grads: [V; N] = std::array::from_fn(|q| V::load(g.add(q * lanes)));
                 for (j, sum) in sums.iter_mut().enumerate() {
@@ -206,9 +211,12 @@ unsafe fn sums<V: Vector, const T: usize, const N: usize>(
                         *a = a.mul_add(value, gv);
                     }
                 }
-                g = g.add(d.c_out);
-                v = v.add(s * d.c);
+                // (Wrapping: past the last pixel these point outside the buffers, unread.)
+                g = g.wrapping_add(d.c_out);
+                v = v.wrapping_add(s * d.c);
             }
+            g_row = g_row.wrapping_add(d.wo * d.c_out);
+            v_row = v_row.wrapping_add(s * d.w * d.c);
         }
     }
     for (j, sum) in sums.iter().enumerate() {
