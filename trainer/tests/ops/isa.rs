@@ -85,9 +85,9 @@ fn convolution_kernels_give_the_same_bits_on_every_isa() {
 fn direct_convolution_agrees_with_the_portable_path_within_rounding() {
     // Layers with output channels in multiples of 16 run, on AVX2 and AVX-512, as a direct
     // convolution that sums in another order than portable's im2col + gemm: equal within 1e-5
-    // of the largest value, not to the bit; and the same bits on both sets. The forward of each, the input gradient of the stride-1
-    // ones, and the weight gradient of each when no input gradient is asked for (with one, a
-    // stride-2 layer's comes from the patches). (side, stride, images, input channels, output
+    // of the largest value, not to the bit; and the same bits on both sets. The forward of
+    // each, the input gradient of the stride-1 ones, and the weight gradient of each when no
+    // input gradient is asked for (with one, a stride-2 layer's comes from the patches). (side, stride, images, input channels, output
     // channels): image tiles (multiples of 64 outputs on small planes), row tiles of 32, 16 and
     // 64 outputs on rows split into tiles of several lengths, and more images than one
     // weight-gradient task takes.

@@ -13,9 +13,9 @@
 //! Narrow outputs of layers with 512 or more output channels, and of 1x1 kernels, gather and
 //! scatter through a tap table on zero-padded planes. Small images are batched into groups so
 //! that each gemm stays wide. The gathers and scatters are compiled for every [`Isa`]; the
-//! buffers they fill are kept per thread from call to call. On AVX2 and AVX-512, kernels wider than 1x1
-//! with at least 16 input channels and output channels in multiples of 16 skip all of this for
-//! their forward, and stride-1 ones for their input gradient too: direct convolutions
+//! buffers they fill are kept per thread from call to call. On AVX2 and AVX-512, kernels wider
+//! than 1x1 with at least 16 input channels and output channels in multiples of 16 skip all of
+//! this for their forward, and stride-1 ones for their input gradient too: direct convolutions
 //! (`direct`) keep their sums in registers and read the input in place.
 
 use std::borrow::Cow;

@@ -1,7 +1,8 @@
 //! The convolution as direct kernels, each written once over a vector type and compiled for
 //! AVX-512 and for AVX2 ([`vector`]), for kernels wider than 1x1 with at least 16 input channels
-//! and output channels in multiples of 16: the forward of such layers, the input gradient of stride-1 ones (the forward of their transposed layer, `Dims::transposed`), and
-//! their weight gradient where no patch matrix is gathered for the input gradient anyway.
+//! and output channels in multiples of 16: the forward of such layers, the input gradient of
+//! stride-1 ones (the forward of their transposed layer, `Dims::transposed`), and their weight
+//! gradient where no patch matrix is gathered for the input gradient anyway.
 //!
 //! The forward tiles by images where the output channels come in multiples of 64 and the planes
 //! are small ([`images`]: the late stages), and by runs of pixels along an output row otherwise
