@@ -87,10 +87,10 @@ fn direct_convolution_agrees_with_the_portable_path_within_rounding() {
     // convolution that sums in another order than portable's im2col + gemm: equal within 1e-5
     // of the largest value, not to the bit; and the same bits on both sets. The forward of
     // each, the input gradient of the stride-1 ones, and the weight gradient of each when no
-    // input gradient is asked for (with one, a stride-2 layer's comes from the patches). (side, stride, images, input channels, output
-    // channels): image tiles (multiples of 64 outputs on small planes), row tiles of 32, 16 and
-    // 64 outputs on rows split into tiles of several lengths, and more images than one
-    // weight-gradient task takes.
+    // input gradient is asked for (with one, a stride-2 layer's comes from the patches).
+    // (side, stride, images, input channels, output channels): image tiles (multiples of 64
+    // outputs on small planes), row tiles of 32, 16 and 64 outputs on rows split into tiles of
+    // several lengths, and more images than one weight-gradient task takes.
     for (side, stride, n, c_in, c_out) in [
         (4, 1, 13, 64, 128),
         (9, 2, 13, 64, 128),
