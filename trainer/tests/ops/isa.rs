@@ -90,7 +90,8 @@ fn direct_convolution_agrees_with_the_portable_path_within_rounding() {
     // input gradient is asked for (with one, a stride-2 layer's comes from the patches).
     // (side, stride, images, input channels, output channels): image tiles (multiples of 64
     // outputs on small planes), row tiles of 32, 16 and 64 outputs on rows split into tiles of
-    // several lengths, and more images than one weight-gradient task takes.
+    // several lengths, more images than one weight-gradient task takes, and planes of 2 and 1
+    // pixels, where most taps fall outside.
     for (side, stride, n, c_in, c_out) in [
         (4, 1, 13, 64, 128),
         (9, 2, 13, 64, 128),
@@ -99,6 +100,8 @@ fn direct_convolution_agrees_with_the_portable_path_within_rounding() {
         (35, 1, 3, 16, 48),
         (17, 1, 3, 16, 64),
         (6, 1, 37, 16, 16),
+        (2, 2, 5, 64, 64),
+        (1, 1, 3, 16, 64),
     ] {
         let g = Geometry {
             k: 3,
