@@ -4,7 +4,8 @@
 # host slows both sides of a round alike. Prints the CPU, each round's views/s and ratio, and the
 # median of the per-round ratios (the figure to report).
 # Usage: tools/bench-step.sh [ROUNDS]   (default 7)
-#   PYTHON=PATH    a Python with torch and torchvision (default python3)
+#   PYTHON=PATH    a Python with torch and torchvision (default python3); one from PyPI:
+#                  python3 -m venv /tmp/torchenv && /tmp/torchenv/bin/pip install torch torchvision
 #   THREADS=N      threads for both programs (default 2)
 #   TRAINER=PATH   a trainer binary to use instead of building target/release/trainer
 #   SHAPES="r18 demo"   which shapes: r18 (ResNet-18, 64 px, batch 32) and demo (the demo's
