@@ -108,10 +108,12 @@ pub fn forward(
         .map(|(rs, rl)| f32_slice(rs, rl, name))
         .transpose()?;
     let (w, b, mean, var) = (&p[..c], &p[c..2 * c], &p[2 * c..3 * c], &p[3 * c..]);
+    let maps: Vec<(f32, f32)> = (0..c)
+        .map(|ch| affine(w[ch], b[ch], mean[ch], var[ch]))
+        .collect();
     let mut y = zeros(n * c * l);
     y.par_chunks_mut(l).enumerate().for_each(|(i, dst)| {
-        let ch = i % c;
-        let (scale, shift) = affine(w[ch], b[ch], mean[ch], var[ch]);
+        let (scale, shift) = maps[i % c];
         let src = &x[i * l..(i + 1) * l];
         let residual = residual.map(|r| &r[i * l..(i + 1) * l]);
         normalise_plane(isa, dst, src, scale, shift, residual, relu);
@@ -197,21 +199,23 @@ pub fn backward(
     } else {
         (0..n * c).map(|_| None).collect()
     };
+    // Per channel: dx = w * inv / M * (M * dy - sum(dy) - x_hat * sum(dy * x_hat)).
+    let coefficients: Vec<[f32; 5]> = (0..c)
+        .map(|ch| {
+            let inv = 1.0 / (var[ch] as f64 + EPS).sqrt();
+            let (s, sx) = (global[2 * ch], global[2 * ch + 1]);
+            let k = (w[ch] as f64 * inv / count) as f32;
+            let (mean_dy, mean_dyx) = ((s / count) as f32, (sx / count) as f32);
+            [k * count as f32, mean_dy, mean_dyx, mean[ch], inv as f32]
+        })
+        .collect();
     dx.par_chunks_mut(l)
         .zip(dres)
         .enumerate()
         .for_each(|(i, (dst, dres))| {
-            let ch = i % c;
-            let inv = 1.0 / (var[ch] as f64 + EPS).sqrt();
-            let (s, sx) = (global[2 * ch], global[2 * ch + 1]);
-            // dx = w * inv / M * (M * dy - sum(dy) - x_hat * sum(dy * x_hat))
-            let k = (w[ch] as f64 * inv / count) as f32;
-            let (mean_dy, mean_dyx) = ((s / count) as f32, (sx / count) as f32);
-            let (m, inv) = (mean[ch], inv as f32);
             let at = i * l;
             let planes = (&dy[at..at + l], &y[at..at + l], &x[at..at + l]);
-            let coefficients = [k * count as f32, mean_dy, mean_dyx, m, inv];
-            input_gradient(isa, dst, dres, planes, coefficients, relu);
+            input_gradient(isa, dst, dres, planes, coefficients[i % c], relu);
         });
     for (ch, &(s, sx)) in sums.iter().enumerate() {
         params[ch] = sx as f32;

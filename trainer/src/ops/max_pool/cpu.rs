@@ -66,11 +66,15 @@ fn argmax(plane: &[f32], (h, w): (usize, usize), (i, j): (usize, usize)) -> usiz
     let rows = (2 * i).saturating_sub(1)..(2 * i + 2).min(h);
     let cols = (2 * j).saturating_sub(1)..(2 * j + 2).min(w);
     let mut best = rows.start * w + cols.start;
+    let mut top = plane[best];
     for r in rows {
         for c in cols.clone() {
-            if plane[r * w + c] > plane[best] {
-                best = r * w + c;
-            }
+            // Selects rather than branches: which value wins depends on the data, and a branch
+            // on it is mispredicted about as often as not.
+            let (at, v) = (r * w + c, plane[r * w + c]);
+            let better = v > top;
+            best = if better { at } else { best };
+            top = if better { v } else { top };
         }
     }
     best

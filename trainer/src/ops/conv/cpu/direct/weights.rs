@@ -18,6 +18,9 @@ const TASK_CHANNELS: usize = 48;
 /// Images per task: enough tasks to share among the threads when a layer has few taps and
 /// channels.
 const TASK_IMAGES: usize = 32;
+/// Output channels whose rows one task of the final gather fills (the blocks come in multiples
+/// of it).
+const GATHERED: usize = 16;
 
 /// `dweight [c_out, c, k, k]` for `x [n, c, h, w]` and `dy [n, c_out, ho, wo]`, `c_out` a
 /// multiple of 16 and the CPU with AVX2 or AVX-512 (checked by the caller,
@@ -71,22 +74,25 @@ pub(super) fn weight_gradient(isa: Isa, d: &Dims, x: &[f32], dy: &[f32]) -> Vec<
         })
         .collect();
     // Each output channel's row `[c, k*k]` gathered from its block's tiles, which are
-    // consecutive.
+    // consecutive; 16 channels at a time, so that each tile row's cache line is read once.
     let tiles: Vec<(usize, usize)> = tasks
         .iter()
         .step_by(chunks)
         .map(|&(_, t, c0, _)| (t, c0))
         .collect();
     let per_block = tiles.len() / (d.c_out / oc);
-    let mut dw = vec![0f32; d.c_out * d.c * taps];
-    dw.par_chunks_mut(d.c * taps)
+    let row_len = d.c * taps;
+    let mut dw = vec![0f32; d.c_out * row_len];
+    dw.par_chunks_mut(GATHERED * row_len)
         .enumerate()
-        .for_each(|(co, dst)| {
-            let (block, o) = (co / oc, co % oc);
+        .for_each(|(chunk, dst)| {
+            let (block, o) = (chunk * GATHERED / oc, chunk * GATHERED % oc);
             let range = block * per_block..(block + 1) * per_block;
             for (&(t, c0), rows) in tiles[range.clone()].iter().zip(&rows[range]) {
                 for (i, row) in rows.chunks_exact(oc).enumerate() {
-                    dst[(c0 + i) * taps + t] = row[o];
+                    for (j, &v) in row[o..o + GATHERED].iter().enumerate() {
+                        dst[j * row_len + (c0 + i) * taps + t] = v;
+                    }
                 }
             }
         });
