@@ -118,31 +118,28 @@ fn direct_convolution_agrees_with_the_portable_path_within_rounding() {
             values(conv::cpu::backward(isa, x, w, dy, g, need_dx))
         };
         let what = format!("{side} px, stride {stride}, {c_in} -> {c_out} channels");
-        let direct_sets: Vec<Isa> = Isa::supported()
-            .into_iter()
-            .filter(|isa| isa.is_avx2() || isa.is_avx512())
-            .collect();
-        let want = forward(Isa::PORTABLE);
-        let first = direct_sets.first().map(|&isa| forward(isa));
-        for &isa in &direct_sets {
-            let got = forward(isa);
-            close(&got, &want, &format!("{what} on {isa}"));
-            let narrowest = first.as_ref().unwrap();
-            same_bits(&got, narrowest, &format!("{what} on {isa} against AVX2"));
-        }
+        same_on_direct_sets(&format!("{what} forward"), forward);
         for need_dx in [true, false] {
-            let want = backward(Isa::PORTABLE, need_dx);
-            let first = direct_sets.first().map(|&isa| backward(isa, need_dx));
-            for &isa in &direct_sets {
-                let got = backward(isa, need_dx);
-                let what = format!("{what}, backward with dx {need_dx} on {isa}");
-                close(&got, &want, &what);
-                same_bits(
-                    &got,
-                    first.as_ref().unwrap(),
-                    &format!("{what} against AVX2"),
-                );
-            }
+            let what = format!("{what}, backward with dx {need_dx}");
+            same_on_direct_sets(&what, |isa| backward(isa, need_dx));
+        }
+    }
+}
+
+/// Runs `kernel` on the portable path and on every set with direct kernels (AVX2, AVX-512):
+/// each direct result within rounding of portable's, and all of them the same bits.
+fn same_on_direct_sets(what: &str, kernel: impl Fn(Isa) -> Vec<f32>) {
+    let want = kernel(Isa::PORTABLE);
+    let mut narrowest: Option<Vec<f32>> = None;
+    for isa in Isa::supported() {
+        if !(isa.is_avx2() || isa.is_avx512()) {
+            continue;
+        }
+        let got = kernel(isa);
+        close(&got, &want, &format!("{what} on {isa}"));
+        match &narrowest {
+            Some(first) => same_bits(&got, first, &format!("{what} on {isa} against AVX2")),
+            None => narrowest = Some(got),
         }
     }
 }
