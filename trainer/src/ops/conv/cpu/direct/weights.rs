@@ -9,7 +9,7 @@
 use rayon::prelude::*;
 use shared::cpu::Isa;
 
-use super::super::Dims;
+use super::super::{transpose, Dims};
 use super::vector::{on_vectors, part, widest, Vector};
 use super::{block_width, pixel_major, STAGED};
 
@@ -18,9 +18,6 @@ const TASK_CHANNELS: usize = 48;
 /// Images per task: enough tasks to share among the threads when a layer has few taps and
 /// channels.
 const TASK_IMAGES: usize = 32;
-/// Output channels whose rows one task of the final gather fills (the blocks come in multiples
-/// of it).
-const GATHERED: usize = 16;
 
 /// `dweight [c_out, c, k, k]` for `x [n, c, h, w]` and `dy [n, c_out, ho, wo]`, `c_out` a
 /// multiple of 16 and the CPU with AVX2 or AVX-512 (checked by the caller,
@@ -73,28 +70,24 @@ pub(super) fn weight_gradient(isa: Isa, d: &Dims, x: &[f32], dy: &[f32]) -> Vec<
             std::mem::take(sum)
         })
         .collect();
-    // Each output channel's row `[c, k*k]` gathered from its block's tiles, which are
-    // consecutive; 16 channels at a time, so that each tile row's cache line is read once.
-    let tiles: Vec<(usize, usize)> = tasks
-        .iter()
-        .step_by(chunks)
-        .map(|&(_, t, c0, _)| (t, c0))
-        .collect();
-    let per_block = tiles.len() / (d.c_out / oc);
+    // Each block's tiles (tap-major, then channel chunks, as `tasks`) laid out as `[c, k*k, oc]`
+    // and transposed into the block's rows of `dweight`, `[oc, c, k*k]`: element by element,
+    // the writes would fall on few cache sets where the rows are a multiple of 2 KiB apart.
+    let c_tasks = d.c.div_ceil(TASK_CHANNELS);
+    let per_block = taps * c_tasks;
     let row_len = d.c * taps;
     let mut dw = vec![0f32; d.c_out * row_len];
-    dw.par_chunks_mut(GATHERED * row_len)
-        .enumerate()
-        .for_each(|(chunk, dst)| {
-            let (block, o) = (chunk * GATHERED / oc, chunk * GATHERED % oc);
-            let range = block * per_block..(block + 1) * per_block;
-            for (&(t, c0), rows) in tiles[range.clone()].iter().zip(&rows[range]) {
+    dw.par_chunks_mut(oc * row_len)
+        .zip(rows.par_chunks(per_block))
+        .for_each(|(dst, tiles)| {
+            let mut staged = vec![0f32; row_len * oc];
+            for (tile, rows) in tiles.iter().enumerate() {
+                let (t, c0) = (tile / c_tasks, tile % c_tasks * TASK_CHANNELS);
                 for (i, row) in rows.chunks_exact(oc).enumerate() {
-                    for (j, &v) in row[o..o + GATHERED].iter().enumerate() {
-                        dst[j * row_len + (c0 + i) * taps + t] = v;
-                    }
+                    staged[((c0 + i) * taps + t) * oc..][..oc].copy_from_slice(row);
                 }
             }
+            transpose(isa, &staged, row_len, oc, dst);
         });
     dw
 }
