@@ -662,6 +662,26 @@ struct BenchArgs {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// Time the forward and the backward of each distinct convolution of the config's backbone,
+    /// on as many images as a step's online encoder gets (batch times global views), at the
+    /// global view size: a step's convolution time, layer by layer. `tools/bench-convs.sh` sets
+    /// PyTorch's beside it.
+    Convs {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Samples per batch (overrides the preset's batch_size).
+        #[arg(long)]
+        batch: Option<usize>,
+        /// Global view side in pixels (overrides image_size).
+        #[arg(long)]
+        size: Option<u32>,
+        /// Timed calls of each pass (after one warm-up call); medians are reported.
+        #[arg(long, default_value_t = 9)]
+        reps: usize,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Time the streamed weighted kNN (`eval knn`) on random unit features and print its time
     /// and the process's peak memory beside the size of the dense similarity matrix.
     Knn {
@@ -857,6 +877,76 @@ fn run(cli: Cli) -> Result<()> {
                         .map_or("unknown".into(), |b| format!("{:.2} GB", gb(b))),
                     gb(r.features_bytes),
                     gb(r.dense_matrix_bytes)
+                );
+            }
+        }
+        Command::Bench(BenchArgs {
+            other:
+                Some(BenchCommand::Convs {
+                    config,
+                    batch,
+                    size,
+                    reps,
+                    json,
+                }),
+            ..
+        }) => {
+            let mut cfg = config.resolve()?;
+            if let Some(b) = batch {
+                cfg.data.batch_size = b;
+            }
+            if let Some(s) = size {
+                cfg.data.image_size = s;
+            }
+            cfg.validate()?;
+            let device = trainer::device::parse(&config.device)?;
+            trainer::device::drive_from_this_thread_only(&device);
+            let times = trainer::diag::conv_bench::time_convs(&cfg, &device, reps)?;
+            if json {
+                let out = serde_json::json!({
+                    "preset": cfg.preset,
+                    "device": config.device,
+                    "instruction_set": Isa::widest().name(),
+                    "kernels": Isa::active().name(),
+                    "threads": rayon::current_num_threads(),
+                    "convs": times,
+                });
+                println!("{out}");
+            } else {
+                println!(
+                    "{}: the backbone's convolutions on {} images on {} (gemm on {}, our kernels on {}, {} threads), medians of {reps}",
+                    cfg.preset,
+                    times.images,
+                    config.device,
+                    Isa::widest(),
+                    Isa::active(),
+                    rayon::current_num_threads(),
+                );
+                println!("c_in  side  c_out  k  stride  count  forward ms  backward ms");
+                for l in &times.layers {
+                    let s = l.shape;
+                    println!(
+                        "{:4}  {:4}  {:5}  {}  {:6}  {:5}  {:10.2}  {:11.2}{}",
+                        s.c_in,
+                        s.side,
+                        s.c_out,
+                        s.k,
+                        s.stride,
+                        l.count,
+                        l.forward_ms,
+                        l.backward_ms,
+                        if l.input_gradient {
+                            ""
+                        } else {
+                            "  (weight gradient only)"
+                        }
+                    );
+                }
+                println!(
+                    "all {} convolutions: forward {:.1} ms, backward {:.1} ms",
+                    times.layers.iter().map(|l| l.count).sum::<usize>(),
+                    times.forward_ms,
+                    times.backward_ms
                 );
             }
         }

@@ -170,6 +170,49 @@ fn stage_outputs_have_the_documented_strides_and_channels() {
 }
 
 #[test]
+fn conv_shapes_list_every_convolution_at_the_size_the_forward_runs_it() {
+    for (depth, small_stem, side, convs) in [
+        (Depth::R18, false, 64, 20),
+        (Depth::R18, true, 32, 20),
+        (Depth::R50, false, 64, 53),
+    ] {
+        let cfg = ResNetConfig {
+            depth,
+            small_stem,
+            width: 0.125,
+        };
+        let map = VarMap::new();
+        let net =
+            ResNet::new(cfg, VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu)).unwrap();
+        let shapes = net.conv_shapes(side);
+        assert_eq!(shapes.len(), convs, "{depth:?}");
+        // Every 4-D parameter is a convolution weight, and each shape accounts for one.
+        let mut weights: Vec<Vec<usize>> = params::sorted(&map)
+            .iter()
+            .map(|(_, v)| v.dims().to_vec())
+            .filter(|d| d.len() == 4)
+            .collect();
+        let mut listed: Vec<Vec<usize>> = shapes
+            .iter()
+            .map(|s| vec![s.c_out, s.c_in, s.k, s.k])
+            .collect();
+        weights.sort();
+        listed.sort();
+        assert_eq!(listed, weights, "{depth:?}");
+        assert_eq!(shapes[0].side, side);
+        // The last convolution's output is C5.
+        params::init(&map, 0).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (1, 3, side, side), &Device::Cpu).unwrap();
+        let c5 = net.forward(&x, true).unwrap().levels[2].dims()[2];
+        let last = shapes.last().unwrap();
+        assert_eq!(
+            (last.side + 2 * last.padding - last.k) / last.stride + 1,
+            c5
+        );
+    }
+}
+
+#[test]
 fn masks_have_exactly_k_cells_per_view_and_group_and_groups_differ() {
     let seed = 1;
     let m = VisibleCells::sample(

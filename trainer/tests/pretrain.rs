@@ -10,7 +10,7 @@ use shared::shard::Encoding;
 use shared::synth::{write_packed_train, SynthSpec};
 use support::{job, shards};
 use trainer::config::{Level, TrainConfig};
-use trainer::diag::{bench, parity};
+use trainer::diag::{bench, conv_bench, parity};
 use trainer::error::Error;
 use trainer::train::checkpoint;
 use trainer::train::pretrain::{run, Resume};
@@ -327,6 +327,17 @@ fn pretraining_bench_and_parity_run_the_step_type() {
     assert!(times.ops.update > 0);
     // On the CPU two ops per parameter; a GPU launches one or two per group of 32.
     assert!(times.ops.update_gpu > 0 && times.ops.update_gpu < times.ops.update);
+
+    let convs = conv_bench::time_convs(&cfg, &Device::Cpu, 1).unwrap();
+    assert_eq!(convs.images, cfg.data.batch_size * cfg.data.global_views);
+    assert_eq!(convs.layers.iter().map(|l| l.count).sum::<usize>(), 20);
+    assert!(!convs.layers[0].input_gradient && convs.layers[1..].iter().all(|l| l.input_gradient));
+    let forward: f64 = convs
+        .layers
+        .iter()
+        .map(|l| l.count as f64 * l.forward_ms)
+        .sum();
+    assert!(forward > 0.0 && (forward - convs.forward_ms).abs() < 1e-9);
 
     let before = steps_run_on_this_thread();
     let report = parity::check(&Device::Cpu, "cpu", false).unwrap();

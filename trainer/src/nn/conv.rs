@@ -39,6 +39,12 @@ impl Conv {
         self.weight.to_dtype(dtype)
     }
 
+    /// Output and input channels.
+    pub fn channels(&self) -> (usize, usize) {
+        let dims = self.weight.dims();
+        (dims[0], dims[1])
+    }
+
     /// Kernel size, stride and padding.
     pub fn geometry(&self) -> Geometry {
         self.geometry

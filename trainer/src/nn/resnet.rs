@@ -7,7 +7,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::nn::batch_norm::BatchNorm;
 use crate::nn::conv::Conv;
+use crate::ops::conv::Geometry;
 use crate::ops::max_pool::max_pool_3x3_s2;
+
+/// The ImageNet stem's max-pool window ([`max_pool_3x3_s2`]).
+const MAX_POOL: Geometry = Geometry {
+    k: 3,
+    stride: 2,
+    padding: 1,
+};
 
 /// Which ResNet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -91,6 +99,18 @@ impl ResNetConfig {
     }
 }
 
+/// One convolution of a backbone as its forward runs it on square images.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct ConvShape {
+    pub c_in: usize,
+    /// Side of the (square) input in pixels.
+    pub side: usize,
+    pub c_out: usize,
+    pub k: usize,
+    pub stride: usize,
+    pub padding: usize,
+}
+
 /// Conv followed by BatchNorm, as torchvision names them (`convN`, `bnN`).
 struct ConvBn {
     conv: Conv,
@@ -113,6 +133,20 @@ impl ConvBn {
             conv: Conv::new(vb.pp(conv), c_in, c_out, k, stride, padding)?,
             bn: BatchNorm::new(vb.pp(bn), c_out)?,
         })
+    }
+
+    /// The convolution's shape on a `side`-pixel input.
+    fn shape(&self, side: usize) -> ConvShape {
+        let (c_out, c_in) = self.conv.channels();
+        let g = self.conv.geometry();
+        ConvShape {
+            c_in,
+            side,
+            c_out,
+            k: g.k,
+            stride: g.stride,
+            padding: g.padding,
+        }
     }
 
     /// Convolution, BatchNorm, `residual` added when given and, when `relu`, a ReLU.
@@ -271,6 +305,25 @@ impl ResNet {
         }
         let levels: [Tensor; 3] = levels.try_into().expect("three stages after the first");
         Ok(StageOutputs { levels })
+    }
+
+    /// Every convolution's shape, in the order the forward runs them, on `side`-pixel images.
+    pub fn conv_shapes(&self, side: usize) -> Vec<ConvShape> {
+        let mut shapes = vec![self.stem.shape(side)];
+        let mut side = self.stem.conv.geometry().out(side);
+        if !self.config.small_stem {
+            side = MAX_POOL.out(side);
+        }
+        for block in self.stages.iter().flatten() {
+            if let Some(d) = &block.downsample {
+                shapes.push(d.shape(side));
+            }
+            for layer in &block.layers {
+                shapes.push(layer.shape(side));
+                side = layer.conv.geometry().out(side);
+            }
+        }
+        shapes
     }
 
     /// Global-average-pooled C5: the representation that probes and export use.
