@@ -10,6 +10,8 @@
 #   TRAINER=PATH   a trainer binary to use instead of building target/release/trainer
 #   SHAPES="r18 demo"   which backbones: r18 (ResNet-18, 64 px, 64 images: batch 32, two views)
 #                  and demo (the demo's quarter-width ResNet-18 with small stem, 32 px, 128 images)
+# MASKDEEP_ISA (ours) and ATEN_CPU_CAPABILITY / DNNL_MAX_CPU_ISA (PyTorch's) pass through, to
+# narrow the instruction sets, as in tools/bench-step.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-5}

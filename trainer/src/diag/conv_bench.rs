@@ -40,7 +40,7 @@ pub struct ConvTimes {
 
 /// The backbone's convolution shapes on `cfg`'s global views, distinct, in first-run order, with
 /// their counts.
-pub fn distinct_shapes(cfg: &TrainConfig) -> Result<Vec<(ConvShape, usize)>> {
+fn distinct_shapes(cfg: &TrainConfig) -> Result<Vec<(ConvShape, usize)>> {
     let map = VarMap::new();
     let backbone = ResNet::new(
         cfg.resnet(),
