@@ -15,26 +15,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-5}
-python=${PYTHON:-python3}
-threads=${THREADS:-2}
-shapes=${SHAPES:-r18 demo}
-if [ -z "${TRAINER:-}" ]; then
-  cargo build --release -q -p trainer
-  TRAINER=target/release/trainer
-fi
-export RAYON_NUM_THREADS=$threads OMP_NUM_THREADS=$threads
+source tools/bench-common.sh
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-ours_args() {
-  case $1 in
-    r18) echo "--preset byol-r18-imagenet --batch 32 --size 64" ;;
-    demo) echo "--preset byol-r18-small --set width=0.25 --batch 64 --size 32" ;;
-    *) echo "unknown shape '$1' (r18 or demo)" >&2; exit 2 ;;
-  esac
-}
-
-echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs), $(nproc) cores, $threads threads"
+cpu_line
 for shape in $shapes; do
   read -r -a ours <<<"$(ours_args "$shape")"
   for r in $(seq "$rounds"); do

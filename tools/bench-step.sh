@@ -15,23 +15,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-7}
-python=${PYTHON:-python3}
-threads=${THREADS:-2}
-shapes=${SHAPES:-r18 demo}
-if [ -z "${TRAINER:-}" ]; then
-  cargo build --release -q -p trainer
-  TRAINER=target/release/trainer
-fi
-export RAYON_NUM_THREADS=$threads OMP_NUM_THREADS=$threads
+source tools/bench-common.sh
 
-ours_args() {
-  case $1 in
-    r18) echo "--preset byol-r18-imagenet --batch 32 --size 64" ;;
-    demo) echo "--preset byol-r18-small --set width=0.25 --set proj_hidden=512 \
-      --set pred_hidden=512 --set proj_dim=128 --set optimizer=sgd --batch 64 --size 32" ;;
-    *) echo "unknown shape '$1' (r18 or demo)" >&2; exit 2 ;;
-  esac
-}
 torch_args() {
   case $1 in
     r18) echo "--arch resnet18 --size 64 --batch 32" ;;
@@ -43,7 +28,7 @@ rate() { "$python" -c 'import json,sys; print(json.loads(sys.stdin.read().strip(
 isa=$("$TRAINER" bench $(ours_args demo) --steps 1 --json | "$python" -c \
   'import json,sys; r=json.loads(sys.stdin.read().strip().splitlines()[-1]); print(r["instruction_set"], "(ours:", r["kernels"] + ")")')
 torch_isa=$("$python" -c 'import torch; print(torch.__version__, torch.backends.cpu.get_cpu_capability())')
-echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs), $(nproc) cores, $threads threads"
+cpu_line
 echo "instruction set: $isa; PyTorch $torch_isa"
 for shape in $shapes; do
   read -r -a ours <<<"$(ours_args "$shape")"

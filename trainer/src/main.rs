@@ -635,12 +635,9 @@ fn backbone_summary(cfg: &TrainConfig) -> String {
     )
 }
 
+/// The model and the batch a benchmark runs.
 #[derive(Args)]
-#[command(args_conflicts_with_subcommands = true)]
-struct BenchArgs {
-    /// Time something other than training steps.
-    #[command(subcommand)]
-    other: Option<BenchCommand>,
+struct BenchShape {
     #[command(flatten)]
     config: ConfigArgs,
     /// Samples per batch (overrides the preset's batch_size).
@@ -649,6 +646,33 @@ struct BenchArgs {
     /// Global view side in pixels (overrides image_size).
     #[arg(long)]
     size: Option<u32>,
+}
+
+impl BenchShape {
+    /// The config with --batch and --size applied, checked, and the device to run on.
+    fn resolve(&self) -> Result<(TrainConfig, candle_core::Device)> {
+        let mut cfg = self.config.resolve()?;
+        if let Some(b) = self.batch {
+            cfg.data.batch_size = b;
+        }
+        if let Some(s) = self.size {
+            cfg.data.image_size = s;
+        }
+        cfg.validate()?;
+        let device = trainer::device::parse(&self.config.device)?;
+        trainer::device::drive_from_this_thread_only(&device);
+        Ok((cfg, device))
+    }
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct BenchArgs {
+    /// Time something other than training steps.
+    #[command(subcommand)]
+    other: Option<BenchCommand>,
+    #[command(flatten)]
+    shape: BenchShape,
     /// Timed steps (after one warm-up step); medians are reported.
     #[arg(long, default_value_t = 5)]
     steps: usize,
@@ -668,13 +692,7 @@ enum BenchCommand {
     /// PyTorch's beside it.
     Convs {
         #[command(flatten)]
-        config: ConfigArgs,
-        /// Samples per batch (overrides the preset's batch_size).
-        #[arg(long)]
-        batch: Option<usize>,
-        /// Global view side in pixels (overrides image_size).
-        #[arg(long)]
-        size: Option<u32>,
+        shape: BenchShape,
         /// Timed calls of each pass (after one warm-up call); medians are reported.
         #[arg(long, default_value_t = 9)]
         reps: usize,
@@ -881,31 +899,15 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Bench(BenchArgs {
-            other:
-                Some(BenchCommand::Convs {
-                    config,
-                    batch,
-                    size,
-                    reps,
-                    json,
-                }),
+            other: Some(BenchCommand::Convs { shape, reps, json }),
             ..
         }) => {
-            let mut cfg = config.resolve()?;
-            if let Some(b) = batch {
-                cfg.data.batch_size = b;
-            }
-            if let Some(s) = size {
-                cfg.data.image_size = s;
-            }
-            cfg.validate()?;
-            let device = trainer::device::parse(&config.device)?;
-            trainer::device::drive_from_this_thread_only(&device);
+            let (cfg, device) = shape.resolve()?;
             let times = trainer::diag::conv_bench::time_convs(&cfg, &device, reps)?;
             if json {
                 let out = serde_json::json!({
                     "preset": cfg.preset,
-                    "device": config.device,
+                    "device": shape.config.device,
                     "instruction_set": Isa::widest().name(),
                     "kernels": Isa::active().name(),
                     "threads": rayon::current_num_threads(),
@@ -917,7 +919,7 @@ fn run(cli: Cli) -> Result<()> {
                     "{}: the backbone's convolutions on {} images on {} (gemm on {}, our kernels on {}, {} threads), medians of {reps}",
                     cfg.preset,
                     times.images,
-                    config.device,
+                    shape.config.device,
                     Isa::widest(),
                     Isa::active(),
                     rayon::current_num_threads(),
@@ -951,16 +953,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Bench(args) => {
-            let mut cfg = args.config.resolve()?;
-            if let Some(b) = args.batch {
-                cfg.data.batch_size = b;
-            }
-            if let Some(s) = args.size {
-                cfg.data.image_size = s;
-            }
-            cfg.validate()?;
-            let device = trainer::device::parse(&args.config.device)?;
-            trainer::device::drive_from_this_thread_only(&device);
+            let (cfg, device) = args.shape.resolve()?;
             let main = bench::time_steps(&cfg, &device, args.steps)?;
             let mut sweep = Vec::new();
             for &g in &args.groups {
@@ -971,7 +964,7 @@ fn run(cli: Cli) -> Result<()> {
             if args.json {
                 let out = serde_json::json!({
                     "preset": cfg.preset,
-                    "device": args.config.device,
+                    "device": args.shape.config.device,
                     "instruction_set": Isa::widest().name(),
                     "kernels": Isa::active().name(),
                     "batch": cfg.data.batch_size,
@@ -988,7 +981,7 @@ fn run(cli: Cli) -> Result<()> {
                     cfg.preset,
                     cfg.data.batch_size,
                     cfg.data.image_size,
-                    args.config.device,
+                    args.shape.config.device,
                     Isa::widest(),
                     Isa::active(),
                     rayon::current_num_threads(),
