@@ -84,7 +84,9 @@ on_vectors! {
         let (c, taps, hw, image) = (d.c, k * k, d.hw(), d.h * d.w * d.c);
         let span = span(hw, count);
         let part = part::<V>(OC);
-        let widest = widest::<V>(part / V::LANES);
+        // The images split into tiles of near-equal length: a short last tile would hold too
+        // few sums to keep the FMA units busy.
+        let tiles = count.div_ceil(widest::<V>(part / V::LANES));
         assert!(
             x.len() == count * image
                 && packed.len() == d.c_out * c * taps
@@ -115,8 +117,9 @@ on_vectors! {
                             };
                             let at = (ih * d.w + iw) * c + c0;
                             for p0 in (0..OC).step_by(part) {
-                                let mut first = 0;
-                                while first < count {
+                                for tile in 0..tiles {
+                                    let (first, end) =
+                                        (tile * count / tiles, (tile + 1) * count / tiles);
                                     let x = x[first * image + at..].as_ptr();
                                     let acc = acc[first * OC + p0..].as_mut_ptr();
                                     // SAFETY (each call): image `first + j` of the tile reads
@@ -125,20 +128,19 @@ on_vectors! {
                                     // weight rows end at row `(c0 + depth - 1) * taps + t` of the
                                     // block's `c * taps`, and their columns `p0..p0 + part` lie
                                     // inside its 64; the tile's accumulators are columns
-                                    // `p0..p0 + part` of rows `first..first + tile` of the
-                                    // pixel's `count`.
-                                    let tile = (count - first).min(widest);
+                                    // `p0..p0 + part` of rows `first..end` of the pixel's
+                                    // `count`.
+                                    let len = end - first;
                                     let (w, w_stride) = (w.add(p0), taps * OC);
                                     let data = (x, image, w, w_stride, depth);
                                     match part / V::LANES {
-                                        2 => by_length!(tile, [1, 2, 3, 4, 5, 6], |T| {
+                                        2 => by_length!(len, [1, 2, 3, 4, 5, 6], |T| {
                                             tile_sums::<V, T, 2>(data, acc)
                                         }),
-                                        _ => by_length!(tile, [1, 2, 3, 4, 5, 6], |T| {
+                                        _ => by_length!(len, [1, 2, 3, 4, 5, 6], |T| {
                                             tile_sums::<V, T, 4>(data, acc)
                                         }),
                                     }
-                                    first += tile;
                                 }
                             }
                         }

@@ -118,15 +118,18 @@ on_vectors! {
         );
         let part = part::<V>(oc);
         let vectors = part / V::LANES;
+        // The channels split into tiles of near-equal length: a short last tile would hold too
+        // few sums to keep the FMA units busy.
+        let tiles = channels.div_ceil(widest::<V>(vectors));
         // Images per pass over the tiles: their block of dY stays in the L2 cache while every
         // tile reads it.
         let per_pass = (STAGED / (oc * d.hw()).max(1)).max(1);
         for start in images.clone().step_by(per_pass) {
             let pass = start..(start + per_pass).min(images.end);
             for p0 in (0..oc).step_by(part) {
-                let mut first = 0;
-                while first < channels {
-                    let tile = (channels - first).min(widest::<V>(vectors));
+                for tile in 0..tiles {
+                    let (first, end) = (tile * channels / tiles, (tile + 1) * channels / tiles);
+                    let len = end - first;
                     let acc = Rows {
                         at: rows[first * oc + p0..].as_mut_ptr(),
                         stride: oc,
@@ -135,21 +138,20 @@ on_vectors! {
                     let (pass, data) = (pass.clone(), (x, dy));
                     // SAFETY (each call): the tile's channels and output channels lie inside
                     // `x`'s and `dy`'s pixels (asserted above); its accumulators are columns
-                    // `p0..p0 + part` of `tile` rows of `rows`.
+                    // `p0..p0 + part` of rows `first..end` of `rows`.
                     match vectors {
                         1 => by_length!(
-                            tile,
+                            len,
                             [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16],
                             |T| sums::<V, T, 1>(d, data, pass, at, t, acc)
                         ),
-                        2 => by_length!(tile, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], |T| {
+                        2 => by_length!(len, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], |T| {
                             sums::<V, T, 2>(d, data, pass, at, t, acc)
                         }),
-                        _ => by_length!(tile, [1, 2, 3, 4, 5, 6], |T| sums::<V, T, 4>(
+                        _ => by_length!(len, [1, 2, 3, 4, 5, 6], |T| sums::<V, T, 4>(
                             d, data, pass, at, t, acc
                         )),
                     }
-                    first += tile;
                 }
             }
         }
