@@ -12,7 +12,7 @@ use serde::Serialize;
 use crate::config::TrainConfig;
 use crate::error::Result;
 use crate::nn::resnet::{ConvShape, ResNet};
-use crate::ops::conv::{conv2d, gradients, Geometry};
+use crate::ops::conv::{conv2d, gradients};
 
 /// One distinct convolution and its median times.
 #[derive(Clone, Debug, Serialize)]
@@ -62,11 +62,7 @@ pub fn time_convs(cfg: &TrainConfig, device: &Device, reps: usize) -> Result<Con
     let n = cfg.data.batch_size * cfg.data.global_views;
     let mut layers = Vec::new();
     for (index, (shape, count)) in distinct_shapes(cfg)?.into_iter().enumerate() {
-        let g = Geometry {
-            k: shape.k,
-            stride: shape.stride,
-            padding: shape.padding,
-        };
+        let g = shape.geometry;
         let out = g.out(shape.side);
         let input = Tensor::randn(0f32, 1.0, (n, shape.c_in, shape.side, shape.side), device)?;
         // The stem's input is the image, which needs no gradient; every later input does.
@@ -76,12 +72,7 @@ pub fn time_convs(cfg: &TrainConfig, device: &Device, reps: usize) -> Result<Con
         } else {
             input
         };
-        let w = (Tensor::randn(
-            0f32,
-            1.0,
-            (shape.c_out, shape.c_in, shape.k, shape.k),
-            device,
-        )? * 0.1)?;
+        let w = (Tensor::randn(0f32, 1.0, (shape.c_out, shape.c_in, g.k, g.k), device)? * 0.1)?;
         let dy = Tensor::randn(0f32, 1.0, (n, shape.c_out, out, out), device)?;
         let forward = || -> Result<()> {
             conv2d(&x, &w, g)?;

@@ -106,9 +106,8 @@ pub struct ConvShape {
     /// Side of the (square) input in pixels.
     pub side: usize,
     pub c_out: usize,
-    pub k: usize,
-    pub stride: usize,
-    pub padding: usize,
+    #[serde(flatten)]
+    pub geometry: Geometry,
 }
 
 /// Conv followed by BatchNorm, as torchvision names them (`convN`, `bnN`).
@@ -138,14 +137,11 @@ impl ConvBn {
     /// The convolution's shape on a `side`-pixel input.
     fn shape(&self, side: usize) -> ConvShape {
         let (c_out, c_in) = self.conv.channels();
-        let g = self.conv.geometry();
         ConvShape {
             c_in,
             side,
             c_out,
-            k: g.k,
-            stride: g.stride,
-            padding: g.padding,
+            geometry: self.conv.geometry(),
         }
     }
 

@@ -20,7 +20,7 @@ use crate::ops::cpu_storage::all_f32;
 use crate::ops::portable::{self, Backend};
 
 /// Kernel size, stride and padding (square).
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Geometry {
     pub k: usize,
     pub stride: usize,

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use shared::cpu::Isa;
 
 use super::super::{grown, transpose, with_scratch, Dims};
-use super::vector::{on_vectors, part, widest, Vector};
+use super::vector::{on_vectors, part, tiles, Vector};
 use super::{pixel_major, STAGED};
 use crate::ops::cpu_storage::zeros;
 
@@ -84,9 +84,6 @@ on_vectors! {
         let (c, taps, hw, image) = (d.c, k * k, d.hw(), d.h * d.w * d.c);
         let span = span(hw, count);
         let part = part::<V>(OC);
-        // The images split into tiles of near-equal length: a short last tile would hold too
-        // few sums to keep the FMA units busy.
-        let tiles = count.div_ceil(widest::<V>(part / V::LANES));
         assert!(
             x.len() == count * image
                 && packed.len() == d.c_out * c * taps
@@ -117,9 +114,8 @@ on_vectors! {
                             };
                             let at = (ih * d.w + iw) * c + c0;
                             for p0 in (0..OC).step_by(part) {
-                                for tile in 0..tiles {
-                                    let (first, end) =
-                                        (tile * count / tiles, (tile + 1) * count / tiles);
+                                for run in tiles::<V>(count, part / V::LANES) {
+                                    let (first, end) = (run.start, run.end);
                                     let x = x[first * image + at..].as_ptr();
                                     let acc = acc[first * OC + p0..].as_mut_ptr();
                                     // SAFETY (each call): image `first + j` of the tile reads

@@ -2,7 +2,7 @@
 //! not of 64 (the narrow early stages of small ResNets), and any layer whose output rows are
 //! long (`super::ROW_TILES_FROM`). A tile is a run of output pixels along one output row by
 //! part of a block of 16, 32 or 64 output channels (`super::vector::part`: up to 64 on AVX-512,
-//! 16 on AVX2), as many pixels as the set's registers hold (`super::vector::widest`). Its sums
+//! 16 on AVX2), as many pixels as the set's registers hold (`super::vector::tiles`). Its sums
 //! stay in registers through every tap and input channel, where the image tiles
 //! (`super::images`) stage theirs in the L2 cache. Each image is copied zero-padded and
 //! channels-last, so a tile reads every tap without bounds checks; the overhanging taps it
@@ -15,7 +15,7 @@ use shared::cpu::Isa;
 
 use super::super::{channels_last, grown, transpose, with_scratch, Dims};
 use super::block_width;
-use super::vector::{on_vectors, part, widest, Vector};
+use super::vector::{on_vectors, part, tiles, Vector};
 use crate::ops::cpu_storage::zeros;
 
 /// `y [n, c_out, ho, wo]` for `x [n, c, h, w]` and `weight [c_out, c, k, k]`, `c_out` a multiple
@@ -69,13 +69,11 @@ on_vectors! {
         );
         let part = part::<V>(oc);
         let vectors = part / V::LANES;
-        // Each output row split into tiles of near-equal length.
-        let tiles = d.wo.div_ceil(widest::<V>(vectors));
         for (block, weights) in packed.chunks_exact(k * k * c * oc).enumerate() {
             for oh in 0..d.ho {
                 for p0 in (0..oc).step_by(part) {
-                    for tile in 0..tiles {
-                        let (first, end) = (tile * d.wo / tiles, (tile + 1) * d.wo / tiles);
+                    for run in tiles::<V>(d.wo, vectors) {
+                        let (first, end) = (run.start, run.end);
                         let x = padded[(oh * s * wp + first * s) * c..].as_ptr();
                         let out = y[(oh * d.wo + first) * d.c_out + block * oc + p0..].as_mut_ptr();
                         let tile = Tile {

@@ -92,8 +92,18 @@ pub(super) fn part<V: Vector>(block: usize) -> usize {
 }
 
 /// The longest tile (pixels, images or input channels) with `vectors` vectors of sums each.
-pub(super) fn widest<V: Vector>(vectors: usize) -> usize {
+fn widest<V: Vector>(vectors: usize) -> usize {
     (V::ACCUMULATORS / vectors).min(16)
+}
+
+/// `0..len` cut into as few tiles as hold at most [`widest`] each, of near-equal length: a short
+/// last tile would hold too few sums to keep the FMA units busy.
+pub(super) fn tiles<V: Vector>(
+    len: usize,
+    vectors: usize,
+) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let count = len.div_ceil(widest::<V>(vectors));
+    (0..count).map(move |t| t * len / count..(t + 1) * len / count)
 }
 
 /// Defines `$name(isa, args)`, which runs the generic kernel `$body` (over the vector type

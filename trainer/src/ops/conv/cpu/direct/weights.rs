@@ -1,6 +1,6 @@
 //! The direct weight gradient. A tile is part of a block of 16, 32 or 64 output channels
 //! (`super::vector::part`: up to 64 on AVX-512, 16 on AVX2) by as many input channels of one tap
-//! as the set's registers hold (`super::vector::widest`), summed in registers over a chunk of
+//! as the set's registers hold (`super::vector::tiles`), summed in registers over a chunk of
 //! images and every output pixel whose input pixel lies inside the image. Tasks are (block,
 //! tap, input channels, image chunk); the chunks' sums are added in order, and chunks are a
 //! fixed number of images, so the result depends neither on the thread count nor on the
@@ -10,7 +10,7 @@ use rayon::prelude::*;
 use shared::cpu::Isa;
 
 use super::super::{transpose, Dims};
-use super::vector::{on_vectors, part, widest, Vector};
+use super::vector::{on_vectors, part, tiles, Vector};
 use super::{block_width, pixel_major, STAGED};
 
 /// Input channels per task.
@@ -118,17 +118,14 @@ on_vectors! {
         );
         let part = part::<V>(oc);
         let vectors = part / V::LANES;
-        // The channels split into tiles of near-equal length: a short last tile would hold too
-        // few sums to keep the FMA units busy.
-        let tiles = channels.div_ceil(widest::<V>(vectors));
         // Images per pass over the tiles: their block of dY stays in the L2 cache while every
         // tile reads it.
         let per_pass = (STAGED / (oc * d.hw()).max(1)).max(1);
         for start in images.clone().step_by(per_pass) {
             let pass = start..(start + per_pass).min(images.end);
             for p0 in (0..oc).step_by(part) {
-                for tile in 0..tiles {
-                    let (first, end) = (tile * channels / tiles, (tile + 1) * channels / tiles);
+                for run in tiles::<V>(channels, vectors) {
+                    let (first, end) = (run.start, run.end);
                     let len = end - first;
                     let acc = Rows {
                         at: rows[first * oc + p0..].as_mut_ptr(),
